@@ -1,0 +1,92 @@
+"""The pass pipeline: ONE ordered list, read top to bottom.
+
+Every pass is `fn(gm, ctx) -> int` (the number of rewrites/matches), mutates the FX graph
+in place and leaves it valid: `gm.graph.lint()` passes and every node carries meta["val"].
+`run_pipeline` times each pass and records node counts in the compile report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import torch
+from torch.fx import GraphModule
+
+from . import cleanup, freezing, reinplace
+from .context import PassContext, count_nodes
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: Callable[[GraphModule, PassContext], int]
+    inference_only: bool = False
+    enabled_by_default: bool = True
+
+
+PIPELINE: list[Pass] = [
+    # Views/clones/casts that change nothing: removed first so patterns see a canonical graph.
+    Pass("remove_noops", cleanup.remove_noops),
+    # Parameters of inference graphs become constants (by reference), enabling folding.
+    Pass("freeze_parameters", freezing.freeze_parameters, inference_only=True),
+    # Functional copy-back of input mutations (KV cache) -> in-place op: no full-cache copy.
+    Pass("reinplace_input_mutations", reinplace.reinplace_input_mutations, inference_only=True),
+    # Work that depends only on frozen weights runs once, at compile time.
+    Pass("constant_fold", freezing.constant_fold, inference_only=True),
+    # Duplicate pure subexpressions (e.g. repeated casts of the same tensor) computed once.
+    Pass("cse", cleanup.cse),
+    # Whatever the rewrites above left unused.
+    Pass("dce", cleanup.dce),
+]
+
+PASS_NAMES: list[str] = [p.name for p in PIPELINE]
+
+
+def verify_graph(gm: GraphModule, where: str) -> None:
+    """Raise if the graph is malformed or a node lacks its example value."""
+    gm.graph.lint()
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_module", "get_attr", "placeholder"):
+            if "val" not in node.meta:
+                raise AssertionError(f"after {where}: node {node.name} ({node.target}) has no val")
+
+
+def run_pass(p: Pass, gm: GraphModule, ctx: PassContext) -> int:
+    """Run one pass: time it, count nodes, verify (in debug/verify mode), dump (debug)."""
+    from yirage_dynamo.report import PassRecord
+
+    before = count_nodes(gm)
+    start = time.perf_counter()
+    matches = p.fn(gm, ctx) or 0
+    gm.recompile()
+    seconds = time.perf_counter() - start
+    ctx.report.passes.append(PassRecord(p.name, seconds, before, count_nodes(gm), int(matches)))
+    if ctx.options.verify or ctx.options.debug:
+        verify_graph(gm, p.name)
+    if ctx.options.debug:
+        from yirage_dynamo.debug import dump_graph
+
+        dump_graph(ctx, gm, f"{len(ctx.report.passes):02d}_{p.name}")
+    return int(matches)
+
+
+def run_pipeline(gm: GraphModule, ctx: PassContext) -> GraphModule:
+    if ctx.options.debug:
+        from yirage_dynamo.debug import dump_graph
+
+        dump_graph(ctx, gm, "00_input")
+    # Passes handle real tensors (weights) and enter the fake mode explicitly when they
+    # need example values, so the ambient fake mode AOTAutograd compiles under is unset.
+    with torch.no_grad(), torch._subclasses.fake_tensor.unset_fake_temporarily():
+        for p in PIPELINE:
+            if p.inference_only and not ctx.inference:
+                continue
+            if not ctx.options.pass_enabled(p.name, p.enabled_by_default):
+                continue
+            run_pass(p, gm, ctx)
+    return gm
+
+
+__all__ = ["PIPELINE", "PASS_NAMES", "Pass", "PassContext", "run_pass", "run_pipeline"]

@@ -1,0 +1,1 @@
+"""Executing compiled programs: generated wrappers, kernel launch, caches, arenas."""

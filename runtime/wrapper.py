@@ -1,0 +1,175 @@
+"""Generate the Python wrapper that runs a lowered graph.
+
+Like Inductor's output code: straight-line Python that calls compiled kernels and ATen
+extern ops in graph order, frees each buffer after its last use, and takes its inputs
+boxed (a list it clears, so inputs can be freed early). Two bodies are generated: a
+plain one, and one with a `record_function` range per call that is used only while the
+torch profiler is running, so profiling costs nothing otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+_LITERALS = (int, bool, str, type(None))
+
+
+class _Namer:
+    def __init__(self) -> None:
+        self.globals: dict[str, Any] = {}
+        self._by_id: dict[int, str] = {}
+
+    def bind(self, value: Any, hint: str) -> str:
+        key = id(value)
+        if key in self._by_id:
+            return self._by_id[key]
+        base = "".join(c if c.isalnum() else "_" for c in hint).strip("_") or "g"
+        if base[0].isdigit() or keyword.iskeyword(base):
+            base = "g_" + base
+        name, i = base, 0
+        while name in self.globals:
+            i += 1
+            name = f"{base}_{i}"
+        self.globals[name] = value
+        self._by_id[key] = name
+        return name
+
+
+def _target_hint(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}_{target._opname}_{target._overloadname}"
+    return getattr(target, "__name__", "fn")
+
+
+class WrapperCodegen:
+    def __init__(self, gm: GraphModule, kernels: dict[str, Callable]):
+        self.gm = gm
+        self.kernels = kernels
+        self.names = _Namer()
+        self.names.globals["torch"] = torch
+        self.var: dict[Node, str] = {}
+
+    def arg(self, a: Any) -> str:
+        if isinstance(a, Node):
+            return self.var[a]
+        if isinstance(a, list | tuple):
+            inner = ", ".join(self.arg(x) for x in a)
+            return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
+        if isinstance(a, dict):
+            return "{" + ", ".join(f"{k!r}: {self.arg(v)}" for k, v in a.items()) + "}"
+        if isinstance(a, float):
+            return repr(a) if math.isfinite(a) else f"float('{a}')"
+        if isinstance(a, _LITERALS):
+            return repr(a)
+        if isinstance(a, torch.dtype | torch.layout | torch.memory_format):
+            return str(a)
+        return self.names.bind(a, type(a).__name__.lower())
+
+    def call_expr(self, node: Node) -> tuple[str, str]:
+        """(expression, label for the profiler) of one node."""
+        if node.op == "call_module":
+            fn = self.kernels.get(node.target) or getattr(self.gm, node.target)
+            label = getattr(fn, "kernel_name", node.target)
+            callee = self.names.bind(fn, label)
+            args = ", ".join(self.arg(a) for a in node.args)
+            return f"{callee}({args})", label
+        callee = self.names.bind(node.target, _target_hint(node.target))
+        parts = [self.arg(a) for a in node.args]
+        parts += [f"{k}={self.arg(v)}" for k, v in node.kwargs.items()]
+        return f"{callee}({', '.join(parts)})", _target_hint(node.target)
+
+    def render(self) -> str:
+        nodes = list(self.gm.graph.nodes)
+        last_use: dict[Node, Node] = {}
+        for node in nodes:
+            for inp in node.all_input_nodes:
+                last_use[inp] = node
+        frees: dict[Node, list[Node]] = {}
+        for value, user in last_use.items():
+            if value.op != "get_attr":
+                frees.setdefault(user, []).append(value)
+
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        for i, n in enumerate(placeholders):
+            self.var[n] = f"in{i}_{n.name}"[:48]
+        plain: list[str] = []
+        profiled: list[str] = []
+        if placeholders:
+            unpack = ", ".join(self.var[n] for n in placeholders)
+            plain.append(f"{unpack}, = args")
+        else:
+            plain.append("pass")
+        plain.append("args.clear()")
+        profiled.extend(plain)
+        for node in nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                ret = f"return {self.arg(node.args[0])}"
+                plain.append(ret)
+                profiled.append(ret)
+                break
+            if node.op == "get_attr":
+                self.var[node] = self.names.bind(getattr(self.gm, node.target), node.target)
+                continue
+            self.var[node] = f"v_{node.name}"
+            expr, label = self.call_expr(node)
+            line = f"{self.var[node]} = {expr}"
+            plain.append(line)
+            profiled.append(f"with _record_function({label!r}):")
+            profiled.append(f"    {line}")
+            dead = [self.var[v] for v in frees.get(node, []) if v in self.var]
+            dead += [] if node.users else [self.var[node]]
+            if dead:
+                stmt = f"del {', '.join(dict.fromkeys(dead))}"
+                plain.append(stmt)
+                profiled.append(stmt)
+        body = "\n    ".join(plain)
+        pbody = "\n    ".join(profiled)
+        return (
+            f"def call(args):\n    {body}\n\n\n"
+            f"def call_profiled(args):\n    {pbody}\n\n\n"
+            "def run(args):\n"
+            "    if _profiler._is_profiler_enabled:\n"
+            "        return call_profiled(args)\n"
+            "    return call(args)\n"
+        )
+
+
+def build_wrapper(gm: GraphModule, ctx: Any, kernels: dict[str, Callable]) -> Callable:
+    """Render, exec and return the boxed `run(args)` for a lowered graph."""
+    gen = WrapperCodegen(gm, kernels)
+    source = gen.render()
+    digest = hashlib.sha256(source.encode()).hexdigest()[:10]
+    filename = f"<yirage_wrapper_{digest}>"
+    namespace = dict(gen.names.globals)
+    namespace["_profiler"] = torch.autograd.profiler
+    namespace["_record_function"] = torch.profiler.record_function
+    exec(compile(source, filename, "exec"), namespace)
+    run = namespace["run"]
+    run._boxed_call = True
+    run.source = source
+    run.wrapper_name = f"wrapper_{digest}"
+    if ctx is not None:
+        ctx.report.extern_calls = sum(
+            1 for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
+        )
+        ctx.artifacts["wrapper_source"] = source
+        if ctx.options.debug:
+            from yirage_dynamo.debug import dump_text
+
+            dump_text(ctx, f"wrapper_{digest}.py", _header(gm) + source)
+    return run
+
+
+def _header(gm: GraphModule) -> str:
+    return "# yirage generated wrapper\n# graph:\n" + "".join(
+        f"#   {line}\n" for line in str(gm.graph).splitlines()[:400]
+    )

@@ -1,0 +1,33 @@
+"""yirage_dynamo: a torch.compile backend for LLM inference across hardware.
+
+Installed, it registers `backend="yirage"` through the `torch_dynamo_backends` entry
+point, so `torch.compile(model, backend="yirage")` works without importing this package.
+Importing it changes no global state.
+"""
+
+from __future__ import annotations
+
+from .options import Options, parse_options
+from .report import CompileReport, clear_reports, last_report, reports
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The backend pulls in torch._dynamo; load it only when asked for.
+    if name == "yirage":
+        from .backend import yirage
+
+        return yirage
+    raise AttributeError(name)
+
+
+__all__ = [
+    "CompileReport",
+    "Options",
+    "clear_reports",
+    "last_report",
+    "parse_options",
+    "reports",
+    "yirage",
+]

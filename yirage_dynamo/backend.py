@@ -1,0 +1,280 @@
+"""The `yirage` TorchDynamo backend.
+
+Flow per Dynamo graph:
+  options -> device choice -> AOTAutograd capture (functional ATen, input mutations kept
+  in-graph) -> pass pipeline -> device lowering -> generated wrapper.
+Any failure falls back per `options["fallback"]` (Inductor, then eager) with a warning
+naming the stage and reason, unless fallback="error".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from yirage_dynamo.device import select_device
+from yirage_dynamo.lowering import Lowering, choose_lowering
+from yirage_dynamo.options import Options, parse_options
+from yirage_dynamo.passes import run_pipeline
+from yirage_dynamo.passes.context import PassContext, count_nodes
+from yirage_dynamo.report import CompileReport, record
+
+log = logging.getLogger("yirage_dynamo")
+
+
+class StageError(RuntimeError):
+    """A compile failure, tagged with the stage it happened in."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"{stage}: {type(cause).__name__}: {cause}")
+        self.stage = stage
+        self.cause = cause
+
+
+def yirage(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+    """TorchDynamo backend entry point: `torch.compile(m, backend="yirage")`."""
+    mode = kwargs.pop("mode", None)
+    options = kwargs.pop("options", None)
+    if kwargs:
+        raise ValueError(
+            f"unexpected yirage backend arguments {sorted(kwargs)}; it takes mode= and options="
+        )
+    return compile_dynamo_graph(gm, list(example_inputs), parse_options(options, mode))
+
+
+def compile_dynamo_graph(gm: GraphModule, example_inputs: list[Any], options: Options) -> Callable:
+    start = time.perf_counter()
+    report = CompileReport(mode=options.mode)
+    try:
+        with report.stage("device_selection"):
+            device, reason = select_device(example_inputs, options)
+            lowering, lowering_reason = choose_lowering(device)
+        report.device = device
+        report.device_reason = f"{reason}; {lowering_reason}"
+        report.lowering = lowering.name
+        compiler = _AotCompiler(options, lowering, report, example_inputs, start)
+        return compiler.capture(gm, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - every failure gets the fallback chain
+        stage = exc.stage if isinstance(exc, StageError) else "capture"
+        cause = exc.cause if isinstance(exc, StageError) else exc
+        if options.fallback == "error":
+            raise
+        return _fall_back(gm, example_inputs, options, report, stage, cause)
+
+
+def _fall_back(
+    gm: GraphModule,
+    example_inputs: list[Any],
+    options: Options,
+    report: CompileReport,
+    stage: str,
+    cause: BaseException,
+) -> Callable:
+    reason = f"{type(cause).__name__}: {cause}"
+    if options.fallback == "inductor":
+        log.warning("yirage: %s failed (%s); falling back to Inductor", stage, reason)
+        try:
+            from torch._inductor import list_mode_options
+            from torch._inductor.compile_fx import compile_fx
+
+            patches = list_mode_options(options.mode) if options.mode else {}
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+            report.fallback(stage, reason, "inductor")
+            _finish(report, options)
+            return compiled
+        except Exception as exc:  # noqa: BLE001
+            log.warning("yirage: Inductor fallback failed (%s); running eagerly", exc)
+            reason += f"; inductor fallback failed: {type(exc).__name__}: {exc}"
+    else:
+        log.warning("yirage: %s failed (%s); running eagerly", stage, reason)
+    report.fallback(stage, reason, "eager")
+    _finish(report, options)
+    return gm.forward
+
+
+def _finish(report: CompileReport, options: Options) -> None:
+    if report in _recorded:
+        return
+    _recorded.add(report)
+    record(report)
+    if options.report:
+        report.write(options.report)
+
+
+class _RecordedSet:
+    """Identity set of reports already recorded (reports are unhashable dataclasses)."""
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+
+    def __contains__(self, r: object) -> bool:
+        return id(r) in self._ids
+
+    def add(self, r: object) -> None:
+        self._ids.add(id(r))
+
+
+_recorded = _RecordedSet()
+
+
+def _real_parameters(example_inputs: list[Any]) -> list[Any]:
+    """Keep references only to parameters: holding activations would leak them."""
+    return [t if isinstance(t, torch.nn.Parameter) else None for t in example_inputs]
+
+
+class _AotCompiler:
+    def __init__(
+        self,
+        options: Options,
+        lowering: Lowering,
+        report: CompileReport,
+        example_inputs: list[Any],
+        start: float,
+    ) -> None:
+        self.options = options
+        self.lowering = lowering
+        self.first_report = report
+        self.real_inputs = _real_parameters(example_inputs)
+        self.start = start
+        self._first_used = False
+
+    def capture(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
+        from torch._dynamo.backends.common import aot_autograd
+
+        backend = aot_autograd(
+            fw_compiler=self._compiler("forward"),
+            bw_compiler=self._compiler("backward"),
+            inference_compiler=self._compiler("inference"),
+            decompositions=self.lowering.decompositions(),
+            keep_inference_input_mutations=True,
+        )
+        return backend(gm, example_inputs)
+
+    def _compiler(self, kind: str) -> Callable:
+        def compile_aot_graph(gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+            return self.compile_aot_graph(gm, list(example_inputs), kind)
+
+        return compile_aot_graph
+
+    def _report_for(self, kind: str) -> CompileReport:
+        if kind != "backward" and not self._first_used:
+            self._first_used = True
+            report = self.first_report
+            report.stages["aot_autograd"] = time.perf_counter() - self.start
+        else:
+            report = CompileReport(
+                mode=self.options.mode,
+                device=self.first_report.device,
+                device_reason=self.first_report.device_reason,
+                lowering=self.lowering.name,
+            )
+        report.kind = kind
+        return report
+
+    def compile_aot_graph(self, gm: GraphModule, example_inputs: list[Any], kind: str) -> Callable:
+        report = self._report_for(kind)
+        report.nodes_in = count_nodes(gm)
+        pristine = _copy_graph_module(gm)
+        ctx = PassContext(
+            options=self.options,
+            report=report,
+            capabilities=self.lowering.capabilities,
+            example_inputs=example_inputs,
+            real_inputs=self.real_inputs if kind == "inference" else None,
+            inference=kind == "inference",
+            mutated_inputs=_mutated_inputs(gm),
+        )
+        stage = "passes"
+        try:
+            with report.stage("passes"):
+                run_pipeline(gm, ctx)
+            stage = "lowering"
+            with report.stage("lowering"):
+                fn = self.lowering.lower(gm, ctx)
+        except Exception as exc:  # noqa: BLE001
+            if kind == "backward" and self.options.fallback != "error":
+                # Backward graphs compile lazily, after the forward already runs: run it eagerly.
+                log.warning("yirage: backward %s failed (%s); running it eagerly", stage, exc)
+                report.fallback(stage, f"{type(exc).__name__}: {exc}", "eager")
+                _finish(report, self.options)
+                return _FirstCallGuard(_boxed(pristine), None, report, self.options)
+            raise StageError(stage, exc) from exc
+        report.nodes_out = count_nodes(gm)
+        report.stages["total"] = sum(v for k, v in report.stages.items() if k != "total")
+        _finish(report, self.options)
+        return _FirstCallGuard(fn, pristine, report, self.options)
+
+
+def _mutated_inputs(gm: GraphModule) -> frozenset[int]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index = {n: i for i, n in enumerate(placeholders)}
+    mutated = {index[n.args[0]] for n in gm.graph.nodes if _mutates(n) and n.args[0] in index}
+    ctx = torch._guards.TracingContext.try_get()
+    meta = getattr(ctx, "fw_metadata", None) if ctx else None
+    if meta is not None and len(meta.input_info) == len(placeholders):
+        mutated |= {i for i, info in enumerate(meta.input_info) if info.mutates_data}
+    return frozenset(mutated)
+
+
+def _copy_graph_module(gm: GraphModule) -> GraphModule:
+    """A structural copy (node meta shared shallowly: fake tensors can't be deep-copied)."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return GraphModule(gm, graph)
+
+
+def _mutates(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.is_mutable and node.args)
+
+
+def _boxed(gm: GraphModule) -> Callable:
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    return make_boxed_func(gm.forward)
+
+
+class _FirstCallGuard:
+    """Runs the compiled program; if its very first call fails, falls back to the
+    unoptimised ATen graph (unless fallback="error"). Later calls go straight through."""
+
+    _boxed_call = True
+
+    def __init__(
+        self, fn: Callable, pristine: GraphModule, report: CompileReport, options: Options
+    ):
+        self.fn = fn
+        # An instance attribute, so functools.wraps (dynamo's disable) carries it along.
+        self._boxed_call = True
+        self.pristine: GraphModule | None = pristine
+        self.report = report
+        self.options = options
+
+    def __call__(self, *args: Any) -> Any:
+        # AOTAutograd calls boxed (one list) where it sees `_boxed_call`, but some of its
+        # wrappers (e.g. the backward's dynamo-disable) hide the attribute and unbox.
+        args = args[0] if len(args) == 1 and type(args[0]) is list else list(args)
+        if self.pristine is None:
+            return self.fn(args)
+        saved = list(args)
+        try:
+            out = self.fn(args)
+        except Exception as exc:  # noqa: BLE001
+            if self.options.fallback == "error":
+                raise
+            log.warning("yirage: compiled graph failed at run time (%s); running eagerly", exc)
+            self.report.fallback("runtime", f"{type(exc).__name__}: {exc}", "eager")
+            self.fn = _boxed(self.pristine)
+            out = self.fn(saved)
+        self.pristine = None
+        return out
+
+    @property
+    def source(self) -> str | None:
+        return getattr(self.fn, "source", None)

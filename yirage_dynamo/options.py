@@ -1,0 +1,139 @@
+"""Typed, validated backend options.
+
+`torch.compile(m, backend="yirage", options={...})` hands us a plain dict; it becomes
+a frozen `Options` here, validated up front so that a typo fails loudly with the key
+and its accepted values instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda", "mps", "neuron")
+FALLBACKS = ("inductor", "eager", "error")
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Every knob the backend understands. Unknown keys are rejected."""
+
+    device: str = "auto"
+    # "inductor" means the chain inductor -> eager; "eager" skips Inductor; "error" raises.
+    fallback: str = "inductor"
+    # Per-pass switches by name, e.g. {"cse": False}. Names not in the pipeline are rejected.
+    passes: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+    debug: bool = False
+    debug_dir: str = "yirage_debug"
+    report: str | None = None
+    # Inline non-mutated parameters of inference graphs as constants (enables folding and
+    # horizontal GEMM fusion). Assumes weights are not reassigned after compiling.
+    freeze: bool = True
+    memory_planning: bool = True
+    # None: decided by mode and device (CUDA inference graphs with static shapes).
+    cudagraphs: bool | None = None
+    cache_dir: str = ""
+    cxx: str = ""
+    cxx_flags: tuple[str, ...] = ("-O3", "-fopenmp", "-march=native")
+    # Run every pass with graph verification (lint + meta["val"] on every node).
+    verify: bool = False
+    mode: str | None = None
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir or Path.home() / ".cache" / "yirage")
+
+    def pass_enabled(self, name: str, default: bool = True) -> bool:
+        return self.passes.get(name, default)
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        shown = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"yirage option {key!r}={value!r} is invalid; expected one of: {shown}")
+
+
+def _kind(key: str, value: Any, kinds: tuple[type, ...], what: str) -> None:
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+        raise ValueError(f"yirage option {key!r}={value!r} is invalid; expected {what}")
+
+
+def _env_flag(name: str) -> bool | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    return raw.strip().lower() not in ("0", "false", "no", "off")
+
+
+def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = None) -> Options:
+    """Build `Options` from torch.compile's `options` dict and `mode`.
+
+    Environment overrides apply where an option was not given explicitly:
+    YIRAGE_DEBUG, YIRAGE_DEBUG_DIR, YIRAGE_REPORT, YIRAGE_CACHE_DIR, YIRAGE_DEVICE,
+    YIRAGE_FALLBACK, YIRAGE_CXX.
+    """
+    from yirage_dynamo.passes import PASS_NAMES  # late: passes import torch internals
+
+    raw: dict[str, Any] = dict(options or {})
+    if not isinstance(options, Mapping | None):
+        raise ValueError(f"yirage options must be a dict, got {type(options).__name__}")
+    fields = {f.name for f in dataclasses.fields(Options)}
+    for key in raw:
+        if key not in fields:
+            raise ValueError(
+                f"unknown yirage option {key!r}; valid options are: {', '.join(sorted(fields))}"
+            )
+    if "mode" in raw and mode is not None:
+        raise ValueError("yirage option 'mode' given twice (torch.compile mode and options)")
+    raw.setdefault("mode", mode)
+
+    env_text = {
+        "debug_dir": "YIRAGE_DEBUG_DIR",
+        "report": "YIRAGE_REPORT",
+        "cache_dir": "YIRAGE_CACHE_DIR",
+        "device": "YIRAGE_DEVICE",
+        "fallback": "YIRAGE_FALLBACK",
+        "cxx": "YIRAGE_CXX",
+    }
+    for key, var in env_text.items():
+        if key not in raw and os.environ.get(var):
+            raw[key] = os.environ[var]
+    if "debug" not in raw and _env_flag("YIRAGE_DEBUG") is not None:
+        raw["debug"] = _env_flag("YIRAGE_DEBUG")
+
+    _choice("mode", raw["mode"], MODES)
+    if "device" in raw:
+        _choice("device", raw["device"], DEVICES)
+    if "fallback" in raw:
+        _choice("fallback", raw["fallback"], FALLBACKS)
+    for key in ("debug", "freeze", "memory_planning", "verify"):
+        if key in raw:
+            _kind(key, raw[key], (bool,), "True or False")
+    if "cudagraphs" in raw and raw["cudagraphs"] is not None:
+        _kind("cudagraphs", raw["cudagraphs"], (bool,), "True, False or None")
+    for key in ("report", "cache_dir", "debug_dir", "cxx"):
+        if key in raw and raw[key] is not None:
+            _kind(key, raw[key], (str, os.PathLike), "a path string")
+            raw[key] = os.fspath(raw[key])
+    if "cxx_flags" in raw:
+        flags = raw["cxx_flags"]
+        if isinstance(flags, str) or not all(isinstance(f, str) for f in flags):
+            raise ValueError(
+                f"yirage option 'cxx_flags'={flags!r} is invalid; expected a list of str"
+            )
+        raw["cxx_flags"] = tuple(flags)
+    if "passes" in raw:
+        passes = raw["passes"]
+        if not isinstance(passes, Mapping):
+            raise ValueError(
+                f"yirage option 'passes'={passes!r} is invalid; expected a dict of pass name -> bool"
+            )
+        for name, on in passes.items():
+            _choice("passes", name, tuple(PASS_NAMES))
+            _kind(f"passes[{name!r}]", on, (bool,), "True or False")
+        raw["passes"] = dict(passes)
+    return Options(**raw)

@@ -1,0 +1,158 @@
+"""Compile reports: what compilation did to each graph, readable and as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_graph_ids = itertools.count()
+_REPORTS: list[CompileReport] = []
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    matches: int = 0
+
+
+@dataclasses.dataclass
+class KernelRecord:
+    name: str
+    device: str
+    source_path: str | None = None
+    origins: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class FallbackRecord:
+    stage: str
+    reason: str
+    to: str
+
+
+@dataclasses.dataclass
+class CompileReport:
+    graph_id: int = dataclasses.field(default_factory=lambda: next(_graph_ids))
+    kind: str = "inference"  # inference | forward | backward
+    mode: str | None = None
+    device: str = ""
+    device_reason: str = ""
+    lowering: str = ""
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    patterns: dict[str, int] = dataclasses.field(default_factory=dict)
+    rejected: list[str] = dataclasses.field(default_factory=list)
+    kernels: list[KernelRecord] = dataclasses.field(default_factory=list)
+    extern_calls: int = 0
+    fallbacks: list[FallbackRecord] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    memory: dict[str, Any] | None = None
+    nodes_in: int = 0
+    nodes_out: int = 0
+    cache: dict[str, int] = dataclasses.field(default_factory=lambda: {"hits": 0, "misses": 0})
+
+    @contextmanager
+    def stage(self, name: str):
+        """Accumulate wall time of a stage (re-entered stages add up)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
+
+    def count_pattern(self, name: str, n: int = 1) -> None:
+        self.patterns[name] = self.patterns.get(name, 0) + n
+
+    def reject(self, pattern: str, why: str) -> None:
+        self.rejected.append(f"{pattern}: {why}")
+
+    def fallback(self, stage: str, reason: str, to: str) -> None:
+        self.fallbacks.append(FallbackRecord(stage, reason, to))
+
+    @property
+    def total_seconds(self) -> float:
+        return self.stages.get("total", sum(self.stages.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), default=str, **kw)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompileReport:
+        data = dict(data)
+        data["passes"] = [PassRecord(**p) for p in data.get("passes", [])]
+        data["kernels"] = [KernelRecord(**k) for k in data.get("kernels", [])]
+        data["fallbacks"] = [FallbackRecord(**f) for f in data.get("fallbacks", [])]
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> CompileReport:
+        return cls.from_dict(json.loads(text))
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        out = path / f"graph_{self.graph_id}_{self.kind}.json"
+        out.write_text(self.to_json(indent=2))
+        return out
+
+    def __str__(self) -> str:
+        lines = [
+            f"yirage graph {self.graph_id} ({self.kind}, mode={self.mode}): "
+            f"device={self.device} lowering={self.lowering} — {self.device_reason}",
+            f"  nodes {self.nodes_in} -> {self.nodes_out}; kernels {len(self.kernels)}, "
+            f"extern calls {self.extern_calls}; total {self.total_seconds * 1e3:.1f} ms",
+        ]
+        if self.stages:
+            lines.append("  stage                          ms")
+            for name, sec in self.stages.items():
+                lines.append(f"  {name:<28}{sec * 1e3:>8.1f}")
+        if self.passes:
+            lines.append("  pass                           ms   nodes   matches")
+            for p in self.passes:
+                lines.append(
+                    f"  {p.name:<28}{p.seconds * 1e3:>6.1f}  {p.nodes_before:>4}->{p.nodes_after:<4}"
+                    f"  {p.matches}"
+                )
+        if self.patterns:
+            lines.append("  patterns: " + ", ".join(f"{k}={v}" for k, v in self.patterns.items()))
+        for r in self.rejected[:20]:
+            lines.append(f"  rejected {r}")
+        if self.memory:
+            lines.append(
+                "  memory: "
+                + ", ".join(f"{k}={v}" for k, v in self.memory.items() if k != "layout")
+            )
+        for f in self.fallbacks:
+            lines.append(f"  FALLBACK at {f.stage} -> {f.to}: {f.reason}")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        return "\n".join(lines)
+
+
+def record(report: CompileReport) -> None:
+    _REPORTS.append(report)
+
+
+def last_report() -> CompileReport | None:
+    """The report of the most recently compiled graph, or None."""
+    return _REPORTS[-1] if _REPORTS else None
+
+
+def reports() -> list[CompileReport]:
+    """Reports of every graph compiled in this process, oldest first."""
+    return list(_REPORTS)
+
+
+def clear_reports() -> None:
+    _REPORTS.clear()
