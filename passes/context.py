@@ -25,8 +25,6 @@ class PassContext:
     inference: bool = True
     # Placeholder indices that the graph mutates (kept in-graph as copy_ nodes).
     mutated_inputs: frozenset[int] = frozenset()
-    # Placeholder indices that are parameters/buffers (static across calls).
-    static_inputs: frozenset[int] = frozenset()
     # Anything a later stage wants from an earlier pass (e.g. the memory plan).
     artifacts: dict[str, Any] = dataclasses.field(default_factory=dict)
 

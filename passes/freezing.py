@@ -43,8 +43,8 @@ def freeze_parameters(gm: GraphModule, ctx: PassContext) -> int:
     """Replace non-mutated parameter placeholders by constants held by reference.
 
     Only for inference graphs whose real inputs are known; a placeholder is frozen when
-    its real input is an nn.Parameter (or a static buffer) whose fake value agrees in
-    shape/dtype, and the graph does not mutate it.
+    its real input is an nn.Parameter whose fake value agrees in shape/dtype, and the
+    graph does not mutate it.
     """
     if not ctx.inference or ctx.real_inputs is None:
         return 0
@@ -57,12 +57,14 @@ def freeze_parameters(gm: GraphModule, ctx: PassContext) -> int:
     for i, (node, real) in enumerate(zip(placeholders, ctx.real_inputs)):
         if not isinstance(real, torch.Tensor) or i in ctx.mutated_inputs:
             continue
-        if not (isinstance(real, torch.nn.Parameter) or i in ctx.static_inputs):
+        if not isinstance(real, torch.nn.Parameter):
+            # Buffers may be updated outside this graph (caches, running stats): folding
+            # anything derived from them would go stale.
             continue
         fake = node.meta.get("val")
         if not isinstance(fake, torch.Tensor) or fake.shape != real.shape:
             continue
-        if fake.dtype != real.dtype or real.requires_grad and torch.is_grad_enabled():
+        if fake.dtype != real.dtype:
             continue
         if not node.users or first is None:
             continue

@@ -19,6 +19,10 @@ def __getattr__(name: str):
         from .backend import yirage
 
         return yirage
+    if name == "explain":
+        from .profiling import explain
+
+        return explain
     raise AttributeError(name)
 
 
@@ -26,6 +30,7 @@ __all__ = [
     "CompileReport",
     "Options",
     "clear_reports",
+    "explain",
     "last_report",
     "parse_options",
     "reports",

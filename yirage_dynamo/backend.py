@@ -22,6 +22,7 @@ from yirage_dynamo.lowering import Lowering, choose_lowering
 from yirage_dynamo.options import Options, parse_options
 from yirage_dynamo.passes import run_pipeline
 from yirage_dynamo.passes.context import PassContext, count_nodes
+from yirage_dynamo.profiling import dynamo_trace_info
 from yirage_dynamo.report import CompileReport, record
 
 log = logging.getLogger("yirage_dynamo")
@@ -50,6 +51,10 @@ def yirage(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Cal
 def compile_dynamo_graph(gm: GraphModule, example_inputs: list[Any], options: Options) -> Callable:
     start = time.perf_counter()
     report = CompileReport(mode=options.mode)
+    # Dynamo traced this frame before calling us: take that time from torch's accounting.
+    report.dynamo_compile_id, dynamo_trace = dynamo_trace_info()
+    if dynamo_trace is not None:
+        report.stages["dynamo_trace"] = dynamo_trace
     try:
         with report.stage("device_selection"):
             device, reason = select_device(example_inputs, options)
@@ -141,6 +146,8 @@ class _AotCompiler:
         self.first_report = report
         self.real_inputs = _real_parameters(example_inputs)
         self.start = start
+        # AOTAutograd's own time starts here, after device selection (its own stage).
+        self.aot_start = time.perf_counter()
         self._first_used = False
 
     def capture(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
@@ -165,10 +172,11 @@ class _AotCompiler:
         if kind != "backward" and not self._first_used:
             self._first_used = True
             report = self.first_report
-            report.stages["aot_autograd"] = time.perf_counter() - self.start
+            report.stages["aot_autograd"] = time.perf_counter() - self.aot_start
         else:
             report = CompileReport(
                 mode=self.options.mode,
+                dynamo_compile_id=self.first_report.dynamo_compile_id,
                 device=self.first_report.device,
                 device_reason=self.first_report.device_reason,
                 lowering=self.lowering.name,
@@ -177,6 +185,7 @@ class _AotCompiler:
         return report
 
     def compile_aot_graph(self, gm: GraphModule, example_inputs: list[Any], kind: str) -> Callable:
+        graph_start = time.perf_counter()
         report = self._report_for(kind)
         report.nodes_in = count_nodes(gm)
         pristine = _copy_graph_module(gm)
@@ -205,7 +214,11 @@ class _AotCompiler:
                 return _FirstCallGuard(_boxed(pristine), None, report, self.options)
             raise StageError(stage, exc) from exc
         report.nodes_out = count_nodes(gm)
-        report.stages["total"] = sum(v for k, v in report.stages.items() if k != "total")
+        # Wall time (plus Dynamo's trace), so the top-level stages sum to at most this.
+        began = self.start if report is self.first_report else graph_start
+        report.stages["total"] = report.stages.get("dynamo_trace", 0.0) + (
+            time.perf_counter() - began
+        )
         _finish(report, self.options)
         return _FirstCallGuard(fn, pristine, report, self.options)
 
@@ -270,6 +283,8 @@ class _FirstCallGuard:
                 raise
             log.warning("yirage: compiled graph failed at run time (%s); running eagerly", exc)
             self.report.fallback("runtime", f"{type(exc).__name__}: {exc}", "eager")
+            if self.options.report:
+                self.report.write(self.options.report)  # the JSON written at compile is stale
             self.fn = _boxed(self.pristine)
             out = self.fn(saved)
         self.pristine = None

@@ -42,6 +42,8 @@ class FallbackRecord:
 class CompileReport:
     graph_id: int = dataclasses.field(default_factory=lambda: next(_graph_ids))
     kind: str = "inference"  # inference | forward | backward
+    # Dynamo's id of the frame compile this graph came from ("frame/recompile"), if any.
+    dynamo_compile_id: str | None = None
     mode: str | None = None
     device: str = ""
     device_reason: str = ""
@@ -61,7 +63,12 @@ class CompileReport:
 
     @contextmanager
     def stage(self, name: str):
-        """Accumulate wall time of a stage (re-entered stages add up)."""
+        """Accumulate wall time of a stage (re-entered stages add up).
+
+        Top-level stages do not overlap, so they sum to at most "total". A stage nested
+        inside another is named "parent/child" (e.g. "lowering/kernel_compile") and is
+        left out of that sum.
+        """
         start = time.perf_counter()
         try:
             yield
@@ -78,8 +85,13 @@ class CompileReport:
         self.fallbacks.append(FallbackRecord(stage, reason, to))
 
     @property
+    def top_level_stages(self) -> dict[str, float]:
+        """Non-overlapping stages: everything but "total" and "parent/child" sub-stages."""
+        return {k: v for k, v in self.stages.items() if k != "total" and "/" not in k}
+
+    @property
     def total_seconds(self) -> float:
-        return self.stages.get("total", sum(self.stages.values()))
+        return self.stages.get("total", sum(self.top_level_stages.values()))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,7 +101,9 @@ class CompileReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompileReport:
-        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Reports written by a newer version may carry fields this one does not know.
+        data = {k: v for k, v in data.items() if k in known}
         data["passes"] = [PassRecord(**p) for p in data.get("passes", [])]
         data["kernels"] = [KernelRecord(**k) for k in data.get("kernels", [])]
         data["fallbacks"] = [FallbackRecord(**f) for f in data.get("fallbacks", [])]
@@ -108,7 +122,9 @@ class CompileReport:
 
     def __str__(self) -> str:
         lines = [
-            f"yirage graph {self.graph_id} ({self.kind}, mode={self.mode}): "
+            f"yirage graph {self.graph_id} ({self.kind}, mode={self.mode}"
+            + (f", dynamo frame {self.dynamo_compile_id}" if self.dynamo_compile_id else "")
+            + "): "
             f"device={self.device} lowering={self.lowering} — {self.device_reason}",
             f"  nodes {self.nodes_in} -> {self.nodes_out}; kernels {len(self.kernels)}, "
             f"extern calls {self.extern_calls}; total {self.total_seconds * 1e3:.1f} ms",
@@ -124,6 +140,13 @@ class CompileReport:
                     f"  {p.name:<28}{p.seconds * 1e3:>6.1f}  {p.nodes_before:>4}->{p.nodes_after:<4}"
                     f"  {p.matches}"
                 )
+        for k in self.kernels[:20]:
+            origins = ", ".join(k.origins[:4]) + (" ..." if len(k.origins) > 4 else "")
+            lines.append(f"  kernel {k.name} [{k.device}] {k.source_path or ''} <- {origins}")
+        if len(self.kernels) > 20:
+            lines.append(f"  ... {len(self.kernels) - 20} more kernels")
+        if any(self.cache.values()):
+            lines.append("  cache: " + ", ".join(f"{k}={v}" for k, v in self.cache.items()))
         if self.patterns:
             lines.append("  patterns: " + ", ".join(f"{k}={v}" for k, v in self.patterns.items()))
         for r in self.rejected[:20]:

@@ -1,0 +1,29 @@
+"""Shared helpers: compile with yirage, compare with eager, reset Dynamo between tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def yirage_compile(model, **options):
+    options.setdefault("fallback", "error")
+    options.setdefault("verify", True)
+    return torch.compile(model, backend="yirage", options=options)
+
+
+def tolerances(dtype: torch.dtype) -> dict:
+    # bf16 has an 8-bit mantissa: one rounding step is ~4e-3 relative; the reordered
+    # sums of a compiled graph may differ from eager by a few steps.
+    if dtype == torch.bfloat16:
+        return {"atol": 2e-2, "rtol": 2e-2}
+    if dtype == torch.float16:
+        return {"atol": 2e-3, "rtol": 2e-3}
+    return {"atol": 1e-5, "rtol": 1.3e-6}

@@ -1,0 +1,350 @@
+"""`yirage compare`: eager vs Inductor vs yirage on one HF model, in one process.
+
+Per backend: Dynamo is reset, the model is compiled, the first call is timed ("cold",
+compile included), then `warmup` calls, then `iters` timed calls with device
+synchronisation. Outputs are compared with eager's (max abs error; generated tokens
+must match). Results print as a table and are written as CSV, JSON and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import DTYPES, build_model, is_generative, random_input_ids, weight_bytes
+
+BACKENDS = ("eager", "inductor", "yirage")
+PLOT_SIZE_IN = (10.0, 3.2)
+PLOT_DPI = 100
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    model: str = "llama"
+    size: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "float32"
+    backends: tuple[str, ...] = BACKENDS
+    task: str = "forward"
+    batch: int = 1
+    seq_len: int = 32
+    new_tokens: int = 16
+    warmup: int = 2
+    iters: int = 10
+    layers: int | None = None
+
+
+@dataclasses.dataclass
+class BackendResult:
+    backend: str
+    cold_s: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    tok_s: float | None = None
+    gb_s: float | None = None
+    peak_mb: float | None = None
+    max_abs_err: float | None = None
+    tokens_match: bool | None = None
+    graphs: int | None = None
+    fallbacks: int | None = None
+    error: str | None = None
+
+
+class _RssSampler:
+    """Peak resident memory over a phase on CPU, sampled from /proc (Linux) in a thread."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> _RssSampler:
+        self.base = self.rss()
+        self.peak = self.base
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+class _Progress:
+    """tqdm when installed (and stderr is a terminal), else nothing."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._bar = None
+        else:
+            self._bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=None, leave=False)
+
+    def step(self, label: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(label)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _runner(
+    cfg: CompareConfig, net: torch.nn.Module, backend: str, ids: torch.Tensor
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+    """A call returning (output to compare in fp32, generated tokens or None)."""
+    if cfg.task == "forward":
+        fn: Callable = net
+        if backend != "eager":
+            fn = torch.compile(net, backend=backend)
+        if is_generative(cfg.model):
+            return lambda: (fn(input_ids=ids, use_cache=False).logits, None)
+        return lambda: (fn(input_ids=ids).last_hidden_state, None)
+
+    from transformers import CompileConfig
+
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=cfg.new_tokens,
+        min_new_tokens=cfg.new_tokens,
+        do_sample=False,
+        cache_implementation="static",
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    if backend == "eager":
+        # On CUDA, generate() would compile a static-cache model with Inductor by itself.
+        kwargs["disable_compile"] = True
+    else:
+        cc = CompileConfig(backend=backend)
+        # Not an __init__ argument: lets generate() compile on CPU too.
+        cc._compile_all_devices = True
+        kwargs["compile_config"] = cc
+
+    def call() -> tuple[torch.Tensor, torch.Tensor]:
+        out = net.generate(ids, **kwargs)
+        return torch.stack(out.logits, 1), out.sequences
+
+    return call
+
+
+def _measure(
+    cfg: CompareConfig,
+    net: torch.nn.Module,
+    backend: str,
+    ids: torch.Tensor,
+    reference: tuple[torch.Tensor, torch.Tensor | None] | None,
+    wbytes: int,
+    progress: _Progress,
+) -> tuple[BackendResult, tuple[torch.Tensor, torch.Tensor | None]]:
+    import yirage_dynamo
+
+    res = BackendResult(backend)
+    torch._dynamo.reset()
+    if hasattr(net, "_compiled_call"):
+        del net._compiled_call  # generate() caches its compiled forward per model
+    n_reports = len(yirage_dynamo.reports())
+    if cfg.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad(), _RssSampler() as rss:
+        call = _runner(cfg, net, backend, ids)
+        start = time.perf_counter()
+        out = call()
+        _sync(cfg.device)
+        res.cold_s = time.perf_counter() - start
+        progress.step(f"{backend}: compiled")
+        for _ in range(cfg.warmup):
+            call()
+            progress.step(f"{backend}: warm-up")
+        _sync(cfg.device)
+        times = []
+        for _ in range(cfg.iters):
+            start = time.perf_counter()
+            call()
+            _sync(cfg.device)
+            times.append(time.perf_counter() - start)
+            progress.step(f"{backend}: timing")
+    steps = cfg.new_tokens if cfg.task == "generate" else 1
+    per_step = [t / steps for t in times]
+    res.p50_ms = statistics.median(per_step) * 1e3
+    res.p90_ms = _quantile(per_step, 0.9) * 1e3
+    tokens = cfg.batch * (cfg.new_tokens if cfg.task == "generate" else cfg.seq_len)
+    res.tok_s = tokens / statistics.median(times)
+    # Every step reads every weight once: a lower bound on the memory traffic.
+    res.gb_s = wbytes / (res.p50_ms / 1e3) / 1e9
+    if cfg.device == "cuda":
+        res.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        res.peak_mb = max(0, rss.peak - rss.base) / 2**20
+    if reference is not None:
+        res.max_abs_err = (out[0].float() - reference[0].float()).abs().max().item()
+        if out[1] is not None and reference[1] is not None:
+            res.tokens_match = bool(torch.equal(out[1], reference[1]))
+    if backend == "yirage":
+        new = yirage_dynamo.reports()[n_reports:]
+        res.graphs = len(new)
+        res.fallbacks = sum(len(r.fallbacks) for r in new)
+    return res, out
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_compare(cfg: CompareConfig) -> list[BackendResult]:
+    """Run every backend of `cfg` in this process; a failing backend gets `error` set."""
+    net = build_model(cfg.model, cfg.size, DTYPES[cfg.dtype], cfg.device, cfg.layers)
+    ids = random_input_ids(net, cfg.batch, cfg.seq_len)
+    wbytes = weight_bytes(net)
+    calls_per_backend = 1 + cfg.warmup + cfg.iters
+    progress = _Progress(len(cfg.backends) * calls_per_backend + 1, "yirage compare")
+    results = []
+    try:
+        with torch.no_grad():
+            reference = _runner(cfg, net, "eager", ids)()
+        progress.step("eager reference")
+        for backend in cfg.backends:
+            try:
+                res, _ = _measure(cfg, net, backend, ids, reference, wbytes, progress)
+            except Exception as exc:  # noqa: BLE001 - one failing backend must not hide the rest
+                res = BackendResult(backend, error=f"{type(exc).__name__}: {exc}"[:300])
+            results.append(res)
+    finally:
+        progress.close()
+        torch._dynamo.reset()
+    return results
+
+
+_COLUMNS = [
+    ("backend", "backend", "{}"),
+    ("cold_s", "cold s", "{:.2f}"),
+    ("p50_ms", "p50 ms", "{:.3f}"),
+    ("p90_ms", "p90 ms", "{:.3f}"),
+    ("tok_s", "tok/s", "{:.1f}"),
+    ("gb_s", "GB/s", "{:.2f}"),
+    ("peak_mb", "peak MB", "{:.1f}"),
+    ("max_abs_err", "max abs err", "{:.2e}"),
+]
+
+
+def format_table(cfg: CompareConfig, results: list[BackendResult]) -> str:
+    unit = "per token" if cfg.task == "generate" else "per forward"
+    head = (
+        f"{cfg.model} {cfg.size} {cfg.dtype} on {cfg.device}, task={cfg.task} "
+        f"(batch {cfg.batch}, seq {cfg.seq_len}"
+        + (f", {cfg.new_tokens} new tokens" if cfg.task == "generate" else "")
+        + f"); latency {unit}; cold = first call incl. compile"
+    )
+    cells = [[title for _, title, _ in _COLUMNS] + ["notes"]]
+    for r in results:
+        row = []
+        for key, _, fmt in _COLUMNS:
+            value = getattr(r, key)
+            row.append("-" if value is None else fmt.format(value))
+        notes = []
+        if r.error:
+            notes.append(f"FAILED: {r.error}")
+        if r.tokens_match is not None:
+            notes.append("tokens match" if r.tokens_match else "TOKENS DIFFER")
+        if r.graphs is not None:
+            notes.append(f"{r.graphs} graphs, {r.fallbacks} fallbacks")
+        row.append("; ".join(notes))
+        cells.append(row)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]) - 1)]
+    lines = [head]
+    for n, row in enumerate(cells):
+        line = "| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + f" | {row[-1]} |"
+        lines.append(line)
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|---|")
+    return "\n".join(lines)
+
+
+def write_outputs(
+    cfg: CompareConfig, results: list[BackendResult], out_dir: str | Path
+) -> dict[str, Path | str]:
+    """Write results.csv, results.json and compare.png; the PNG entry is a message
+    instead of a path when matplotlib is missing."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [dataclasses.asdict(r) for r in results]
+    csv_path = out / "results.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["backend"])
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path = out / "results.json"
+    meta = {
+        "config": dataclasses.asdict(cfg),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "peak_memory": "cuda max_memory_allocated"
+        if cfg.device == "cuda"
+        else "CPU resident-set growth over the run (sampled)",
+        "results": rows,
+    }
+    json_path.write_text(json.dumps(meta, indent=2))
+    written: dict[str, Path | str] = {"csv": csv_path, "json": json_path}
+    try:
+        written["png"] = plot(cfg, results, out / "compare.png")
+    except ImportError:
+        written["png"] = "matplotlib is not installed: no chart (pip install 'yirage-dynamo[plot]')"
+    return written
+
+
+def plot(cfg: CompareConfig, results: list[BackendResult], path: Path) -> Path:
+    """Bar chart of cold time, p50 latency and tok/s; PLOT_SIZE_IN * PLOT_DPI pixels."""
+    # Figure without pyplot: no global backend switch, works headless.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI)
+    ok = [r for r in results if r.error is None]
+    names = [r.backend for r in ok]
+    colors = [
+        "#888888" if n == "eager" else "#4c72b0" if n == "inductor" else "#dd8452" for n in names
+    ]
+    panels = [("cold_s", "cold s (incl. compile)"), ("p50_ms", "p50 ms"), ("tok_s", "tok/s")]
+    axes = fig.subplots(1, len(panels))
+    for ax, (key, title) in zip(axes, panels):
+        values = [getattr(r, key) or 0.0 for r in ok]
+        ax.bar(names, values, color=colors)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
+    fig.suptitle(f"{cfg.model} {cfg.size} {cfg.dtype} {cfg.device} {cfg.task}", fontsize=10)
+    fig.subplots_adjust(top=0.8, bottom=0.12, wspace=0.35)
+    fig.savefig(path, dpi=PLOT_DPI)
+    return path
