@@ -106,6 +106,13 @@ class Lowering:
         if problems:
             raise NotImplementedError("; ".join(sorted(set(problems))))
 
+    def compile_dynamo_graph(
+        self, gm: GraphModule, example_inputs: list[Any], options: Any, report: Any
+    ) -> Callable | None:
+        """Optionally compile a whole Dynamo graph (before AOTAutograd) and return the
+        callable; None (the default) means: use the backend's AOT capture and `lower`."""
+        return None
+
     def render(self, region: GraphModule, name: str) -> KernelSource:
         raise NotImplementedError(f"the {self.name} lowering generates no kernels")
 

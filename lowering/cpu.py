@@ -1,17 +1,186 @@
 """CPU lowering: C++/OpenMP kernels for fused regions, ATen (oneDNN/MKL) for GEMMs.
 
-Kernel generation lands with the CPU code-generation work; until then this lowering
-reports itself unavailable and the ATen lowering runs CPU graphs.
+passes/fusion.py groups pointwise ops, reductions and views into `call_module` regions;
+here every region is rendered by the C-style renderer (lowering/c_renderer.py), all
+kernels of the graph are compiled in one C++ translation unit (runtime/cpp_build.py) and
+the generated wrapper calls them through small Python launchers. GEMMs, attention,
+embedding and index ops stay extern ATen calls. A region the renderer cannot handle runs
+its ATen reference (the region submodule) and is noted in the report; no C++ compiler at
+all means this lowering reports itself unavailable and the ATen lowering runs instead.
 """
 
 from __future__ import annotations
 
-from .base import Capabilities, Lowering
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from .base import Capabilities, KernelSource, Lowering
+from .c_renderer import CPP, CPP_PRELUDE, CRenderer, RenderedKernel, Unsupported
+
+aten = torch.ops.aten
+
+_NATIVE_YIRAGE = ("rms_norm", "rms_norm_residual", "gated_act", "rotary")
+
+# What the fusion pass may put into CPU regions: everything the renderer renders except
+# ops that are cheaper as ATen views of region outputs (handled by fusion itself).
+_CPU_FUSIBLE = frozenset(
+    {
+        *(
+            "add sub mul div neg abs exp exp2 expm1 log log1p log2 sqrt rsqrt reciprocal sin "
+            "cos tan tanh erf floor ceil trunc round sigmoid silu relu gelu maximum minimum "
+            "clamp clamp_min clamp_max where eq ne lt le gt ge logical_not logical_and "
+            "logical_or bitwise_not bitwise_and bitwise_or isnan pow masked_fill _to_copy "
+            "cat sum mean amax amin var view reshape _unsafe_view unsqueeze squeeze permute "
+            "transpose t expand slice select alias clone"
+        ).split(),
+        "prims.convert_element_type",
+        "prims.broadcast_in_dim",
+        "prims.var",
+        "prims.sum",
+        "prims.div",
+        "prims.mul",
+        "prims.add",
+        "prims.sub",
+        "prims.reshape",
+        "prims.squeeze",
+        # yirage ops the fusion pass expands into the above (so they fuse with neighbours).
+        *(f"yirage.{op}" for op in _NATIVE_YIRAGE),
+    }
+)
+
+
+class CKernelSource(KernelSource):
+    """A rendered region: the C function plus what its launcher needs."""
+
+    def __init__(self, name: str, rendered: RenderedKernel) -> None:
+        self.rendered = rendered
+        self.symbol = f"yk_{rendered.digest}"
+        super().__init__(
+            name=name,
+            source=rendered.body.replace("FUNC", self.symbol, 1),
+            origins=rendered.origins,
+            language="c++",
+        )
 
 
 class CppLowering(Lowering):
     name = "cpp"
-    capabilities = Capabilities(device_type="cpu", generates_kernels=True)
+    capabilities = Capabilities(
+        device_type="cpu",
+        fusible_ops=_CPU_FUSIBLE,
+        dtypes=frozenset(
+            {torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.bool}
+        ),
+        native_custom_ops=frozenset(_NATIVE_YIRAGE),
+        generates_kernels=True,
+    )
+
+    def __init__(self, cxx: str = "") -> None:
+        self.cxx = cxx
 
     def available(self) -> str | None:
-        return "C++ kernel generation is not implemented yet"
+        from yirage_dynamo.runtime.cpp_build import find_compiler
+
+        if find_compiler(self.cxx) is None:
+            return (
+                f"no C++ compiler found ({self.cxx or 'g++/c++/clang++'} not on PATH; "
+                "set YIRAGE_CXX)"
+            )
+        return None
+
+    def decompositions(self) -> dict[Any, Callable]:
+        # Composite norms/softmax decompose into reductions + pointwise ops that fuse;
+        # GEMMs, SDPA and embedding stay whole (extern ATen calls).
+        from torch._decomp import get_decompositions
+
+        return get_decompositions(
+            [
+                aten._softmax,
+                aten._log_softmax,
+                aten.native_layer_norm,
+                aten.var_mean,
+                aten.rms_norm,
+                aten.addcmul,
+                aten.addcdiv,
+                aten.hardswish,
+                aten.hardsigmoid,
+                aten.leaky_relu,
+                aten.elu,
+                aten.softplus,
+                aten.rsub,
+                aten.lerp,
+            ]
+        )
+
+    def render(self, region: GraphModule, name: str) -> CKernelSource:
+        return CKernelSource(name, CRenderer(CPP).render(region))
+
+    def compile(self, sources: list[KernelSource], ctx: Any) -> dict[str, Callable]:
+        from yirage_dynamo.runtime import cpp_build
+
+        from yirage_dynamo.report import KernelRecord
+
+        cxx = cpp_build.find_compiler(ctx.options.cxx or self.cxx)
+        if cxx is None:
+            raise cpp_build.BuildError("no C++ compiler found")
+        unique: dict[str, CKernelSource] = {}
+        for s in sources:
+            unique.setdefault(s.symbol, s)  # identical regions (one per layer) share code
+        source = CPP_PRELUDE + "\n" + "\n".join(s.source for s in unique.values())
+        stats: dict[str, int] = {}
+        with ctx.report.stage("cpp_build"):
+            so = cpp_build.build_shared_object(
+                source, cxx, ctx.options.cxx_flags, ctx.options.cache_path, stats
+            )
+            lib = cpp_build.load_library(so)
+        for k in ("hits", "misses"):
+            ctx.report.cache[k] = ctx.report.cache.get(k, 0) + stats.get(k, 0)
+        launchers = {
+            sym: cpp_build.make_launcher(lib, sym, s.rendered, sym, "cpu")
+            for sym, s in unique.items()
+        }
+        dumped: dict[str, str] = {}
+        for s in sources:
+            path = str(so.with_name("kernels.cpp"))
+            if ctx.options.debug:
+                if s.symbol not in dumped:
+                    dumped[s.symbol] = str(_dump_kernel(ctx, s))
+                path = dumped[s.symbol]
+            ctx.report.kernels.append(KernelRecord(s.name, "cpu", path, list(s.origins)))
+        return {s.name: launchers[s.symbol] for s in sources}
+
+    def lower(self, gm: GraphModule, ctx: Any) -> Callable:
+        from yirage_dynamo.runtime.wrapper import build_wrapper
+
+        self.check_graph(gm)
+        sources: list[KernelSource] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            try:
+                sources.append(self.render(getattr(gm, node.target), node.target))
+            except Unsupported as exc:
+                ctx.report.notes.append(f"region {node.target} left to ATen: {exc}")
+        kernels: dict[str, Callable] = {}
+        if sources:
+            from yirage_dynamo.runtime.cpp_build import BuildError
+
+            try:
+                kernels = self.compile(sources, ctx)
+            except (BuildError, OSError) as exc:
+                # Correct either way: every region still has its ATen reference.
+                ctx.report.notes.append(f"C++ build failed, regions run on ATen: {exc}")
+        return build_wrapper(gm, ctx, kernels=kernels)
+
+
+def _dump_kernel(ctx: Any, s: CKernelSource) -> Any:
+    from yirage_dynamo.debug import dump_text
+
+    digest = hashlib.sha256(s.source.encode()).hexdigest()[:10]
+    header = "// yirage kernel " + s.name + "\n// FX origins:\n"
+    header += "".join(f"//   {o}\n" for o in s.origins)
+    return dump_text(ctx, f"kernels/{s.name}_{digest}.cpp", header + CPP_PRELUDE + s.source)

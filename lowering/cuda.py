@@ -1,17 +1,229 @@
 """CUDA lowering: the post-pass graph goes to Inductor's Triton code generation.
 
-Not wired up yet: reports itself unavailable, so CUDA graphs run through the ATen
-lowering (extern calls on the GPU).
+Why `compile_fx(dynamo_gm, inner_compile=ours)` and not Inductor's custom-pass hooks or
+`compile_fx_inner` on our own AOT graph:
+  * compile_fx owns the AOTAutograd call the way Inductor expects it (its decomposition
+    table, joint-graph passes, output-stride bookkeeping, static input indices, the
+    boxed forward-device index CUDA-graph trees need). Re-creating that around our own
+    AOT capture is fragile across torch versions; taking over at the Dynamo-graph level
+    (the `Lowering.compile_dynamo_graph` hook) and letting Inductor call us back is not.
+  * Our `inner_compile` receives exactly the ATen graph compile_fx_inner would, runs the
+    yirage pass pipeline on it (freezing, LLM patterns, cleanup), swaps the yirage fused
+    ops for our Triton kernels (`yirage_cuda::*`), then calls compile_fx_inner: Inductor's
+    post-grad passes, scheduling, fusion, Triton codegen and CUDA graphs follow unchanged.
+  * The custom-pass hooks (`config.post_grad_custom_pre_pass`) would also work, but are a
+    global config slot (one user at a time) and run after Inductor's own decompositions.
+  * compile_fx takes ownership of (mutates) the graph it is given, so it gets a structural
+    copy and the fallback chain can still use the pristine Dynamo graph.
+
+Freezing: weights are frozen by our `freeze_parameters` pass (by reference, from the real
+nn.Parameters Dynamo hands us), not Inductor's `freezing=True`, which would concatenate
+q/k/v and gate/up weights into new tensors while the model keeps the originals (+60% weight
+memory on a 7B model for little gain at batch 1).
+
+CUDA graphs: inference graphs with static shapes run under Inductor's CUDA-graph trees by
+default (mode "reduce-overhead" semantics; `Options.cudagraphs=False` opts out). The static
+KV cache is mutated in place; HF marks it a static address, so it is recorded once, read
+and written by the graph in place, and replays allocate nothing new (one pool per device).
+
+Inductor config is only changed through compile_fx's `config_patches` (a scoped
+`config.patch`), never globally. Compile caches are off for these graphs: AOTAutograd's
+cache key does not cover our passes, and the FX graph cache would hash frozen weights by
+value.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+from collections.abc import Callable
+from typing import Any
+from unittest import mock
+
+import torch
+from torch.fx import GraphModule
+
 from .base import Capabilities, Lowering
+
+log = logging.getLogger("yirage_dynamo")
+
+# yirage ops our Triton kernels implement (for the shapes `cuda_ops.substitute` accepts).
+TRITON_OPS = frozenset({"rms_norm", "rms_norm_residual", "gated_act", "rotary", "attention"})
+
+# Mode -> whether CUDA graphs are on when Options.cudagraphs is None (auto).
+_CUDAGRAPH_MODES = {
+    None: True,
+    "reduce-overhead": True,
+    "max-autotune": True,
+    "default": False,
+    "max-autotune-no-cudagraphs": False,
+}
+
+
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 class TritonLowering(Lowering):
     name = "triton"
-    capabilities = Capabilities(device_type="cuda", generates_kernels=True, cuda_graphs=True)
+    capabilities = Capabilities(
+        device_type="cuda",
+        generates_kernels=True,
+        cuda_graphs=True,
+        native_custom_ops=TRITON_OPS,
+    )
 
     def available(self) -> str | None:
-        return "Inductor-Triton lowering is not implemented yet"
+        if not torch.cuda.is_available():
+            return "no CUDA device visible to torch"
+        if not _has_triton():
+            return "triton is not installed"
+        return None
+
+    def compile_dynamo_graph(
+        self, gm: GraphModule, example_inputs: list[Any], options: Any, report: Any
+    ) -> Callable | None:
+        """Compile a whole Dynamo graph through Inductor with our passes inside."""
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = inductor_config_patches(options, example_inputs)
+        report.notes.append(
+            "inductor config: " + ", ".join(f"{k}={v}" for k, v in sorted(patches.items()))
+        )
+        inner = _InnerCompile(self, options, report, example_inputs)
+        # AOTAutograd's cache would return an artifact compiled without (or with other)
+        # yirage passes: its key does not cover our inner_compile. Off, for this call only.
+        with report.stage("inductor"), torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(_structural_copy(gm), example_inputs, inner, patches)
+
+
+def wants_cudagraphs(options: Any, example_inputs: list[Any]) -> tuple[bool, str]:
+    """(CUDA graphs on?, why) for a Dynamo graph."""
+    if options.cudagraphs is not None:
+        return bool(options.cudagraphs), "set by options.cudagraphs"
+    if not _CUDAGRAPH_MODES.get(options.mode, True):
+        return False, f"mode {options.mode!r} has no CUDA graphs"
+    if torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    ):
+        return False, "training graph (grad enabled)"
+    if _has_symbolic_sizes(example_inputs):
+        return False, "dynamic shapes (one CUDA graph per shape would be recorded)"
+    return True, "static-shape inference graph"
+
+
+def inductor_config_patches(options: Any, example_inputs: list[Any]) -> dict[str, Any]:
+    """Inductor config for this graph, applied by compile_fx as a scoped patch."""
+    from torch._inductor import list_mode_options
+
+    patches: dict[str, Any] = {}
+    if options.mode:
+        patches.update(list_mode_options(options.mode))
+    on, _ = wants_cudagraphs(options, example_inputs)
+    patches["triton.cudagraphs"] = on
+    # Inductor's freezing would copy weights (see module docstring); our pass freezes.
+    patches["freezing"] = False
+    # The FX graph cache would hash our frozen weights by value (tolist() of every weight).
+    patches["fx_graph_cache"] = False
+    return patches
+
+
+def _has_symbolic_sizes(example_inputs: list[Any]) -> bool:
+    for t in example_inputs:
+        if isinstance(t, torch.SymInt):
+            return True
+        if isinstance(t, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in t.shape):
+            return True
+    return False
+
+
+def _structural_copy(gm: GraphModule) -> GraphModule:
+    """A new GraphModule over a copied graph: attributes shared, node meta shallow-copied."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return GraphModule(gm, graph)
+
+
+def _real_parameters(example_inputs: list[Any]) -> list[Any]:
+    # Only parameters are kept: holding activations would leak them.
+    return [t if isinstance(t, torch.nn.Parameter) else None for t in example_inputs]
+
+
+def _mutated_placeholders(gm: GraphModule) -> frozenset[int]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index = {n: i for i, n in enumerate(placeholders)}
+    out = set()
+    for n in gm.graph.nodes:
+        schema = getattr(n.target, "_schema", None)
+        if schema is not None and schema.is_mutable and n.args and n.args[0] in index:
+            out.add(index[n.args[0]])
+    return frozenset(out)
+
+
+class _InnerCompile:
+    """Inductor's `inner_compile` callback: yirage passes, Triton ops, then Inductor."""
+
+    def __init__(self, lowering: TritonLowering, options: Any, report: Any, example_inputs):
+        self.lowering = lowering
+        # Inductor re-inplaces copy-backs of input mutations itself and expects a functional
+        # graph from AOTAutograd, so our reinplace pass is off unless asked for explicitly.
+        passes = {"reinplace_input_mutations": False, **dict(options.passes)}
+        self.options = dataclasses.replace(options, passes=passes)
+        self.report = report
+        self.real_inputs = _real_parameters(list(example_inputs))
+        self.graphs = 0
+
+    def __call__(self, gm: GraphModule, example_inputs: Any, **kwargs: Any) -> Any:
+        from torch._inductor.compile_fx import compile_fx_inner
+        from yirage_dynamo.passes import run_pipeline
+        from yirage_dynamo.passes.context import PassContext, count_nodes
+
+        from . import cuda_ops
+
+        inference = bool(kwargs.get("is_inference")) and not kwargs.get("is_backward")
+        kind = "backward" if kwargs.get("is_backward") else "inference" if inference else "forward"
+        report = self.report
+        if self.graphs:
+            # A second graph from one Dynamo graph (the backward): its own report.
+            from yirage_dynamo.report import CompileReport, record
+
+            report = CompileReport(
+                mode=self.options.mode,
+                device=self.report.device,
+                device_reason=self.report.device_reason,
+                lowering=self.lowering.name,
+            )
+            record(report)
+        self.graphs += 1
+        report.kind = kind
+        report.nodes_in = count_nodes(gm)
+        ctx = PassContext(
+            options=self.options,
+            report=report,
+            capabilities=self.lowering.capabilities,
+            example_inputs=list(example_inputs),
+            real_inputs=self.real_inputs if inference else None,
+            inference=inference,
+            mutated_inputs=_mutated_placeholders(gm),
+        )
+        with report.stage("inductor/yirage_passes"):
+            run_pipeline(gm, ctx)
+        with (
+            report.stage("inductor/triton_ops"),
+            torch._subclasses.fake_tensor.unset_fake_temporarily(),
+        ):
+            cuda_ops.substitute(gm, ctx)
+        report.nodes_out = count_nodes(gm)
+        # Frozen weights are real tensors behind get_attr nodes: Inductor's fake-tensor
+        # propagation must accept them (what Inductor's own freezing does, same scope).
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        allow = (
+            mock.patch.object(fake_mode, "allow_non_fake_inputs", True)
+            if fake_mode is not None
+            else contextlib.nullcontext()
+        )
+        with report.stage("inductor/compile_fx_inner"), allow:
+            return compile_fx_inner(gm, example_inputs, **kwargs)

@@ -14,7 +14,18 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule
 
-from . import cleanup, freezing, reinplace
+from . import (
+    cleanup,
+    freezing,
+    fusion,
+    memory_plan,
+    pattern_attention,
+    pattern_horizontal_gemm,
+    pattern_rms_norm,
+    pattern_rotary,
+    pattern_swiglu,
+    reinplace,
+)
 from .context import PassContext, count_nodes
 
 
@@ -37,8 +48,26 @@ PIPELINE: list[Pass] = [
     Pass("constant_fold", freezing.constant_fold, inference_only=True),
     # Duplicate pure subexpressions (e.g. repeated casts of the same tensor) computed once.
     Pass("cse", cleanup.cse),
+    # RMSNorm (+ the residual add feeding it) -> one yirage op: one read of the stream.
+    Pass("pattern_rms_norm", pattern_rms_norm.fuse_rms_norm),
+    # act(gate) * up -> yirage::gated_act: the gated-MLP activation as one op.
+    Pass("pattern_swiglu", pattern_swiglu.fuse_gated_act),
+    # q/k rotate-half RoPE -> yirage::rotary (one op per layer for q and k).
+    Pass("pattern_rotary", pattern_rotary.fuse_rotary),
+    # SDPA / eager attention -> yirage::attention reading un-repeated K/V (no repeat_kv copy).
+    Pass("pattern_attention", pattern_attention.fuse_attention),
+    # Projections sharing an input (q/k/v, gate/up) -> one GEMM over weights concatenated
+    # once at compile time; needs frozen weights, so inference graphs only.
+    Pass(
+        "pattern_horizontal_gemm", pattern_horizontal_gemm.fuse_horizontal_gemm, inference_only=True
+    ),
     # Whatever the rewrites above left unused.
     Pass("dce", cleanup.dce),
+    # Pointwise/reduction/view chains -> one region (call_module) each, rendered as one
+    # kernel by lowerings that generate code; after the rewrites so it sees final ops.
+    Pass("fuse_regions", fusion.fuse_regions),
+    # Last, on the final program: arena offsets for intermediates (wrapper writes via out=).
+    Pass("memory_plan", memory_plan.memory_plan),
 ]
 
 PASS_NAMES: list[str] = [p.name for p in PIPELINE]

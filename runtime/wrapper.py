@@ -49,9 +49,11 @@ def _target_hint(target: Any) -> str:
 
 
 class WrapperCodegen:
-    def __init__(self, gm: GraphModule, kernels: dict[str, Callable]):
+    def __init__(self, gm: GraphModule, kernels: dict[str, Callable], plan: Any = None):
         self.gm = gm
         self.kernels = kernels
+        # passes.memory_plan.MemoryPlan: its buffers are written via out= into arena views.
+        self.plan = plan
         self.names = _Namer()
         self.names.globals["torch"] = torch
         self.var: dict[Node, str] = {}
@@ -78,12 +80,22 @@ class WrapperCodegen:
             fn = self.kernels.get(node.target) or getattr(self.gm, node.target)
             label = getattr(fn, "kernel_name", node.target)
             callee = self.names.bind(fn, label)
-            args = ", ".join(self.arg(a) for a in node.args)
+            args = ", ".join([self.arg(a) for a in node.args] + self.out_kwarg(node))
             return f"{callee}({args})", label
-        callee = self.names.bind(node.target, _target_hint(node.target))
+        target = node.target
+        if self.out_kwarg(node):
+            from yirage_dynamo.passes.memory_plan import out_variant
+
+            target = out_variant(target, node.meta["val"].device.type)
+        callee = self.names.bind(target, _target_hint(target))
         parts = [self.arg(a) for a in node.args]
-        parts += [f"{k}={self.arg(v)}" for k, v in node.kwargs.items()]
+        parts += [f"{k}={self.arg(v)}" for k, v in node.kwargs.items()] + self.out_kwarg(node)
         return f"{callee}({', '.join(parts)})", _target_hint(node.target)
+
+    def out_kwarg(self, node: Node) -> list[str]:
+        """`out=<arena view>` for a planned buffer, else nothing."""
+        k = self.plan.index.get(node.name) if self.plan is not None else None
+        return [] if k is None else [f"out=_bufs[{k}]"]
 
     def render(self) -> str:
         nodes = list(self.gm.graph.nodes)
@@ -107,6 +119,9 @@ class WrapperCodegen:
         else:
             plain.append("pass")
         plain.append("args.clear()")
+        if self.plan is not None:
+            sig = self.plan.sig_source([self.var[n] for n in placeholders])
+            plain.append(f"_bufs = _arena({sig})")
         profiled.extend(plain)
         for node in nodes:
             if node.op == "placeholder":
@@ -138,24 +153,37 @@ class WrapperCodegen:
             f"def call_profiled(args):\n    {pbody}\n\n\n"
             "def run(args):\n"
             "    if _profiler._is_profiler_enabled:\n"
-            "        return call_profiled(args)\n"
+            "        with _record_function(_wrapper_range):\n"
+            "            return call_profiled(args)\n"
             "    return call(args)\n"
         )
 
 
 def build_wrapper(gm: GraphModule, ctx: Any, kernels: dict[str, Callable]) -> Callable:
     """Render, exec and return the boxed `run(args)` for a lowered graph."""
-    gen = WrapperCodegen(gm, kernels)
+    from yirage_dynamo.passes.memory_plan import finalize_plan
+    from yirage_dynamo.runtime.arena import PlannedViews
+
+    plan = finalize_plan(gm, ctx, kernels)
+    gen = WrapperCodegen(gm, kernels, plan)
     source = gen.render()
     digest = hashlib.sha256(source.encode()).hexdigest()[:10]
     filename = f"<yirage_wrapper_{digest}>"
     namespace = dict(gen.names.globals)
     namespace["_profiler"] = torch.autograd.profiler
     namespace["_record_function"] = torch.profiler.record_function
+    if plan is not None:
+        opts = ctx.options
+        stable = opts.cudagraphs is True or opts.mode == "reduce-overhead"
+        namespace["_arena"] = PlannedViews(plan, stable=stable)
+    # The whole call is one range too; its children are the per-node ranges, which is
+    # how profiling.kernel_time_table tells our calls apart from other annotations.
+    namespace["_wrapper_range"] = f"[yirage] wrapper_{digest}"
     exec(compile(source, filename, "exec"), namespace)
     run = namespace["run"]
     run._boxed_call = True
     run.source = source
+    run.arena = namespace.get("_arena")
     run.wrapper_name = f"wrapper_{digest}"
     if ctx is not None:
         ctx.report.extern_calls = sum(

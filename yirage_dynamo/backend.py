@@ -62,6 +62,18 @@ def compile_dynamo_graph(gm: GraphModule, example_inputs: list[Any], options: Op
         report.device = device
         report.device_reason = f"{reason}; {lowering_reason}"
         report.lowering = lowering.name
+        # A lowering may take over the whole Dynamo graph (CUDA: Inductor's compile_fx).
+        try:
+            whole = lowering.compile_dynamo_graph(gm, example_inputs, options, report)
+        except Exception as exc:  # noqa: BLE001
+            raise StageError("lowering", exc) from exc
+        if whole is not None:
+            # Dynamo's trace time counts too, so the top-level stages sum to at most this.
+            report.stages["total"] = report.stages.get("dynamo_trace", 0.0) + (
+                time.perf_counter() - start
+            )
+            _finish(report, options)
+            return whole
         compiler = _AotCompiler(options, lowering, report, example_inputs, start)
         return compiler.capture(gm, example_inputs)
     except Exception as exc:  # noqa: BLE001 - every failure gets the fallback chain

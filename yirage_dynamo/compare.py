@@ -64,7 +64,7 @@ class BackendResult:
 class _RssSampler:
     """Peak resident memory over a phase on CPU, sampled from /proc (Linux) in a thread."""
 
-    def __init__(self, interval_s: float = 0.005) -> None:
+    def __init__(self, interval_s: float = 0.01) -> None:
         self.interval_s = interval_s
         self.peak = 0
         self._stop = threading.Event()
@@ -342,6 +342,7 @@ def plot(cfg: CompareConfig, results: list[BackendResult], path: Path) -> Path:
         ax.bar(names, values, color=colors)
         ax.set_title(title, fontsize=10)
         ax.tick_params(labelsize=8)
+        ax.margins(y=0.15)
         for i, v in enumerate(values):
             ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
     fig.suptitle(f"{cfg.model} {cfg.size} {cfg.dtype} {cfg.device} {cfg.task}", fontsize=10)

@@ -21,7 +21,7 @@ import torch
 
 # Name prefix of the range around one whole generated-wrapper call (runtime/wrapper.py);
 # the per-kernel / per-extern ranges are its direct children.
-WRAPPER_RANGE_PREFIX = "yirage::"
+WRAPPER_RANGE_PREFIX = "[yirage] "
 STEP_RANGE = "yirage_step"
 
 
@@ -78,7 +78,8 @@ class GraphBreakSummary:
             f"ops {self.op_count} (per graph: {self.ops_per_graph})"
         ]
         for i, b in enumerate(self.breaks, 1):
-            lines.append(f"  break {i}: {b.reason}")
+            # Dynamo's reasons run to several lines (explanation, hints, links): the first says it.
+            lines.append(f"  break {i}: {b.reason.strip().splitlines()[0] if b.reason else '?'}")
             lines.extend(f"    at {w}" for w in b.where[-3:])
         return "\n".join(lines)
 
@@ -129,7 +130,7 @@ def kernel_time_table(
     """Per-kernel rows (sorted by total time) and the step time in µs.
 
     `events` is `prof.events()` of a torch.profiler run. Rows are the direct children of
-    the generated wrappers' ranges ("yirage::wrapper_*"), grouped by name. The step is the
+    the generated wrappers' ranges ("[yirage] wrapper_*"), grouped by name. The step is the
     sum of "yirage_step" ranges when the caller opened them, else the wrapper ranges; the
     time of steps spent outside compiled graphs (Python, eager regions) is one extra row.
     With `use_device`, times are device (kernel) times instead of CPU times.

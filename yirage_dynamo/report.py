@@ -65,14 +65,20 @@ class CompileReport:
     def stage(self, name: str):
         """Accumulate wall time of a stage (re-entered stages add up).
 
-        Top-level stages do not overlap, so they sum to at most "total". A stage nested
-        inside another is named "parent/child" (e.g. "lowering/kernel_compile") and is
-        left out of that sum.
+        Top-level stages do not overlap, so they sum to at most "total". A stage entered
+        inside another is recorded as "parent/child" (e.g. "lowering/cpp_build") and is
+        left out of that sum, so callers need not know what encloses them.
         """
+        # Not a dataclass field: bookkeeping, not part of the report or its JSON.
+        stack: list[str] = self.__dict__.setdefault("_open_stages", [])
+        if stack and not name.startswith(stack[-1] + "/"):
+            name = f"{stack[-1]}/{name}"
+        stack.append(name)
         start = time.perf_counter()
         try:
             yield
         finally:
+            stack.pop()
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
 
     def count_pattern(self, name: str, n: int = 1) -> None:

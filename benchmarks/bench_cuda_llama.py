@@ -1,0 +1,270 @@
+"""HF generate() decode benchmark on CUDA: eager vs Inductor (reduce-overhead) vs yirage.
+
+One process, one model per shape (random bf16 weights, batch 1, static KV cache of
+`max_cache_len` slots), the three variants run one after another on the same weights:
+
+  eager     model.generate(..., disable_compile=True)
+  inductor  HF's default CompileConfig (backend="inductor", mode="reduce-overhead")
+  yirage    CompileConfig(backend="yirage") (CUDA graphs on by default for inference)
+
+HF compiles only the decode step (prefill runs eagerly in every variant). Reported per
+variant: decode tok/s and ms/token (from the difference between a full and a 1-token
+generate), achieved GB/s (weight bytes read per token / decode time per token), prefill ms
+(the 1-token generate), cold compile s (first call minus a warm call of the same length),
+peak GPU memory (reset after the model is built), max |logit - eager logit| over the steps
+whose tokens agree with eager, and how many greedy tokens agree.
+
+    python benchmarks/bench_cuda_llama.py --shapes 1b,long --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Llama-2-7B: MHA, 32 layers.
+    "7b": dict(
+        hidden=4096, layers=32, heads=32, kv=32, inter=11008, vocab=32000, prompt=128, new=256
+    ),
+    # Llama-3.2-1B-like: GQA 32/8, large vocabulary.
+    "1b": dict(
+        hidden=2048, layers=16, heads=32, kv=8, inter=8192, vocab=128256, prompt=128, new=64
+    ),
+    # 1B shape with a 4096-slot static cache and a short prompt: attention over the cache.
+    "long": dict(
+        hidden=2048,
+        layers=16,
+        heads=32,
+        kv=8,
+        inter=8192,
+        vocab=128256,
+        prompt=128,
+        new=128,
+        max_cache_len=4096,
+    ),
+    # A small shape for smoke runs.
+    "tiny": dict(hidden=512, layers=2, heads=8, kv=2, inter=1024, vocab=4096, prompt=32, new=16),
+}
+
+
+def build_model(s: dict[str, Any]):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=s["hidden"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv"],
+        intermediate_size=s["inter"],
+        vocab_size=s["vocab"],
+        max_position_embeddings=max(4096, s.get("max_cache_len", 0)),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: all but the embedding table (one row)."""
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb)
+    return total + emb.shape[1] * emb.element_size()
+
+
+def _sync_time(fn) -> tuple[float, Any]:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+class Runner:
+    def __init__(self, model, s: dict[str, Any]) -> None:
+        import transformers
+
+        self.model, self.s = model, s
+        self.ids = torch.randint(3, s["vocab"], (1, s["prompt"]), device="cuda")
+        self.max_len = s.get("max_cache_len", s["prompt"] + s["new"])
+        self.cache = transformers.StaticCache(config=model.config, max_cache_len=self.max_len)
+
+    def generate(self, new: int, compile_config=None, logits: bool = False):
+        self.cache.reset()
+        kw: dict[str, Any] = dict(
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            past_key_values=self.cache,
+            return_dict_in_generate=True,
+            output_logits=logits,
+        )
+        if compile_config is None:
+            kw["disable_compile"] = True
+        else:
+            kw["compile_config"] = compile_config
+        with torch.no_grad():
+            return self.model.generate(self.ids, **kw)
+
+
+def run_variant(runner: Runner, name: str, compile_config, repeats: int) -> dict[str, Any]:
+    new = runner.s["new"]
+    torch._dynamo.reset()
+    for attr in ("_compiled_call", "_last_compile_config"):
+        if hasattr(runner.model, attr):
+            delattr(runner.model, attr)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cold, out = _sync_time(lambda: runner.generate(new, compile_config, logits=True))
+    warm_full = []
+    warm_one = []
+    for _ in range(repeats):
+        warm_full.append(_sync_time(lambda: runner.generate(new, compile_config))[0])
+        warm_one.append(_sync_time(lambda: runner.generate(1, compile_config))[0])
+    full, one = statistics.median(warm_full), statistics.median(warm_one)
+    per_tok = (full - one) / (new - 1)
+    return {
+        "variant": name,
+        "cold_s": cold,
+        "compile_s": max(0.0, cold - full),
+        "prefill_ms": one * 1e3,
+        "decode_ms_per_tok": per_tok * 1e3,
+        "decode_tok_s": 1.0 / per_tok,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "sequences": out.sequences,
+        "logits": [x.float() for x in out.logits],
+    }
+
+
+def compare(res: dict[str, Any], ref: dict[str, Any]) -> None:
+    same = 0
+    for a, b in zip(res["sequences"][0].tolist(), ref["sequences"][0].tolist()):
+        if a != b:
+            break
+        same += 1
+    prompt = ref["sequences"].shape[1] - len(ref["logits"])
+    agree = max(0, same - prompt)
+    res["tokens_agree"] = f"{agree}/{len(ref['logits'])}"
+    steps = min(agree + 1, len(ref["logits"]))  # the first diverging step's logits too
+    res["max_logit_diff"] = max(
+        (res["logits"][i] - ref["logits"][i]).abs().max().item() for i in range(steps)
+    )
+
+
+def bench_shape(key: str, variants: list[str], repeats: int, options: dict) -> list[dict]:
+    import transformers
+
+    s = SHAPES[key]
+    model = build_model(s)
+    bytes_tok = weight_bytes_per_token(model)
+    runner = Runner(model, s)
+    configs = {
+        "eager": None,
+        "inductor": transformers.CompileConfig(),
+        "yirage": transformers.CompileConfig(
+            backend="yirage", mode=None, options=dict(options) or None
+        ),
+    }
+    rows = []
+    ref = None
+    for name in variants:
+        print(f"[{key}] {name} ...", file=sys.stderr, flush=True)
+        try:
+            res = run_variant(runner, name, configs[name], repeats)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is reported, not fatal
+            print(f"[{key}] {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            rows.append({"shape": key, "variant": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        res["shape"] = key
+        res["GB_s"] = bytes_tok / (res["decode_ms_per_tok"] / 1e3) / 1e9
+        if name == "eager":
+            ref = res
+        if ref is not None:
+            compare(res, ref)
+        if name == "yirage":
+            import yirage_dynamo
+
+            reps = [r for r in yirage_dynamo.reports() if r.lowering]
+            res["report"] = str(reps[-1]) if reps else ""
+            res["fallbacks"] = [f.reason for r in reps for f in r.fallbacks]
+        rows.append(res)
+    for r in rows:
+        r.pop("sequences", None)
+        r.pop("logits", None)
+    del runner, model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| shape | variant | decode tok/s | ms/token | GB/s | prefill ms | cold compile s "
+        "| peak GiB | max abs logit diff | tokens = eager |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error'][:80]} |")
+            continue
+        lines.append(
+            f"| {r['shape']} | {r['variant']} | {r['decode_tok_s']:.1f} | "
+            f"{r['decode_ms_per_tok']:.2f} | {r['GB_s']:.0f} | {r['prefill_ms']:.1f} | "
+            f"{r['compile_s']:.1f} | {r['peak_gib']:.2f} | "
+            f"{r.get('max_logit_diff', float('nan')):.3g} | {r.get('tokens_agree', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="1b,long,7b")
+    p.add_argument("--variants", default="eager,inductor,yirage")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--yirage-options", default="{}", help="JSON dict of yirage options")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    env = (
+        f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton_version}, "
+        f"transformers {transformers.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    print(env, flush=True)
+    rows: list[dict] = []
+    options = json.loads(args.yirage_options)
+    for key in args.shapes.split(","):
+        rows += bench_shape(key, args.variants.split(","), args.repeats, options)
+        print(table([r for r in rows if r["shape"] == key]), flush=True)
+    print("\n" + env + "\n" + table(rows))
+    for r in rows:
+        if r.get("report"):
+            print(f"\n--- yirage report ({r['shape']}) ---\n{r['report']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
+    ok = all("error" not in r and not r.get("fallbacks") for r in rows)
+    return 0 if ok and all(math.isfinite(r.get("decode_tok_s", 0.0)) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

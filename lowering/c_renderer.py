@@ -1,0 +1,977 @@
+"""C-style renderer for fused regions: one loop-nest function per region.
+
+A region (a small GraphModule made by passes/fusion.py) is rendered by *inlining*: the
+value of every output element is generated as an expression of loads from the region's
+inputs, walking the FX nodes backwards with an index per dimension:
+
+    gen(add(a, b), (i0, i1))        -> gen(a, bcast(i0, i1)) + gen(b, bcast(i0, i1))
+    gen(transpose(x, 0, 1), (i, j)) -> gen(x, (j, i))
+    gen(placeholder x, (i, j))      -> load(x[i * x_st0 + j * x_st1])
+
+Views therefore cost nothing (they only change index expressions) and input strides are
+run-time arguments, so non-contiguous, transposed and broadcast inputs need no copies.
+
+Loop structure (the domain is the reduction input shape, or the output shape):
+
+    parallel for xo in outer rows:          # dims that are not reduced (pointwise: all but last)
+        acc_k = reduce over r in inner: gen(reduction_k.input, (xo, r))   # one loop per reduction
+        for r in inner: out_j[...] = gen(out_j, (xo, r))                  # full-size outputs
+        out_m[...] = gen(out_m, xo)                                       # reduced outputs
+
+Values that depend only on the row (reduction results and what is computed from them) are
+hoisted out of the inner loops. Floating point computes in float (bf16/fp16 are converted
+on load/store; an explicit cast to bf16/fp16 rounds), sums accumulate in double, variance is
+two-pass (mean, then centred squares), amax/amin propagate NaN like ATen.
+
+The op table (`POINTWISE`) and the language hooks (`CLanguage`) are plain data so that a
+Metal renderer can reuse the generator with different type names, pragmas and signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from typing import Any
+
+import sympy
+import torch
+from torch.fx import GraphModule, Node
+from torch.utils._sympy.printers import CppPrinter, PythonPrinter
+
+aten = torch.ops.aten
+
+
+class Unsupported(Exception):
+    """The region cannot be rendered; the caller leaves it to ATen."""
+
+
+# ---------------------------------------------------------------------------------------
+# op table: packet name -> C expression template over operands {0}, {1}, ... (compute type)
+# ---------------------------------------------------------------------------------------
+POINTWISE: dict[str, str] = {
+    "add": "({0} + {1})",
+    "sub": "({0} - {1})",
+    "mul": "({0} * {1})",
+    "neg": "(-{0})",
+    "abs": "y_abs({0})",
+    "exp": "exp({0})",
+    "exp2": "exp2({0})",
+    "expm1": "expm1({0})",
+    "log": "log({0})",
+    "log1p": "log1p({0})",
+    "log2": "log2({0})",
+    "sqrt": "sqrt({0})",
+    "rsqrt": "(1.0f / sqrt({0}))",
+    "reciprocal": "(1.0f / {0})",
+    "sin": "sin({0})",
+    "cos": "cos({0})",
+    "tan": "tan({0})",
+    "tanh": "tanh({0})",
+    "erf": "erf({0})",
+    "floor": "floor({0})",
+    "ceil": "ceil({0})",
+    "trunc": "trunc({0})",
+    "round": "nearbyint({0})",
+    "sigmoid": "(1.0f / (1.0f + exp(-{0})))",
+    "silu": "({0} / (1.0f + exp(-{0})))",
+    "relu": "({0} < 0 ? ({T})0 : {0})",
+    "maximum": "y_max({0}, {1})",
+    "minimum": "y_min({0}, {1})",
+    "clamp_min": "y_max({0}, {1})",
+    "clamp_max": "y_min({0}, {1})",
+    "where": "({0} ? {1} : {2})",
+    "eq": "({0} == {1})",
+    "ne": "({0} != {1})",
+    "lt": "({0} < {1})",
+    "le": "({0} <= {1})",
+    "gt": "({0} > {1})",
+    "ge": "({0} >= {1})",
+    "logical_not": "(!{0})",
+    "logical_and": "({0} && {1})",
+    "logical_or": "({0} || {1})",
+    "bitwise_not": "(~{0})",
+    "bitwise_and": "({0} & {1})",
+    "bitwise_or": "({0} | {1})",
+    "isnan": "({0} != {0})",
+}
+_COMPARE = {"eq", "ne", "lt", "le", "gt", "ge"}
+# Operands of these are converted to the common input type, not the (bool) output type.
+_LOGICAL = {"logical_not", "logical_and", "logical_or", "isnan"}
+_VIEWS = {
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "unsqueeze",
+    "squeeze",
+    "permute",
+    "transpose",
+    "t",
+    "expand",
+    "slice",
+    "select",
+    "alias",
+    "clone",
+    "prims.broadcast_in_dim",
+    "prims.reshape",
+    "prims.squeeze",
+    "prims.view_of",
+}
+_SPECIAL = {
+    "cat",
+    "_to_copy",
+    "prims.convert_element_type",
+    "pow",
+    "clamp",
+    "gelu",
+    "masked_fill",
+    "div",
+    "prims.div",
+    "prims.mul",
+    "prims.add",
+    "prims.sub",
+}
+REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "prims.sum", "prims.var", "prims.amax"}
+RENDERABLE: frozenset[str] = frozenset(POINTWISE) | _VIEWS | _SPECIAL | REDUCTIONS
+
+
+def op_key(target: Any) -> str:
+    """'add' for aten ops, 'prims.var' for other namespaces (the fusible_ops vocabulary)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return ""
+    name = target.overloadpacket.__name__
+    return name if target.namespace == "aten" else f"{target.namespace}.{name}"
+
+
+# ---------------------------------------------------------------------------------------
+# language hooks
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CLanguage:
+    """What differs between C-like kernel languages (C++/OpenMP here; Metal later)."""
+
+    storage: dict[torch.dtype, str]
+    float_t: str = "float"
+    int_t: str = "int64_t"
+    bool_t: str = "bool"
+    acc_t: str = "double"
+    parallel_for: str = "#pragma omp parallel for if ({cond})"
+    simd: str = "#pragma omp simd"
+    simd_reduce: str = "#pragma omp simd reduction(+:{acc})"
+    # Work (elements) below which a kernel stays single-threaded: thread wake-up costs more.
+    parallel_threshold: int = 32768
+
+
+CPP = CLanguage(
+    storage={
+        torch.float32: "float",
+        torch.bfloat16: "uint16_t",
+        torch.float16: "uint16_t",
+        torch.int32: "int32_t",
+        torch.int64: "int64_t",
+        torch.int16: "int16_t",
+        torch.int8: "int8_t",
+        torch.uint8: "uint8_t",
+        torch.bool: "bool",
+    }
+)
+
+CPP_PRELUDE = r"""// yirage generated C++/OpenMP kernels
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+using std::exp; using std::exp2; using std::expm1; using std::log; using std::log1p;
+using std::log2; using std::sqrt; using std::sin; using std::cos; using std::tan;
+using std::tanh; using std::erf; using std::floor; using std::ceil; using std::trunc;
+using std::nearbyint; using std::pow;
+
+static inline float y_bf16_to_f(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t y_f_to_bf16(float f) {
+  if (f != f) return 0x7fc0;
+  uint32_t u; std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return (uint16_t)(u >> 16);
+}
+#if defined(__FLT16_MAX__)
+static inline float y_f16_to_f(uint16_t v) { _Float16 h; std::memcpy(&h, &v, 2); return (float)h; }
+static inline uint16_t y_f_to_f16(float f) { _Float16 h = (_Float16)f; uint16_t v; std::memcpy(&v, &h, 2); return v; }
+#else
+static inline float y_f16_to_f(uint16_t h) {
+  uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+  if (e == 0) {
+    if (m == 0) { u = s; } else {
+      e = 113; while (!(m & 0x400)) { m <<= 1; --e; } m &= 0x3ff; u = s | (e << 23) | (m << 13);
+    }
+  } else if (e == 31) { u = s | 0x7f800000u | (m << 13); } else { u = s | ((e + 112) << 23) | (m << 13); }
+  float f; std::memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t y_f_to_f16(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  uint32_t s = (u >> 16) & 0x8000, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(s | 0x7e00);
+  if (a >= 0x477ff000u) return (uint16_t)(s | 0x7c00);
+  if (a < 0x38800000u) {  // subnormal half
+    float v; std::memcpy(&v, &a, 4); return (uint16_t)(s | (uint32_t)nearbyint(v * 16777216.0f));
+  }
+  uint32_t r = a + 0xc8000fffu + ((a >> 13) & 1u);
+  return (uint16_t)(s | (r >> 13));
+}
+#endif
+static inline float y_round_bf16(float f) { return y_bf16_to_f(y_f_to_bf16(f)); }
+static inline float y_round_f16(float f) { return y_f16_to_f(y_f_to_f16(f)); }
+template <class T> static inline T y_max(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
+template <class T> static inline T y_min(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
+template <class T> static inline T y_abs(T a) { return a < 0 ? -a : a; }
+static inline int64_t y_floordiv(int64_t a, int64_t b) { int64_t q = a / b; return (q * b != a && ((a < 0) != (b < 0))) ? q - 1 : q; }
+"""
+
+
+# ---------------------------------------------------------------------------------------
+# the generator
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class KernelParam:
+    """One argument group of the generated function, in call order."""
+
+    kind: str  # "tensor" (pointer + strides), "out" (pointer + strides), "int", "float", "sym"
+    index: int  # placeholder index (tensor/int/float), output index (out)
+    ndim: int = 0
+    symbol: str = ""
+
+
+@dataclasses.dataclass
+class RenderedKernel:
+    body: str  # the function, named FUNC (replaced by the unique kernel name)
+    params: list[KernelParam]
+    # Python expressions (of the symbols) for each output: shape, stride, dtype.
+    outputs: list[tuple[str, str, torch.dtype]]
+    # symbol -> Python expression reading it from the launcher's arguments.
+    symbol_sources: dict[str, str]
+    n_placeholders: int
+    multi_output: bool
+    origins: list[str]
+
+    @property
+    def digest(self) -> str:
+        key = self.body + repr([(p.kind, p.index, p.ndim, p.symbol) for p in self.params])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _ctype_of(dtype: torch.dtype, lang: CLanguage) -> str:
+    if dtype.is_floating_point:
+        if dtype == torch.float64:
+            raise Unsupported("float64 is not rendered")
+        return lang.float_t
+    if dtype == torch.bool:
+        return lang.bool_t
+    if dtype in lang.storage:
+        return lang.int_t
+    raise Unsupported(f"dtype {dtype}")
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, Node) else node
+
+
+def _norm_dims(dims: Any, ndim: int) -> tuple[int, ...]:
+    if dims is None or dims == []:
+        return tuple(range(ndim))
+    if isinstance(dims, int):
+        dims = [dims]
+    return tuple(sorted({d % max(ndim, 1) for d in dims}))
+
+
+class _Scope:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+
+class CRenderer:
+    """Renders one region GraphModule as one C-like function (see module docstring)."""
+
+    def __init__(self, lang: CLanguage = CPP) -> None:
+        self.lang = lang
+        self._cpp = CppPrinter()
+        self._py = PythonPrinter()
+
+    # -- sizes ---------------------------------------------------------------------------
+    def size(self, s: Any) -> str:
+        """C expression of a (possibly symbolic) size; records the symbols it needs."""
+        if isinstance(s, torch.SymInt):
+            expr = s.node.expr
+            if expr.is_number:
+                return str(int(expr))
+            for sym in expr.free_symbols:
+                self.symbols.add(str(sym))
+            return f"((int64_t)({self._cpp.doprint(expr)}))"
+        return str(int(s))
+
+    def py_size(self, s: Any) -> str:
+        if isinstance(s, torch.SymInt):
+            expr = s.node.expr
+            for sym in expr.free_symbols:
+                self.symbols.add(str(sym))
+            return self._py.doprint(expr)
+        return str(int(s))
+
+    @staticmethod
+    def same(a: Any, b: Any) -> bool:
+        ea = a.node.expr if isinstance(a, torch.SymInt) else sympy.Integer(int(a))
+        eb = b.node.expr if isinstance(b, torch.SymInt) else sympy.Integer(int(b))
+        return bool(sympy.expand(ea - eb) == 0)
+
+    @staticmethod
+    def is_one(s: Any) -> bool:
+        return not isinstance(s, torch.SymInt) and int(s) == 1
+
+    def numel(self, shape: Any) -> sympy.Expr:
+        out = sympy.Integer(1)
+        for s in shape:
+            out *= s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(int(s))
+        return sympy.expand(out)
+
+    # -- statements ----------------------------------------------------------------------
+    def tmp(self) -> str:
+        self._ntmp += 1
+        return f"t{self._ntmp}"
+
+    def emit(self, ctype: str, expr: str, level: int) -> tuple[str, str, int]:
+        name = self.tmp()
+        scope = self.branch if self.branch is not None else self.scopes[level]
+        scope.lines.append(f"const {ctype} {name} = {expr};")
+        return name, ctype, level
+
+    def level_of(self, idx: tuple[str, ...]) -> int:
+        text = " ".join(idx)
+        return 1 if self.inner_vars and re.search(self.inner_re, text) else 0
+
+    # -- index mapping -------------------------------------------------------------------
+    def bcast(self, idx: tuple[str, ...], out_shape: Any, in_shape: Any) -> tuple[str, ...]:
+        lead = len(out_shape) - len(in_shape)
+        if lead < 0:
+            raise Unsupported("broadcast to fewer dims")
+        res = []
+        for k, s in enumerate(in_shape):
+            o = out_shape[lead + k]
+            if self.is_one(s) and not self.is_one(o):
+                res.append("0")
+            elif self.same(s, o):
+                res.append(idx[lead + k])
+            else:
+                raise Unsupported(f"cannot broadcast {tuple(in_shape)} to {tuple(out_shape)}")
+        return tuple(res)
+
+    def reshape(self, idx: tuple[str, ...], shape: Any, src: Any) -> tuple[str, ...]:
+        """Index into `src` of element `idx` of reshape(src, shape) (row-major semantics)."""
+        a = [(i, s) for i, s in zip(idx, shape) if not self.is_one(s)]
+        b = [k for k, s in enumerate(src) if not self.is_one(s)]
+        res = ["0"] * len(src)
+        if len(a) == len(b) and all(self.same(s, src[k]) for (_, s), k in zip(a, b)):
+            for (i, _), k in zip(a, b):
+                res[k] = i
+            return tuple(res)
+        lin = "0"
+        for i, s in a:
+            lin = f"({lin} * {self.size(s)} + {i})"
+        rem = "1"
+        for k in reversed(b):
+            res[k] = f"(({lin} / {rem}) % {self.size(src[k])})"
+            rem = f"({rem} * {self.size(src[k])})"
+        return tuple(res)
+
+    # -- values --------------------------------------------------------------------------
+    def cast(self, v: tuple[str, str, int], ctype: str) -> str:
+        return v[0] if v[1] == ctype else f"(({ctype})({v[0]}))"
+
+    def literal(self, x: Any, ctype: str | None = None) -> tuple[str, str, int]:
+        if isinstance(x, bool):
+            return ("true" if x else "false"), self.lang.bool_t, 0
+        if isinstance(x, int):
+            return f"((int64_t){x}LL)", self.lang.int_t, 0
+        if isinstance(x, float):
+            if math.isnan(x):
+                text = "NAN"
+            elif math.isinf(x):
+                text = "INFINITY" if x > 0 else "(-INFINITY)"
+            else:
+                text = repr(x)
+                text += "" if ("e" in text or "." in text) else ".0"
+                text += "f"
+            return text, self.lang.float_t, 0
+        if isinstance(x, torch.SymInt | torch.SymFloat):
+            raise Unsupported("symbolic scalar operand")
+        raise Unsupported(f"literal {type(x).__name__}")
+
+    def operand(self, a: Any, node: Node, idx: tuple[str, ...]) -> tuple[str, str, int]:
+        if not isinstance(a, Node):
+            return self.literal(a)
+        v = _val(a)
+        if isinstance(v, torch.Tensor):
+            return self.gen(a, self.bcast(idx, _val(node).shape, v.shape))
+        return self.gen(a, ())
+
+    def gen(self, node: Node, idx: tuple[str, ...]) -> tuple[str, str, int]:
+        """(C expression, C type, level) of element `idx` of node's value."""
+        shape = getattr(_val(node), "shape", ())
+        # Canonical form: a size-1 dim is always indexed by 0 (so equal indices compare equal).
+        idx = tuple("0" if self.is_one(s) else i for i, s in zip(idx, shape))
+        key = (node, idx)
+        memo = self.memo
+        if key in memo:
+            return memo[key]
+        res = self._gen(node, tuple(idx))
+        memo[key] = res
+        return res
+
+    def _gen(self, node: Node, idx: tuple[str, ...]) -> tuple[str, str, int]:
+        if node.op == "placeholder":
+            return self.load(node, idx)
+        if node in self.reduced:
+            return self.reduced_value(node, idx)
+        if node.op != "call_function":
+            raise Unsupported(f"{node.op} node")
+        if node.target is __import__("operator").getitem:
+            return self.gen_getitem(node, idx)
+        key = op_key(node.target)
+        val = _val(node)
+        if not isinstance(val, torch.Tensor):
+            raise Unsupported(f"{node.target} returns no tensor")
+        if key in _VIEWS:
+            return self.gen(node.args[0], self.view_index(node, key, idx))
+        ctype = _ctype_of(val.dtype, self.lang)
+        if key in POINTWISE and key not in ("div",):
+            return self.gen_pointwise(node, key, idx, ctype)
+        return self.gen_special(node, key, idx, ctype)
+
+    def load(self, node: Node, idx: tuple[str, ...]) -> tuple[str, str, int]:
+        i = self.placeholder_index[node]
+        v = _val(node)
+        if not isinstance(v, torch.Tensor):
+            if isinstance(v, torch.SymFloat | float):
+                return f"p{i}", self.lang.float_t, 0
+            return f"p{i}", self.lang.int_t, 0
+        terms = [f"{ix} * p{i}_st{k}" for k, ix in enumerate(idx) if ix != "0"]
+        off = " + ".join(terms) or "0"
+        raw = f"p{i}[{off}]"
+        if v.dtype == torch.bfloat16:
+            expr = f"y_bf16_to_f({raw})"
+        elif v.dtype == torch.float16:
+            expr = f"y_f16_to_f({raw})"
+        elif v.dtype == torch.bool:
+            expr = raw
+        elif not v.dtype.is_floating_point:
+            expr = f"(int64_t){raw}"
+        else:
+            expr = raw
+        return self.emit(_ctype_of(v.dtype, self.lang), expr, self.level_of(idx))
+
+    def view_index(self, node: Node, key: str, idx: tuple[str, ...]) -> tuple[str, ...]:
+        src = _val(node.args[0]).shape
+        shape = _val(node).shape
+        if key in ("alias", "clone", "prims.view_of"):
+            return idx
+        if key in ("view", "reshape", "_unsafe_view", "prims.reshape"):
+            return self.reshape(idx, shape, src)
+        if key == "unsqueeze":
+            d = node.args[1] % (len(shape))
+            return idx[:d] + idx[d + 1 :]
+        if key in ("squeeze", "prims.squeeze"):
+            return self.reshape(idx, shape, src)
+        if key == "permute":
+            perm = [p % len(shape) for p in node.args[1]]
+            res = ["0"] * len(src)
+            for i, p in enumerate(perm):
+                res[p] = idx[i]
+            return tuple(res)
+        if key in ("transpose", "t"):
+            if key == "t" or len(node.args) < 3:
+                a, b = (0, 1) if len(src) == 2 else (0, 0)
+            else:
+                a, b = node.args[1] % len(src), node.args[2] % len(src)
+            res = list(idx)
+            res[a], res[b] = idx[b], idx[a]
+            return tuple(res)
+        if key == "expand":
+            return self.bcast(idx, shape, src)
+        if key == "prims.broadcast_in_dim":
+            bdims = node.args[2]
+            return tuple(
+                "0" if self.is_one(src[k]) and not self.is_one(shape[d]) else idx[d]
+                for k, d in enumerate(bdims)
+            )
+        if key == "slice":
+            dim = (node.args[1] if len(node.args) > 1 else 0) % len(src)
+            start = node.args[2] if len(node.args) > 2 else 0
+            step = node.args[4] if len(node.args) > 4 else 1
+            start = 0 if start is None else start
+            if not isinstance(start, int) or not isinstance(step, int):
+                raise Unsupported("symbolic slice bounds")
+            if start < 0:
+                if isinstance(src[dim], torch.SymInt):
+                    raise Unsupported("negative slice start on a symbolic dim")
+                start = max(start + int(src[dim]), 0)
+            res = list(idx)
+            res[dim] = f"({idx[dim]} * {step} + {start})"
+            return tuple(res)
+        if key == "select":
+            dim = node.args[1] % len(src)
+            index = node.args[2]
+            if not isinstance(index, int):
+                raise Unsupported("symbolic select index")
+            if index < 0:
+                if isinstance(src[dim], torch.SymInt):
+                    raise Unsupported("negative select on a symbolic dim")
+                index += int(src[dim])
+            return idx[:dim] + (str(index),) + idx[dim:]
+        raise Unsupported(f"view {key}")
+
+    def gen_pointwise(
+        self, node: Node, key: str, idx: tuple[str, ...], ctype: str
+    ) -> tuple[str, str, int]:
+        args = list(node.args)
+        alpha = node.kwargs.get("alpha")
+        if set(node.kwargs) - {"alpha"}:
+            raise Unsupported(f"{node.target} kwargs {sorted(node.kwargs)}")
+        ops = [self.operand(a, node, idx) for a in args]
+        if key == "where":
+            cond = self.cast(ops[0], self.lang.bool_t)
+            vals = [cond] + [self.cast(o, ctype) for o in ops[1:]]
+        elif key in _COMPARE or key in _LOGICAL:
+            common = (
+                self.lang.float_t
+                if any(o[1] == self.lang.float_t for o in ops)
+                else (self.lang.bool_t if key in _LOGICAL else self.lang.int_t)
+            )
+            vals = [self.cast(o, common) for o in ops]
+        else:
+            vals = [self.cast(o, ctype) for o in ops]
+        if alpha is not None and key in ("add", "sub"):
+            a = self.cast(self.literal(alpha), ctype)
+            vals[1] = f"({a} * {vals[1]})"
+        template = POINTWISE[key]
+        if key == "bitwise_not" and ctype == self.lang.bool_t:
+            template = "(!{0})"
+        expr = template.replace("{T}", ctype).format(*vals)
+        level = max([o[2] for o in ops] + [0])
+        return self.emit(ctype, expr, level)
+
+    def gen_special(
+        self, node: Node, key: str, idx: tuple[str, ...], ctype: str
+    ) -> tuple[str, str, int]:
+        val = _val(node)
+        F = self.lang.float_t
+        if key in ("div", "prims.div", "prims.mul", "prims.add", "prims.sub"):
+            a, b = (self.operand(x, node, idx) for x in node.args[:2])
+            op = {"div": "/", "prims.div": "/", "prims.mul": "*", "prims.add": "+"}.get(key, "-")
+            mode = node.kwargs.get("rounding_mode")
+            if ctype == self.lang.int_t and op == "/":
+                x, y = self.cast(a, ctype), self.cast(b, ctype)
+                expr = f"y_floordiv({x}, {y})" if mode == "floor" else f"({x} / {y})"
+            else:
+                expr = f"({self.cast(a, ctype)} {op} {self.cast(b, ctype)})"
+                if mode == "floor":
+                    expr = f"floor({expr})"
+                elif mode == "trunc":
+                    expr = f"trunc({expr})"
+            return self.emit(ctype, expr, max(a[2], b[2]))
+        if key in ("_to_copy", "prims.convert_element_type"):
+            kw = dict(node.kwargs)
+            dev = kw.pop("device", None)
+            if dev is not None and torch.device(dev).type != val.device.type:
+                raise Unsupported("device copy")
+            kw.pop("dtype", None)
+            kw.pop("layout", None)
+            kw.pop("memory_format", None)
+            if kw.pop("non_blocking", False) or kw:
+                raise Unsupported(f"_to_copy kwargs {sorted(kw)}")
+            src = self.gen(node.args[0], idx)
+            expr = self.cast(src, ctype)
+            if ctype == self.lang.bool_t and src[1] != self.lang.bool_t:
+                expr = f"({src[0]} != 0)"
+            if val.dtype == torch.bfloat16:
+                expr = f"y_round_bf16({expr})"
+            elif val.dtype == torch.float16:
+                expr = f"y_round_f16({expr})"
+            elif val.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+                expr = f"(int64_t)({self.lang.storage[val.dtype]})({expr})"
+            return self.emit(ctype, expr, src[2])
+        if key == "pow":
+            base, exp_ = node.args[0], node.args[1]
+            if isinstance(base, Node) and not isinstance(exp_, Node):
+                x = self.operand(base, node, idx)
+                xs = self.cast(x, ctype)
+                if exp_ == 2:
+                    expr = f"({xs} * {xs})"
+                elif exp_ == 1:
+                    expr = xs
+                elif exp_ == 0.5 and ctype == F:
+                    expr = f"sqrt({xs})"
+                elif exp_ == -1 and ctype == F:
+                    expr = f"(1.0f / {xs})"
+                elif ctype == F:
+                    expr = f"pow({xs}, {self.cast(self.literal(float(exp_)), F)})"
+                else:
+                    raise Unsupported("integer pow")
+                return self.emit(ctype, expr, x[2])
+            if ctype != F:
+                raise Unsupported("integer pow")
+            a, b = (self.operand(x, node, idx) for x in (base, exp_))
+            return self.emit(ctype, f"pow({self.cast(a, F)}, {self.cast(b, F)})", max(a[2], b[2]))
+        if key == "clamp":
+            x = self.operand(node.args[0], node, idx)
+            expr = self.cast(x, ctype)
+            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+            hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+            level = x[2]
+            for bound, fn in ((lo, "y_max"), (hi, "y_min")):
+                if bound is not None:
+                    b = self.operand(bound, node, idx)
+                    level = max(level, b[2])
+                    expr = f"{fn}({expr}, {self.cast(b, ctype)})"
+            return self.emit(ctype, expr, level)
+        if key == "gelu":
+            x = self.cast(self.operand(node.args[0], node, idx), F)
+            approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            if approx == "tanh":
+                expr = (
+                    f"(0.5f * {x} * (1.0f + tanh(0.7978845608028654f * "
+                    f"({x} + 0.044715f * {x} * {x} * {x}))))"
+                )
+            else:
+                expr = f"(0.5f * {x} * (1.0f + erf({x} * 0.7071067811865476f)))"
+            return self.emit(ctype, expr, self.gen(node.args[0], idx)[2])
+        if key == "masked_fill":
+            x = self.operand(node.args[0], node, idx)
+            m = self.operand(node.args[1], node, idx)
+            v = self.operand(node.args[2], node, idx)
+            expr = f"({self.cast(m, self.lang.bool_t)} ? {self.cast(v, ctype)} : {self.cast(x, ctype)})"
+            return self.emit(ctype, expr, max(x[2], m[2], v[2]))
+        if key == "cat":
+            return self.gen_cat(node, idx, ctype)
+        raise Unsupported(f"op {node.target}")
+
+    def gen_cat(self, node: Node, idx: tuple[str, ...], ctype: str) -> tuple[str, str, int]:
+        tensors = [t for t in node.args[0] if _val(t).numel() != 0 or len(_val(t).shape) > 1]
+        shape = _val(node).shape
+        dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+        name = self.tmp()
+        level = self.level_of(idx)
+        outer_branch = self.branch
+        target = outer_branch if outer_branch is not None else self.scopes[level]
+        target.lines.append(f"{ctype} {name};")
+        offset = "0"
+        saved = dict(self.memo)
+        for k, t in enumerate(tensors):
+            size = self.size(_val(t).shape[dim])
+            block = _Scope()
+            self.branch = block
+            sub = list(idx)
+            sub[dim] = f"({idx[dim]} - {offset})"
+            v = self.gen(t, tuple(sub))
+            self.branch = outer_branch
+            self.memo = dict(saved)
+            end = f"({offset} + {size})"
+            head = "" if k == 0 else "else "
+            cond = f"if ({idx[dim]} < {end}) " if k < len(tensors) - 1 else ""
+            target.lines.append(f"{head}{cond}{{")
+            target.lines.extend("  " + ln for ln in block.lines)
+            target.lines.append(f"  {name} = {self.cast(v, ctype)};")
+            target.lines.append("}")
+            offset = end
+        return name, ctype, level
+
+    def gen_getitem(self, node: Node, idx: tuple[str, ...]) -> tuple[str, str, int]:
+        raise Unsupported("multi-output op inside a region")
+
+    # -- reductions ----------------------------------------------------------------------
+    def reduced_value(self, node: Node, idx: tuple[str, ...]) -> tuple[str, str, int]:
+        """A reduction result is a per-row scalar: valid only at the current row."""
+        expect = self.reduced_index(node)
+        if tuple(idx) != expect:
+            raise Unsupported("reduction result used at another row")
+        return self.reduced[node], _ctype_of(_val(node).dtype, self.lang), 0
+
+    def reduced_index(self, node: Node) -> tuple[str, ...]:
+        keepdim = self.red_keepdim(node)
+        res = []
+        for d in range(len(self.full_shape)):
+            if d in self.red_dims:
+                if keepdim:
+                    res.append("0")
+            else:
+                res.append(self.dom[d])
+        return tuple(res)
+
+    def red_keepdim(self, node: Node) -> bool:
+        return len(_val(node).shape) == len(self.full_shape) and len(self.full_shape) > 0
+
+    def red_spec(self, node: Node) -> tuple[Any, tuple[int, ...]]:
+        key = op_key(node.target)
+        src = _val(node.args[0]).shape
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if key in ("var",) and len(node.args) == 1:
+            dims = node.kwargs.get("dim")
+        return src, _norm_dims(dims, len(src))
+
+    def render_reduction(self, node: Node) -> None:
+        key = op_key(node.target)
+        val = _val(node)
+        body_scope = _Scope()
+        self.scopes[1] = body_scope
+        self.memo = {k: v for k, v in self.memo.items() if v[2] == 0}
+        x = self.gen(node.args[0], self.dom)
+        acc = self.tmp()
+        lines = self.scopes[0].lines
+        count = f"((double)({self.n_inner}))"
+        if key in ("sum", "mean", "prims.sum", "var", "prims.var"):
+            is_float = val.dtype.is_floating_point
+            acc_t = self.lang.acc_t if is_float else self.lang.int_t
+            xs = f"(({acc_t}){x[0]})"
+            if key in ("var", "prims.var"):
+                mean = self.tmp()
+                lines.append(f"{acc_t} {acc} = 0;")
+                lines.extend(self.loop(body_scope.lines, f"{acc} += {xs};", acc))
+                lines.append(f"const double {mean} = {acc} / {count};")
+                acc2 = self.tmp()
+                corr = node.kwargs.get("correction", node.args[2] if len(node.args) > 2 else 1)
+                if key == "var" and node.kwargs.get("unbiased") is False:
+                    corr = 0
+                corr = 1 if corr is None else corr
+                lines.append(f"double {acc2} = 0;")
+                body = f"{{ const double d_ = {xs} - {mean}; {acc2} += d_ * d_; }}"
+                lines.extend(self.loop(body_scope.lines, body, acc2))
+                result = f"(float)({acc2} / std::max(0.0, {count} - {float(corr)!r}))"
+            else:
+                lines.append(f"{acc_t} {acc} = 0;")
+                lines.extend(self.loop(body_scope.lines, f"{acc} += {xs};", acc))
+                result = f"({acc} / {count})" if key == "mean" else acc
+            ctype = _ctype_of(val.dtype, self.lang)
+            result = f"(({ctype})({result}))"
+        else:  # amax / amin: NaN propagates like ATen
+            ctype = x[1]
+            better = ">" if key in ("amax", "prims.amax") else "<"
+            init = "-" if better == ">" else ""
+            if ctype == self.lang.float_t:
+                lines.append(f"{ctype} {acc} = {init}INFINITY;")
+            else:
+                limit = "lowest" if better == ">" else "max"
+                lines.append(f"{ctype} {acc} = std::numeric_limits<{ctype}>::{limit}();")
+            # A NaN enters through the negated compare and then sticks (acc != acc).
+            cmp = "<=" if better == ">" else ">="
+            body = f"if (!({x[0]} {cmp} {acc}) && {acc} == {acc}) {acc} = {x[0]};"
+            lines.extend(self.loop(body_scope.lines, body, None))
+            result = acc
+        if val.dtype in (torch.bfloat16, torch.float16):
+            fn = "y_round_bf16" if val.dtype == torch.bfloat16 else "y_round_f16"
+            result = f"{fn}({result})"
+        name = self.tmp()
+        lines.append(f"const {ctype} {name} = {result};")
+        self.reduced[node] = name
+
+    def loop(self, body: list[str], last: str, acc: str | None) -> list[str]:
+        if not self.inner_vars:
+            return ["{"] + ["  " + b for b in body] + [f"  {last}", "}"]
+        pragma = self.lang.simd_reduce.format(acc=acc) if acc else ""
+        out = [pragma] if pragma else []
+        out.append(f"for (int64_t r = 0; r < {self.n_inner}; ++r) {{")
+        out += ["  " + d for d in self.inner_decls]
+        out += ["  " + b for b in body]
+        out.append(f"  {last}")
+        out.append("}")
+        return out
+
+    # -- the function --------------------------------------------------------------------
+    def render(self, region: GraphModule) -> RenderedKernel:
+        self.symbols: set[str] = set()
+        self._ntmp = 0
+        self.memo: dict[tuple, tuple[str, str, int]] = {}
+        self.branch: _Scope | None = None
+        self.reduced: dict[Node, str] = {}
+        nodes = list(region.graph.nodes)
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        self.placeholder_index = {n: i for i, n in enumerate(placeholders)}
+        out_node = next(n for n in nodes if n.op == "output")
+        outs_arg = out_node.args[0]
+        multi = isinstance(outs_arg, tuple | list)
+        outs = list(outs_arg) if multi else [outs_arg]
+        if any(not isinstance(o, Node) or not isinstance(_val(o), torch.Tensor) for o in outs):
+            raise Unsupported("non-tensor region output")
+        reds = [n for n in nodes if n.op == "call_function" and op_key(n.target) in REDUCTIONS]
+
+        if reds:
+            self.full_shape, self.red_dims = self.red_spec(reds[0])
+            for r in reds[1:]:
+                shape, dims = self.red_spec(r)
+                if dims != self.red_dims or len(shape) != len(self.full_shape):
+                    raise Unsupported("reductions over different domains")
+                if not all(self.same(a, b) for a, b in zip(shape, self.full_shape)):
+                    raise Unsupported("reductions over different shapes")
+        else:
+            self.full_shape = _val(outs[0]).shape
+            self.red_dims = (len(self.full_shape) - 1,) if len(self.full_shape) else ()
+        fs = self.full_shape
+        nd = len(fs)
+        self.dom = tuple("0" if self.is_one(fs[d]) else f"i{d}" for d in range(nd))
+        outer = [d for d in range(nd) if d not in self.red_dims]
+        inner = [d for d in range(nd) if d in self.red_dims]
+        self.inner_vars = [self.dom[d] for d in inner if self.dom[d] != "0"]
+        self.inner_re = r"\b(" + "|".join(self.inner_vars) + r")\b" if inner else "$^"
+        full_numel = self.numel(fs)
+        red_shape = [1 if d in self.red_dims else fs[d] for d in range(nd)]
+        red_numel = self.numel(red_shape)
+
+        # index decls: outer dims from xo, inner dims from r
+        def decls(dims: list[int], var: str) -> list[str]:
+            dims = [d for d in dims if self.dom[d] != "0"]
+            res, rem = [], "1"
+            for d in reversed(dims):
+                sz = self.size(fs[d])
+                res.append(f"const int64_t {self.dom[d]} = ({var} / {rem}) % {sz};")
+                rem = f"({rem} * {sz})"
+            if len(dims) == 1:
+                res = [f"const int64_t {self.dom[dims[0]]} = {var};"]
+            return list(reversed(res))
+
+        self.n_outer = "(" + " * ".join(["1"] + [self.size(fs[d]) for d in outer]) + ")"
+        self.n_inner = "(" + " * ".join(["1"] + [self.size(fs[d]) for d in inner]) + ")"
+        self.inner_decls = decls(inner, "r")
+        self.scopes = {0: _Scope(), 1: _Scope()}
+        for r in reds:
+            self.render_reduction(r)
+        # outputs
+        full_store: list[str] = []
+        self.scopes[1] = _Scope()
+        self.memo = {k: v for k, v in self.memo.items() if v[2] == 0}
+        out_meta = []
+        row_stores: list[str] = []
+        for j, o in enumerate(outs):
+            ov = _val(o)
+            n = self.numel(ov.shape)
+            if sympy.expand(n - full_numel) == 0:
+                oidx = self.reshape_inverse(ov.shape, fs)
+                dest = full_store
+            elif reds and sympy.expand(n - red_numel) == 0:
+                oidx = self.reshape_inverse(ov.shape, red_shape, reduced=True)
+                dest = row_stores
+            else:
+                raise Unsupported("region outputs of different sizes")
+            v = self.gen(o, oidx)
+            off = " + ".join(f"{ix} * o{j}_st{k}" for k, ix in enumerate(oidx) if ix != "0")
+            stored = self.store(v, ov.dtype)
+            if dest is row_stores or (not self.inner_vars):
+                self.scopes[0].lines.append(f"o{j}[{off or '0'}] = {stored};")
+            else:
+                full_store.append(f"o{j}[{off or '0'}] = {stored};")
+            out_meta.append(
+                (
+                    "(" + "".join(self.py_size(s) + ", " for s in ov.shape) + ")",
+                    "(" + "".join(self.py_size(s) + ", " for s in ov.stride()) + ")",
+                    ov.dtype,
+                )
+            )
+        body_lines = list(self.scopes[0].lines)
+        if full_store and self.inner_vars:
+            par_inner = not reds and not outer
+            simd = (
+                f"#pragma omp parallel for simd if ({self.n_inner} >= {self.lang.parallel_threshold})"
+                if par_inner
+                else self.lang.simd
+            )
+            body_lines.append(simd)
+            body_lines.append(f"for (int64_t r = 0; r < {self.n_inner}; ++r) {{")
+            body_lines += ["  " + d for d in self.inner_decls]
+            body_lines += ["  " + ln for ln in self.scopes[1].lines + full_store]
+            body_lines.append("}")
+
+        # signature
+        params: list[KernelParam] = []
+        sig: list[str] = []
+        for n, i in self.placeholder_index.items():
+            v = _val(n)
+            if isinstance(v, torch.Tensor):
+                st = self.lang.storage.get(v.dtype)
+                if st is None:
+                    raise Unsupported(f"input dtype {v.dtype}")
+                sig.append(f"const {st}* __restrict__ p{i}")
+                sig += [f"int64_t p{i}_st{k}" for k in range(v.dim())]
+                params.append(KernelParam("tensor", i, v.dim()))
+            elif isinstance(v, torch.SymFloat | float):
+                sig.append(f"double p{i}")
+                params.append(KernelParam("float", i))
+            else:
+                sig.append(f"int64_t p{i}")
+                params.append(KernelParam("int", i))
+        for j, o in enumerate(outs):
+            ov = _val(o)
+            st = self.lang.storage.get(ov.dtype)
+            if st is None:
+                raise Unsupported(f"output dtype {ov.dtype}")
+            sig.append(f"{st}* __restrict__ o{j}")
+            sig += [f"int64_t o{j}_st{k}" for k in range(ov.dim())]
+            params.append(KernelParam("out", j, ov.dim()))
+        symbol_sources = self.find_symbols(placeholders)
+        for s in sorted(self.symbols):
+            sig.append(f"int64_t {s}")
+            params.append(KernelParam("sym", -1, symbol=s))
+        par = self.lang.parallel_for.format(
+            cond=f"{self.n_outer} > 1 && {self.n_outer} * {self.n_inner} >= "
+            f"{self.lang.parallel_threshold}"
+        )
+        lines = [f'extern "C" void FUNC({", ".join(sig)}) {{']
+        if outer:
+            lines.append(par)
+            lines.append(f"for (int64_t xo = 0; xo < {self.n_outer}; ++xo) {{")
+            lines += ["  " + d for d in decls(outer, "xo")]
+            lines += ["  " + ln for ln in body_lines]
+            lines.append("}")
+        else:
+            lines.append("{")
+            lines += ["  " + ln for ln in body_lines]
+            lines.append("}")
+        lines.append("}")
+        origins = [f"{n.name}: {n.target}" for n in nodes if n.op == "call_function"]
+        return RenderedKernel(
+            body="\n".join(lines) + "\n",
+            params=params,
+            outputs=out_meta,
+            symbol_sources=symbol_sources,
+            n_placeholders=len(placeholders),
+            multi_output=multi,
+            origins=origins,
+        )
+
+    def reshape_inverse(self, oshape: Any, dshape: Any, reduced: bool = False) -> tuple[str, ...]:
+        """Index into an output of shape `oshape` of domain element `dom` (row-major)."""
+        dom = tuple(
+            "0" if reduced and d in self.red_dims else self.dom[d] for d in range(len(dshape))
+        )
+        return self.reshape(dom, dshape, oshape)
+
+    def store(self, v: tuple[str, str, int], dtype: torch.dtype) -> str:
+        if dtype == torch.bfloat16:
+            return f"y_f_to_bf16({self.cast(v, self.lang.float_t)})"
+        if dtype == torch.float16:
+            return f"y_f_to_f16({self.cast(v, self.lang.float_t)})"
+        return f"({self.lang.storage[dtype]})({v[0]})"
+
+    def find_symbols(self, placeholders: list[Node]) -> dict[str, str]:
+        """Where the launcher reads each size symbol: an int argument or a tensor's size."""
+        found: dict[str, str] = {}
+        for i, n in enumerate(placeholders):
+            v = _val(n)
+            if isinstance(v, torch.SymInt) and v.node.expr.is_Symbol:
+                found.setdefault(str(v.node.expr), f"a{i}")
+        for i, n in enumerate(placeholders):
+            v = _val(n)
+            if isinstance(v, torch.Tensor):
+                for d, s in enumerate(v.shape):
+                    if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
+                        found.setdefault(str(s.node.expr), f"a{i}.size({d})")
+        missing = self.symbols - set(found)
+        if missing:
+            raise Unsupported(f"size symbols {sorted(missing)} not readable from inputs")
+        return {s: found[s] for s in sorted(self.symbols)}

@@ -1,0 +1,355 @@
+"""Swap yirage fused ops for their Triton kernels in a post-pass CUDA graph.
+
+Runs in the CUDA lowering's `inner_compile`, after the pass pipeline and before Inductor:
+
+before:                                            after:
+    y = yirage.rms_norm(x, w, eps, False)              y = yirage_cuda.rms_norm(x, w, eps, False, 4)
+    o = yirage.attention(q, kc, vc, m, s, _, cp)       o = yirage_cuda.decode_attention(
+                                                               q, kc, vc, m, cp, s, 256, 64, 4)
+
+A node is swapped only where the kernel computes exactly the op's function for those inputs
+(dtype, shapes, layout: see each `_try_*`); otherwise it stays and runs the ATen reference,
+and the report says why. Launch parameters come from lowering/kernel_tuning.py: measured on
+this GPU for static shapes (cached per kernel, shape bucket and GPU), a heuristic otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from yirage_dynamo.passes.context import PassContext, set_fake_val
+
+from .kernel_tuning import ConfigCache, bucket, search, shape_key, strip
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_NORM_DIM = 65536
+
+
+@functools.cache
+def _kernels():
+    """Import (and so register) the Triton ops on first use, never at package import."""
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def _args(node: Node) -> dict[str, Any]:
+    """Arguments by schema name, defaults filled in."""
+    schema = node.target._schema
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value if arg.has_default_value() else None
+    return out
+
+
+def _val(x: Any) -> Any:
+    return x.meta.get("val") if isinstance(x, Node) else x
+
+
+def _static(*sizes: Any) -> bool:
+    return all(isinstance(s, int) for s in sizes)
+
+
+def _cuda_float(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_cuda and t.dtype in _FLOATS
+
+
+class _Tuner:
+    """Config search for one graph: cache file from options, GPU name from the device."""
+
+    def __init__(self, ctx: PassContext) -> None:
+        self.cache = ConfigCache(ctx.options.cache_path)
+        self.stats = ctx.report.cache
+        self.gpu = torch.cuda.get_device_name()
+
+    def pick(
+        self,
+        kernel: str,
+        dims: Mapping[str, Any],
+        candidates: list[dict[str, Any]],
+        make_bench: Callable[[], Callable[[Mapping[str, Any]], float]] | None,
+    ) -> dict[str, Any]:
+        if make_bench is None:  # symbolic sizes: nothing to measure on
+            return candidates[0]
+        key = shape_key(kernel, self.gpu, **dims)
+        bench: Callable[[Mapping[str, Any]], float] | None = None
+
+        def lazy_bench(cfg: Mapping[str, Any]) -> float:
+            nonlocal bench
+            if bench is None:
+                bench = make_bench()
+            return bench(cfg)
+
+        return strip(search(self.cache, key, candidates, lazy_bench, self.stats))
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=2, rep=8, return_mode="median"))
+
+
+def _rand(shape, dtype, device="cuda") -> torch.Tensor:
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------ rms_norm
+
+
+def _try_rms_norm(node: Node, tuner: _Tuner, residual: bool) -> tuple[Any, tuple] | str:
+    a = _args(node)
+    x, w = _val(a["x"]), _val(a["weight"])
+    if not _cuda_float(x):
+        return "input is not a floating CUDA tensor"
+    n = x.shape[-1]
+    if not _static(n) or n > _MAX_NORM_DIM:
+        return f"normalised dim {n} is symbolic or too large"
+    if w is not None and (not _cuda_float(w) or tuple(w.shape) != (n,)):
+        return "weight is not a 1-D CUDA tensor over the last dim"
+    if residual:
+        r = _val(a["residual"])
+        if not _cuda_float(r) or r.dtype != x.dtype or tuple(r.shape) != tuple(x.shape):
+            return "residual differs from x in shape or dtype"
+    rows = math.prod(x.shape[:-1])
+    # One row per program: more warps than ~2 elements per thread only adds idle lanes.
+    cands = [{"num_warps": nw} for nw in (4, 8, 16, 2, 1) if nw * 32 <= max(32, n // 2)]
+    make_bench = None
+    if _static(rows):
+        rows_b, dtype = bucket(rows), x.dtype
+
+        def make_bench():
+            k = _kernels()
+            xs, ws = _rand((rows_b, n), dtype), _rand((n,), w.dtype if w is not None else dtype)
+            rs = _rand((rows_b, n), dtype)
+            if residual:
+                return lambda c: _time(
+                    lambda: k.rms_norm_residual(xs, rs, ws, 1e-6, False, c["num_warps"])
+                )
+            return lambda c: _time(lambda: k.rms_norm(xs, ws, 1e-6, False, c["num_warps"]))
+
+    dims = {"n": n, "rows": bucket(rows) if _static(rows) else "dyn", "dt": str(x.dtype)[6:]}
+    name = "rms_norm_residual" if residual else "rms_norm"
+    cfg = tuner.pick(name, dims, cands, make_bench)
+    op = getattr(torch.ops.yirage_cuda, name).default
+    if residual:
+        args = (a["x"], a["residual"], a["weight"], a["eps"], a["weight_fp32"], cfg["num_warps"])
+    else:
+        args = (a["x"], a["weight"], a["eps"], a["weight_fp32"], cfg["num_warps"])
+    return op, args
+
+
+# ------------------------------------------------------------------------ gated_act
+
+_ACTS = {"silu": 0, "gelu_tanh": 1}
+
+
+def _try_gated_act(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
+    a = _args(node)
+    g, u = _val(a["gate"]), _val(a["up"])
+    act = a["act"] or "silu"
+    if act not in _ACTS:
+        return f"activation {act!r} has no Triton kernel"
+    if not (_cuda_float(g) and _cuda_float(u)) or g.dtype != u.dtype:
+        return "gate/up are not CUDA tensors of one floating dtype"
+    if tuple(g.shape) != tuple(u.shape):
+        return "gate/up shapes differ (broadcast)"
+    n = g.shape[-1]
+    if not _static(n):
+        return "feature dim is symbolic"
+    rows = math.prod(g.shape[:-1])
+    cands = [
+        {"block": b, "num_warps": nw}
+        for b, nw in ((1024, 4), (2048, 8), (512, 4), (4096, 8), (256, 2))
+        if b <= max(256, 1 << math.ceil(math.log2(n)))
+    ]
+    make_bench = None
+    if _static(rows):
+        rows_b, dtype = bucket(rows), g.dtype
+
+        def make_bench():
+            k = _kernels()
+            gs, us = _rand((rows_b, n), dtype), _rand((rows_b, n), dtype)
+            return lambda c: _time(
+                lambda: k.gated_act(gs, us, _ACTS[act], c["block"], c["num_warps"])
+            )
+
+    dims = {"n": n, "rows": bucket(rows) if _static(rows) else "dyn", "dt": str(g.dtype)[6:]}
+    cfg = tuner.pick("gated_act", dims, cands, make_bench)
+    op = torch.ops.yirage_cuda.gated_act.default
+    return op, (a["gate"], a["up"], _ACTS[act], cfg["block"], cfg["num_warps"])
+
+
+# ------------------------------------------------------------------------ rotary
+
+
+def _try_rotary(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
+    a = _args(node)
+    q, k, cos, sin = (_val(a[n]) for n in ("q", "k", "cos", "sin"))
+    if a["interleaved"]:
+        return "interleaved layout has no Triton kernel"
+    if not all(_cuda_float(t) for t in (q, k, cos, sin)):
+        return "inputs are not floating CUDA tensors"
+    if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
+        return "mixed dtypes (the reference would promote)"
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() not in (3, 4):
+        return "expected q/k [B, H, S, D] and cos/sin [B|1, (1,) S, D]"
+    if cos.dim() == 4 and cos.shape[1] != 1:
+        return "cos/sin vary per head"
+    if tuple(cos.shape) != tuple(sin.shape):
+        return "cos/sin shapes differ"
+    d = q.shape[-1]
+    if cos.shape[-1] != d or k.shape[-1] != d or not _static(d) or d % 2:
+        return "partial rotary dim (pass-through features)"
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or cos.shape[-2] != q.shape[2]:
+        return "q/k/cos batch or sequence sizes differ"
+    if cos.shape[0] not in (1, q.shape[0]):
+        return "cos/sin batch does not broadcast"
+    return torch.ops.yirage_cuda.rotary.default, (a["q"], a["k"], a["cos"], a["sin"])
+
+
+# ------------------------------------------------------------------------ attention
+
+
+def _split_candidates(max_len: int) -> list[dict[str, Any]]:
+    out = []
+    for split in (64, 128, 256, 512, 1024):
+        if split > 64 and split >= 2 * max_len:
+            continue
+        for block_n, nw in ((64, 4), (32, 2), (128, 4)):
+            if block_n <= split:
+                out.append({"split": split, "block_n": block_n, "num_warps": nw})
+    # A sensible default first (chosen when nothing can be measured): ~4 chunks per program.
+    default = {"split": 256 if max_len >= 1024 else 64, "block_n": 64, "num_warps": 4}
+    return [default] + [c for c in out if c != default]
+
+
+def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
+    a = _args(node)
+    q, k, v = _val(a["q"]), _val(a["k"]), _val(a["v"])
+    cp, mask = _val(a["cache_position"]), _val(a["attn_mask"])
+    if cp is None and a["is_causal"]:
+        return "is_causal without cache_position (top-left causal decode)"
+    if not all(_cuda_float(t) for t in (q, k, v)) or len({q.dtype, k.dtype, v.dtype}) != 1:
+        return "q/k/v are not CUDA tensors of one floating dtype"
+    if q.dim() != 4 or k.dim() != 4 or tuple(k.shape) != tuple(v.shape):
+        return "expected q [B, Hq, S, D] and k/v [B, Hkv, T, D] of one shape"
+    b, hq, s, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    if not (_static(s) and s == 1):
+        return "not a single-token decode step (prefill runs the reference)"
+    if not _static(hq, hkv, d) or hq % hkv or d > 256 or d < 16:
+        return "head counts/dim unsupported"
+    if k.shape[0] != b or k.shape[-1] != d:
+        return "k/v batch or head dim differ from q"
+    if cp is not None and (cp.dim() != 1 or cp.dtype not in (torch.int32, torch.int64)):
+        return "cache_position is not a 1-D integer tensor"
+    if mask is not None:
+        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[3] != t:
+            return "attn_mask is not [B|1, 1, 1, T]"
+        if mask.shape[0] not in (1, b) or not mask.is_cuda:
+            return "attn_mask batch does not broadcast"
+        if mask.dtype != torch.bool and mask.dtype not in _FLOATS:
+            return "attn_mask dtype unsupported"
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
+    make_bench = None
+    if _static(b, t):
+        dtype = q.dtype
+
+        def make_bench():
+            kk = _kernels()
+            qs = _rand((b, hq, 1, d), dtype)
+            ks, vs = _rand((b, hkv, t, d), dtype), _rand((b, hkv, t, d), dtype)
+            # Tune for a cache that is 3/4 full (decode steps sweep the whole range), bounded
+            # the way this node will be: by cache_position, or by a mask hiding the tail.
+            fill = max(1, (3 * t) // 4)
+            pos = torch.tensor([fill - 1], device="cuda") if cp is not None else None
+            m = None
+            if mask is not None:
+                keep = torch.arange(t, device="cuda") < fill
+                m = keep.view(1, 1, 1, t).expand(mask.shape[0], 1, 1, t)
+                if mask.dtype != torch.bool:
+                    m = torch.zeros(m.shape, dtype=mask.dtype, device="cuda").masked_fill(
+                        ~m, float("-inf")
+                    )
+            return lambda c: _time(
+                lambda: kk.decode_attention(
+                    qs, ks, vs, m, pos, scale, c["split"], c["block_n"], c["num_warps"]
+                )
+            )
+
+    dims = {
+        "b": b if _static(b) else "dyn",
+        "hq": hq,
+        "hkv": hkv,
+        "d": d,
+        "t": bucket(t) if _static(t) else "dyn",
+        "dt": str(q.dtype)[6:],
+        "bound": "cp" if cp is not None else "mask" if mask is not None else "none",
+    }
+    max_len = t if _static(t) else 4096
+    cfg = tuner.pick("decode_attention", dims, _split_candidates(max_len), make_bench)
+    op = torch.ops.yirage_cuda.decode_attention.default
+    args = (a["q"], a["k"], a["v"], a["attn_mask"], a["cache_position"], float(scale))
+    return op, (*args, cfg["split"], cfg["block_n"], cfg["num_warps"])
+
+
+# ------------------------------------------------------------------------ driver
+
+_TRIES: dict[str, Callable[[Node, _Tuner], tuple[Any, tuple] | str]] = {
+    "rms_norm": lambda n, t: _try_rms_norm(n, t, residual=False),
+    "rms_norm_residual": lambda n, t: _try_rms_norm(n, t, residual=True),
+    "gated_act": _try_gated_act,
+    "rotary": _try_rotary,
+    "attention": _try_attention,
+}
+
+
+def substitute(gm: GraphModule, ctx: PassContext) -> int:
+    """Replace yirage op nodes by their yirage_cuda Triton ops where exact; count swaps."""
+    from yirage_dynamo.report import KernelRecord
+
+    candidates = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and isinstance(n.target, torch._ops.OpOverload)
+        and n.target.namespace == "yirage"
+        and n.target._opname in _TRIES
+    ]
+    if not candidates:
+        return 0
+    if not torch.cuda.is_available():
+        ctx.report.reject("triton_ops", "no CUDA device: yirage ops run their references")
+        return 0
+    _kernels()
+    tuner = _Tuner(ctx)
+    swapped = 0
+    for node in candidates:
+        name = node.target._opname
+        result = _TRIES[name](node, tuner)
+        if isinstance(result, str):
+            ctx.report.reject(f"triton_{name}", f"{node.name}: {result}; reference runs")
+            continue
+        op, args = result
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(op, args)
+        set_fake_val(gm, new)
+        new.meta["yirage_origin"] = node.name
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        ctx.report.count_pattern(f"triton_{name}")
+        ctx.report.kernels.append(KernelRecord(op._opname, "cuda", None, [node.name]))
+        swapped += 1
+    gm.graph.lint()
+    gm.recompile()
+    return swapped

@@ -1,0 +1,410 @@
+"""Group pointwise ops, reductions and views into fused regions (device-neutral).
+
+A region becomes one `call_module` node whose submodule is the region's subgraph; the
+lowering renders each submodule as one kernel (or runs it as its ATen reference). The
+pass reads only the lowering's declared `Capabilities` (fusible_ops, dtypes, device_type,
+generates_kernels): it is a no-op for lowerings that generate no kernels.
+
+before:                                     after:
+    h = add(x, y)                              fused_0 = call_module[fused_0](x, y, w)
+    p = pow(h, 2); m = mean(p, [-1], True)     h = getitem(fused_0, 0)
+    r = rsqrt(add(m, 1e-6))                    o = getitem(fused_0, 1)
+    o = mul(w, mul(h, r))                      v = view(o, [1, 576])      (extern view)
+    v = view(o, [1, 576]); mm(v, wt)           mm(v, wt)                  (extern GEMM)
+
+Region rules (what a renderer can turn into one loop nest):
+  * every node is pointwise/view with numel F (the region's domain), or a reduction whose
+    input has numel F; all reductions of a region share input shape and reduced dims, and
+    pointwise nodes after them may work at the reduced size ("epilogue" on row values);
+  * GEMM/conv/SDPA/embedding/index/mutating ops are never fused (not in fusible_ops);
+  * the region runs where its last node was: every outside user of a region node must come
+    after that point (this also rules out cycles), and no mutating op may lie between the
+    region's first and last node (a moved read would see the mutation);
+  * a view whose result is needed outside the region stays an (extern, free) view of the
+    region's output instead of being materialised; regions that only move data are undone.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import sympy
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from .context import PassContext
+
+_REDUCTIONS = {
+    "sum": ("dim_IntList", "default"),
+    "mean": ("dim", "default"),
+    "amax": ("default",),
+    "amin": ("default",),
+    "var": ("correction",),
+    "prims.sum": ("default",),
+    "prims.var": ("default",),
+    "prims.amax": ("default",),
+}
+_VIEW_OPS = {
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "unsqueeze",
+    "squeeze",
+    "permute",
+    "transpose",
+    "t",
+    "expand",
+    "slice",
+    "select",
+    "alias",
+    "clone",
+    "prims.broadcast_in_dim",
+    "prims.reshape",
+    "prims.squeeze",
+}
+
+
+def _op_key(target: Any) -> str:
+    if not isinstance(target, torch._ops.OpOverload):
+        return ""
+    name = target.overloadpacket.__name__
+    return name if target.namespace == "aten" else f"{target.namespace}.{name}"
+
+
+def _expr(s: Any) -> sympy.Expr:
+    return s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(int(s))
+
+
+def _numel(shape: Any) -> sympy.Expr:
+    out = sympy.Integer(1)
+    for s in shape:
+        out *= _expr(s)
+    return sympy.expand(out)
+
+
+def _eq(a: sympy.Expr | None, b: sympy.Expr | None) -> bool:
+    return a is not None and b is not None and sympy.expand(a - b) == 0
+
+
+def _tensors(node: Node) -> list[Any]:
+    return [n.meta.get("val") for n in node.all_input_nodes]
+
+
+def _mutates(node: Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(node.op == "call_function" and schema is not None and schema.is_mutable)
+
+
+def _signature(node: Node, caps: Any) -> tuple | None:
+    """('pw', numel) / ('red', in_shape, dims, out_numel) for fusible nodes, else None."""
+    if node.op != "call_function" or _mutates(node):
+        return None
+    key = _op_key(node.target)
+    if key not in caps.fusible_ops:
+        return None
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.device.type != caps.device_type:
+        return None
+    for v in [val, *_tensors(node)]:
+        if isinstance(v, torch.Tensor):
+            if v.dtype not in caps.dtypes or v.device.type != caps.device_type:
+                return None
+        elif not isinstance(v, torch.SymInt | int | float | bool | None):
+            return None
+    if key in _REDUCTIONS:
+        if node.target._overloadname not in _REDUCTIONS[key]:
+            return None
+        src = node.args[0].meta.get("val")
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        nd = src.dim()
+        if dims is None or dims == []:
+            dims = list(range(nd))
+        dims = tuple(sorted({d % max(nd, 1) for d in ([dims] if isinstance(dims, int) else dims)}))
+        return ("red", tuple(src.shape), dims, _numel(val.shape))
+    if not any(isinstance(v, torch.Tensor) for v in _tensors(node)):
+        return None  # creation ops: nothing to fuse with
+    return ("pw", _numel(val.shape))
+
+
+class _Region:
+    def __init__(self, rid: int) -> None:
+        self.id = rid
+        self.nodes: list[Node] = []
+        self.full: sympy.Expr | None = None  # numel of the domain
+        self.red: tuple | None = None  # (input shape, dims) shared by the reductions
+        self.row: sympy.Expr | None = None  # numel of the reduced (row) values
+
+    def domain_after(self, sig: tuple) -> tuple | None:
+        """(full, red, row) if a node with `sig` fits this region's loop nest, else None.
+
+        Pointwise nodes of any size fit (the renderer indexes every node in its own
+        coordinates); which sizes may leave the region is settled once it is complete.
+        """
+        if sig[0] == "pw":
+            return self.full, self.red, self.row
+        _, shape, dims, out = sig
+        if self.red is None:
+            return _numel(shape), (shape, dims), out
+        if _same_red(self.red, (shape, dims)):
+            return self.full, self.red, self.row
+        return None
+
+    def merged_domain(self, other: _Region) -> tuple | None:
+        a, b = (self, other) if self.red is not None else (other, self)
+        if b.red is not None and not _same_red(a.red, b.red):
+            return None
+        return a.full, a.red, a.row
+
+    def output_sizes(self) -> tuple[sympy.Expr, ...]:
+        """Sizes a region output may have: the domain, and for reductions the row size."""
+        if self.red is not None:
+            return (self.full, self.row)
+        last = self.nodes[-1].meta["val"]
+        return (_numel(last.shape),)
+
+
+def _same_red(x: tuple, y: tuple) -> bool:
+    (sa, da), (sb, db) = x, y
+    return da == db and len(sa) == len(sb) and all(_eq(_expr(p), _expr(q)) for p, q in zip(sa, sb))
+
+
+class _Partitioner:
+    def __init__(self, gm: GraphModule, caps: Any) -> None:
+        self.gm = gm
+        self.caps = caps
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.mutations = [self.order[n] for n in self.nodes if _mutates(n)]
+        self.region_of: dict[Node, _Region] = {}
+        self.regions: list[_Region] = []
+
+    def placeable(self, members: list[Node]) -> bool:
+        lo = min(self.order[n] for n in members)
+        hi = max(self.order[n] for n in members)
+        if any(lo < m < hi for m in self.mutations):
+            return False
+        inside = set(members)
+        return all(self.order[u] > hi for n in members for u in n.users if u not in inside)
+
+    def run(self) -> list[_Region]:
+        for node in self.nodes:
+            sig = _signature(node, self.caps)
+            if sig is None:
+                continue
+            cands: list[_Region] = []
+            for inp in node.all_input_nodes:
+                r = self.region_of.get(inp)
+                if r is not None and r not in cands:
+                    cands.append(r)
+            home: _Region | None = None
+            for r in cands:
+                if home is None:
+                    dom = r.domain_after(sig)
+                    if dom is not None and self.placeable([*r.nodes, node]):
+                        home = r
+                        r.full, r.red, r.row = dom
+                        r.nodes.append(node)
+                        self.region_of[node] = r
+                    continue
+                dom = home.merged_domain(r)
+                if dom is not None and self.placeable(home.nodes + r.nodes):
+                    home.full, home.red, home.row = dom
+                    home.nodes.extend(r.nodes)
+                    for n in r.nodes:
+                        self.region_of[n] = home
+                    r.nodes = []
+            if home is None:
+                home = _Region(len(self.regions))
+                self.regions.append(home)
+                home.full, home.red, home.row = home.domain_after(sig)
+                home.nodes.append(node)
+                self.region_of[node] = home
+        return [r for r in self.regions if r.nodes]
+
+
+def _detach_escaping(gm: GraphModule, region: _Region, order: dict[Node, float]) -> None:
+    """Values that may not leave the region get an outside copy for their outside users.
+
+    Views (an extern view of a region output is free, materialising it is not) and values
+    whose size is not one the loop nest writes (e.g. the halves of a rotary `cat`): the
+    copy is an extern ATen op placed before its first user; the region keeps the node only
+    if it still has users inside.
+    """
+    region.nodes.sort(key=order.__getitem__)
+    sizes = region.output_sizes()
+    changed = True
+    while changed:
+        changed = False
+        inside = set(region.nodes)
+        for v in sorted(region.nodes, key=order.__getitem__, reverse=True):
+            numel = _numel(v.meta["val"].shape)
+            if _op_key(v.target) not in _VIEW_OPS and any(_eq(numel, z) for z in sizes):
+                continue
+            outside = [u for u in v.users if u not in inside]
+            if not outside:
+                continue
+            first = min(outside, key=lambda u: order.get(u, 1 << 60))
+            with gm.graph.inserting_before(first):
+                copy = gm.graph.node_copy(v)
+            order[copy] = order[first] - 0.5
+            for u in outside:
+                u.replace_input_with(v, copy)
+            if not v.users:
+                region.nodes.remove(v)
+                gm.graph.erase_node(v)
+            changed = True
+            break
+
+
+def _build_module(gm: GraphModule, region: _Region, name: str, order: dict[Node, int]) -> None:
+    members = sorted(region.nodes, key=order.__getitem__)
+    inside = set(members)
+    inputs: list[Node] = []
+    for n in members:
+        for i in n.all_input_nodes:
+            if i not in inside and i not in inputs:
+                inputs.append(i)
+    outputs = [n for n in members if any(u not in inside for u in n.users)]
+    sub = Graph()
+    env: dict[Node, Node] = {}
+    for i in inputs:
+        env[i] = sub.placeholder(i.name)
+        env[i].meta = dict(i.meta)
+    for n in members:
+        env[n] = sub.node_copy(n, lambda x: env[x])
+    sub.output(tuple(env[o] for o in outputs) if len(outputs) > 1 else env[outputs[0]])
+    gm.add_submodule(name, GraphModule(gm, sub, class_name=name))
+    with gm.graph.inserting_after(members[-1]):
+        call = gm.graph.call_module(name, tuple(inputs))
+    order[call] = order[members[-1]] + 0.25
+    vals = [o.meta.get("val") for o in outputs]
+    call.meta["val"] = tuple(vals) if len(outputs) > 1 else vals[0]
+    results = [call]
+    if len(outputs) > 1:
+        results = []
+        prev = call
+        for k, o in enumerate(outputs):
+            with gm.graph.inserting_after(prev):
+                g = gm.graph.call_function(operator.getitem, (call, k))
+            g.meta["val"] = vals[k]
+            order[g] = order[call] + 0.01 * (k + 1)
+            results.append(g)
+            prev = g
+    for o, r in zip(outputs, results):
+        for u in list(o.users):
+            if u not in inside:
+                u.replace_input_with(o, r)
+    for n in reversed(members):
+        gm.graph.erase_node(n)
+
+
+def _custom_impl(target: Any) -> Any:
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(f"{target.namespace}::{target._opname}")
+    return getattr(opdef, "_init_fn", None)
+
+
+def _inline_custom_ops(gm: GraphModule, caps: Any) -> int:
+    """Expand custom ops the lowering fuses (e.g. 'yirage.rms_norm') into ATen nodes.
+
+    before:  y = yirage.rms_norm(x, w, 1e-6)
+    after:   xf = _to_copy(x); p = pow(xf, 2); m = mean(p, [-1], True); ... y = mul(w, ...)
+    The reference implementation is traced on the node's fake values, so the expansion is
+    exactly the op's semantics; its pieces then fuse with their neighbours.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    count = 0
+    for node in list(gm.graph.nodes):
+        key = _op_key(node.target)
+        if node.op != "call_function" or "." not in key or key not in caps.fusible_ops:
+            continue
+        fn = _custom_impl(node.target)
+        if fn is None or node.kwargs:
+            continue
+        tensor_pos = [i for i, a in enumerate(node.args) if isinstance(a, Node)]
+        fakes = [node.args[i].meta.get("val") for i in tensor_pos]
+        if not all(isinstance(f, torch.Tensor) for f in fakes):
+            continue
+        consts = list(node.args)
+
+        def call(*ts: Any, _consts: list = consts, _pos: list = tensor_pos, _fn: Any = fn) -> Any:
+            args = list(_consts)
+            for i, t in zip(_pos, ts):
+                args[i] = t
+            return _fn(*args)
+
+        fake_mode = torch._guards.detect_fake_mode(fakes)
+        try:
+            with fake_mode if fake_mode is not None else _nullcontext(), torch.no_grad():
+                traced = make_fx(call)(*fakes)
+        except Exception:  # noqa: BLE001 - keep the op as an extern call
+            continue
+        literal_sym = any(
+            isinstance(a, torch.SymInt | torch.SymFloat)
+            for n in traced.graph.nodes
+            for a in torch.fx.node.map_aggregate((n.args, n.kwargs), lambda x: x)
+            if not isinstance(a, tuple | list | dict)
+        ) or any(n.op == "get_attr" for n in traced.graph.nodes)
+        if literal_sym:
+            continue
+        env: dict[Node, Any] = {}
+        placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+        for ph, i in zip(placeholders, tensor_pos):
+            env[ph] = node.args[i]
+        result: Any = None
+        with gm.graph.inserting_before(node):
+            for n in traced.graph.nodes:
+                if n.op == "call_function":
+                    env[n] = gm.graph.node_copy(n, lambda x: env[x])
+                elif n.op == "output":
+                    result = torch.fx.node.map_arg(n.args[0], lambda x: env[x])
+        if isinstance(result, list | tuple):
+            for u in list(node.users):
+                if u.target is operator.getitem:
+                    u.replace_all_uses_with(result[u.args[1]])
+                    gm.graph.erase_node(u)
+        else:
+            node.replace_all_uses_with(result)
+        if not node.users:
+            gm.graph.erase_node(node)
+            count += 1
+    return count
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def fuse_regions(gm: GraphModule, ctx: PassContext) -> int:
+    """Partition fusible nodes into regions and outline each as a `call_module`."""
+    caps = ctx.capabilities
+    if not caps.generates_kernels or not caps.fusible_ops:
+        return 0
+    _inline_custom_ops(gm, caps)
+    part = _Partitioner(gm, caps)
+    regions = part.run()
+    order: dict[Node, float] = dict(part.order)
+    count = 0
+    taken = {name for name, _ in gm.named_children()}
+    for region in regions:
+        _detach_escaping(gm, region, order)
+        if not region.nodes:
+            continue
+        compute = [n for n in region.nodes if _op_key(n.target) not in _VIEW_OPS]
+        if not compute:
+            continue  # pure data movement: ATen views/copies are as good
+        while f"fused_{count}" in taken:
+            count += 1
+        name = f"fused_{count}"
+        taken.add(name)
+        _build_module(gm, region, name, order)
+        count += 1
+    gm.graph.lint()
+    return count

@@ -1,0 +1,329 @@
+"""CUDA lowering: Triton kernels vs references, HF Llama generate() vs eager, CUDA graphs.
+
+Kernel tests compare each yirage_cuda Triton op with the ATen reference of the yirage op
+it replaces (yirage_dynamo/ops.py) on fresh random inputs: fp32 at tight tolerances, bf16
+within a couple of bf16 rounding steps. Everything here skips cleanly without a GPU; the
+CPU-side logic of the lowering (options -> Inductor config, config cache) runs anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from yirage_dynamo.lowering import choose_lowering
+from yirage_dynamo.lowering.kernel_tuning import ConfigCache, bucket, search, shape_key
+
+from yirage_dynamo.options import parse_options
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+pytestmark = pytest.mark.cuda
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+needs_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _has_triton()), reason="needs a GPU and triton"
+)
+
+
+# --------------------------------------------------------------------------- CPU-side logic
+
+
+def test_cuda_lowering_reports_why_it_is_unavailable_without_gpu():
+    lowering, why = choose_lowering("cuda")
+    if torch.cuda.is_available() and _has_triton():
+        assert lowering.name == "triton"
+    else:
+        assert lowering.name == "aten" and "triton unavailable" in why
+
+
+def test_cudagraphs_auto_for_static_inference_and_opt_out():
+    from yirage_dynamo.lowering.cuda import inductor_config_patches, wants_cudagraphs
+
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        assert inductor_config_patches(parse_options({}), [x])["triton.cudagraphs"] is True
+        off = inductor_config_patches(parse_options({"cudagraphs": False}), [x])
+        assert off["triton.cudagraphs"] is False
+        assert wants_cudagraphs(parse_options({}, "max-autotune-no-cudagraphs"), [x])[0] is False
+    w = torch.nn.Parameter(torch.randn(3))
+    on, why = wants_cudagraphs(parse_options({}), [w])
+    assert not on and "training" in why
+    patches = inductor_config_patches(parse_options({}, "max-autotune"), [x])
+    assert patches["max_autotune"] is True and patches["freezing"] is False
+    assert patches["fx_graph_cache"] is False
+
+
+def test_config_search_measures_once_then_hits_cache(tmp_path):
+    calls = []
+
+    def bench(cfg):
+        calls.append(cfg["w"])
+        return {1: 3.0, 2: 1.0, 4: 2.0}[cfg["w"]]
+
+    stats: dict[str, int] = {}
+    key = shape_key("k", "GPU X", n=bucket(3000), dt="bf16")
+    cands = [{"w": 1}, {"w": 2}, {"w": 4}]
+    assert search(ConfigCache(tmp_path), key, cands, bench, stats) == {"w": 2}
+    assert calls == [1, 2, 4]
+    # A fresh cache object (another process) reads the file: no re-measurement.
+    assert search(ConfigCache(tmp_path), key, cands, bench, stats) == {"w": 2}
+    assert calls == [1, 2, 4] and stats == {"misses": 1, "hits": 1}
+    saved = json.loads((tmp_path / "triton_configs.json").read_text())
+    assert saved["configs"][key]["w"] == 2 and "n4096" in key and "GPU X" in key
+
+
+def test_config_search_skips_failing_candidates(tmp_path):
+    def bench(cfg):
+        if cfg["w"] == 1:
+            raise RuntimeError("out of resources")
+        return float(cfg["w"])
+
+    assert search(ConfigCache(tmp_path), "k", [{"w": 1}, {"w": 8}], bench) == {"w": 8}
+
+
+# --------------------------------------------------------------------------- kernels
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _tol(dtype):
+    # bf16: one rounding step is 2^-8 relative; fused kernels may land one step away.
+    return (
+        {"atol": 2e-2, "rtol": 1.6e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    )
+
+
+def _ops():
+    from yirage_dynamo.lowering import triton_kernels
+
+    from yirage_dynamo import ops  # noqa: F401 - registers yirage::*
+
+    return triton_kernels
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 4096), (2, 5, 1000), (1, 64)])
+@pytest.mark.parametrize("weight_fp32", [False, True])
+def test_triton_rms_norm_matches_reference(dtype, shape, weight_fp32):
+    k = _ops()
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    w = torch.randn(shape[-1], device="cuda", dtype=dtype)
+    ref = torch.ops.yirage.rms_norm(x, w, 1e-6, weight_fp32)
+    out = k.rms_norm(x, w, 1e-6, weight_fp32, 4)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    # Non-contiguous rows (a strided view) and no weight.
+    xs = torch.randn((*shape[:-1], 2 * shape[-1]), device="cuda", dtype=dtype)[..., ::2]
+    torch.testing.assert_close(
+        k.rms_norm(xs, None, 1e-5, False, 2),
+        torch.ops.yirage.rms_norm(xs, None, 1e-5),
+        **_tol(dtype),
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_rms_norm_residual_matches_reference(dtype):
+    k = _ops()
+    x, r = (torch.randn(2, 7, 2048, device="cuda", dtype=dtype) for _ in range(2))
+    w = torch.randn(2048, device="cuda", dtype=dtype)
+    out, res = k.rms_norm_residual(x, r, w, 1e-5, False, 8)
+    ref_out, ref_res = torch.ops.yirage.rms_norm_residual(x, r, w, 1e-5)
+    torch.testing.assert_close(res, ref_res, atol=0, rtol=0)
+    torch.testing.assert_close(out, ref_out, **_tol(dtype))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_triton_gated_act_matches_reference(dtype, act):
+    k = _ops()
+    fused = torch.randn(3, 5, 2 * 1376, device="cuda", dtype=dtype)
+    gate, up = fused.chunk(2, dim=-1)  # halves of one GEMM output: strided rows
+    code = {"silu": 0, "gelu_tanh": 1}[act]
+    out = k.gated_act(gate, up, code, 1024, 4)
+    torch.testing.assert_close(out, torch.ops.yirage.gated_act(gate, up, act), **_tol(dtype))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch_cos", [1, 2])
+def test_triton_rotary_matches_reference(dtype, batch_cos):
+    k = _ops()
+    b, s, hq, hkv, d = 2, 5, 8, 2, 128
+    # HF layout: projections viewed as [B, S, H, D] then transposed (non-contiguous).
+    q = torch.randn(b, s, hq, d, device="cuda", dtype=dtype).transpose(1, 2)
+    kk = torch.randn(b, s, hkv, d, device="cuda", dtype=dtype).transpose(1, 2)
+    ang = torch.randn(batch_cos, s, d // 2, device="cuda")
+    ang = torch.cat([ang, ang], -1)
+    cos, sin = ang.cos().to(dtype).unsqueeze(1), ang.sin().to(dtype).unsqueeze(1)
+    q2, k2 = k.rotary(q, kk, cos, sin)
+    rq, rk = torch.ops.yirage.rotary(q, kk, cos, sin)
+    torch.testing.assert_close(q2, rq, **_tol(dtype))
+    torch.testing.assert_close(k2, rk, **_tol(dtype))
+
+
+def _attention_inputs(b, hq, hkv, d, max_len, dtype, pos):
+    q = torch.randn(b, hq, 1, d, device="cuda", dtype=dtype)
+    kc = torch.randn(b, hkv, max_len, d, device="cuda", dtype=dtype)
+    vc = torch.randn(b, hkv, max_len, d, device="cuda", dtype=dtype)
+    # Poison the cache beyond the valid prefix: the kernel must never read it.
+    kc[:, :, pos + 1 :] = float("nan")
+    vc[:, :, pos + 1 :] = float("nan")
+    return q, kc, vc, torch.tensor([pos], device="cuda")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [(32, 32, 128), (32, 8, 64), (8, 1, 128), (12, 4, 80)])
+@pytest.mark.parametrize("pos", [0, 37, 511])
+def test_triton_decode_attention_matches_reference(dtype, hq, hkv, d, pos):
+    k = _ops()
+    b, max_len = 2, 512
+    q, kc, vc, cp = _attention_inputs(b, hq, hkv, d, max_len, dtype, pos)
+    scale = 1 / math.sqrt(d)
+    # Reference on the valid prefix only (its own masking would multiply NaN by 0).
+    ref = torch.ops.yirage.attention(
+        q, kc[:, :, : pos + 1], vc[:, :, : pos + 1], None, scale, False, cp
+    )
+    for split, block_n, nw in [(64, 32, 2), (256, 64, 4), (1024, 128, 4)]:
+        out = k.decode_attention(q, kc, vc, None, cp, scale, split, block_n, nw)
+        assert out.shape == ref.shape and out.stride() == ref.stride()
+        torch.testing.assert_close(out, ref, **_tol(dtype))
+
+
+@needs_triton
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_triton_decode_attention_applies_padding_mask(mask_dtype):
+    k = _ops()
+    b, hq, hkv, d, max_len, pos = 2, 8, 2, 64, 256, 100
+    q, kc, vc, cp = _attention_inputs(b, hq, hkv, d, max_len, torch.float32, pos)
+    keep = torch.ones(b, 1, 1, max_len, dtype=torch.bool, device="cuda")
+    keep[0, ..., :10] = False  # left padding of the first sequence
+    mask = keep if mask_dtype == torch.bool else torch.zeros_like(keep, dtype=mask_dtype)
+    if mask_dtype != torch.bool:
+        mask.masked_fill_(~keep, float("-inf"))
+    ref = torch.ops.yirage.attention(
+        q, kc[..., : pos + 1, :], vc[..., : pos + 1, :], mask[..., : pos + 1], None, False, cp
+    )
+    out = k.decode_attention(q, kc, vc, mask, cp, 1 / math.sqrt(d), 64, 32, 4)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked_value", [float("-inf"), "finfo_min", "bool"])
+def test_triton_decode_attention_without_cache_position_skips_masked_tail(dtype, masked_value):
+    """HF's static-cache decode: no cache_position on the op, a [1, 1, 1, T] mask hiding
+    every slot past the current position. Blocks the mask hides must not be read: the
+    cache past the last 128-block holding a valid key is NaN (eager would give NaN)."""
+    k = _ops()
+    b, hq, hkv, d, max_len, pos = 1, 16, 4, 128, 1024, 300
+    q, kc, vc, _ = _attention_inputs(b, hq, hkv, d, max_len, dtype, max_len - 1)
+    tail = 384  # first 128-aligned slot after pos
+    kc[:, :, pos + 1 : tail] = 1e3  # inside a live block: read, masked out by value
+    vc[:, :, pos + 1 : tail] = 1e3
+    kc[:, :, tail:] = float("nan")
+    vc[:, :, tail:] = float("nan")
+    keep = torch.arange(max_len, device="cuda") <= pos
+    if masked_value == "bool":
+        mask = keep.view(1, 1, 1, -1)
+    else:
+        fill = torch.finfo(dtype).min if masked_value == "finfo_min" else masked_value
+        mask = torch.zeros(1, 1, 1, max_len, dtype=dtype, device="cuda")
+        mask.masked_fill_(~keep.view(1, 1, 1, -1), fill)
+    ref = torch.ops.yirage.attention(
+        q, kc[:, :, :tail], vc[:, :, :tail], mask[..., :tail], None, False, None
+    )
+    for split, block_n, nw in [(128, 64, 4), (256, 128, 4), (1024, 32, 2)]:
+        out = k.decode_attention(q, kc, vc, mask, None, 1 / math.sqrt(d), split, block_n, nw)
+        torch.testing.assert_close(out, ref, **_tol(dtype))
+
+
+@needs_triton
+def test_triton_decode_attention_follows_cache_position_under_cuda_graph():
+    k = _ops()
+    b, hq, hkv, d, max_len = 1, 8, 2, 64, 1024
+    q, kc, vc, _ = _attention_inputs(b, hq, hkv, d, max_len, torch.bfloat16, max_len - 1)
+    cp = torch.tensor([5], device="cuda")
+    fn = lambda: k.decode_attention(q, kc, vc, None, cp, 0.125, 128, 64, 4)  # noqa: E731
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for pos in (5, 300, 1023):
+        cp.fill_(pos)
+        graph.replay()
+        ref = torch.ops.yirage.attention(
+            q, kc[:, :, : pos + 1], vc[:, :, : pos + 1], None, 0.125, False, cp
+        )
+        torch.testing.assert_close(out, ref, **_tol(torch.bfloat16))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _tiny_llama(dtype):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        vocab_size=512,
+        max_position_embeddings=256,
+    )
+    return transformers.LlamaForCausalLM(cfg).to("cuda", dtype).eval()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(dtype):
+    import transformers
+
+    import yirage_dynamo
+
+    model = _tiny_llama(dtype)
+    ids = torch.randint(3, 512, (1, 12), device="cuda")
+    gen = dict(max_new_tokens=16, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        ref = model.generate(
+            ids, disable_compile=True, output_logits=True, return_dict_in_generate=True, **gen
+        )
+    yirage_dynamo.clear_reports()
+    cc = transformers.CompileConfig(backend="yirage", mode=None, options={"fallback": "error"})
+    with torch.no_grad():
+        out = model.generate(
+            ids, compile_config=cc, output_logits=True, return_dict_in_generate=True, **gen
+        )
+        torch.cuda.synchronize()
+        mem = torch.cuda.memory_allocated()
+        again = model.generate(ids, compile_config=cc, **gen)
+        torch.cuda.synchronize()
+    reports = yirage_dynamo.reports()
+    assert reports and all(r.lowering == "triton" and not r.fallbacks for r in reports)
+    decode = [r for r in reports if r.patterns.get("triton_attention")]
+    assert decode, [str(r) for r in reports]
+    assert any("triton.cudagraphs=True" in n for r in reports for n in r.notes)
+    # Logits of every step match eager; with exact fp32 kernels so do the tokens.
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(
+            a, b, **_tol(dtype) if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
+        )
+    if dtype == torch.float32:
+        assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(again, out.sequences)
+    # CUDA-graph replays allocate nothing new across generate() calls.
+    assert torch.cuda.memory_allocated() <= mem
