@@ -32,8 +32,14 @@ SMOL = dict(
     tie_word_embeddings=True,
     max_position_embeddings=2048,
 )
-TINY = dict(SMOL, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256)
+TINY = dict(
+    SMOL,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+)
 
 
 def _model(cfg: dict):
@@ -115,8 +121,16 @@ def child(backend: str, prompt: int, new: int) -> dict:
 
 
 def run_child(backend: str, env: dict, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", backend, "--prompt", str(args.prompt),
-           "--new-tokens", str(args.new_tokens)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        backend,
+        "--prompt",
+        str(args.prompt),
+        "--new-tokens",
+        str(args.new_tokens),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"backend": backend, "error": proc.stderr[-2000:]}
@@ -136,10 +150,13 @@ def main() -> None:
     rows = []
     for backend in args.backends.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            env = dict(os.environ, OMP_NUM_THREADS="2",
-                       TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
-                       YIRAGE_CACHE_DIR=os.path.join(tmp, "yirage"),
-                       TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
+            env = dict(
+                os.environ,
+                OMP_NUM_THREADS="2",
+                TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
+                YIRAGE_CACHE_DIR=os.path.join(tmp, "yirage"),
+                TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
+            )
             cold = run_child(backend, env, args)
             warm = run_child(backend, env, args) if backend != "eager" else {}
         cold["warm_compile_s"] = warm.get("compile_s")
@@ -148,8 +165,10 @@ def main() -> None:
         rows.append(cold)
         print(json.dumps({k: v for k, v in cold.items() if k != "tokens"}), flush=True)
     ref = rows[0].get("tokens")
-    print("\n| backend | decode tok/s | GB/s | prefill ms | cold compile s | warm compile s "
-          "| peak RSS MB | host µs/step (30 layers, width 64) | same tokens as eager |")
+    print(
+        "\n| backend | decode tok/s | GB/s | prefill ms | cold compile s | warm compile s "
+        "| peak RSS MB | host µs/step (30 layers, width 64) | same tokens as eager |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

@@ -5,7 +5,8 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
 
   eager     model.generate(..., disable_compile=True)
   inductor  HF's default CompileConfig (backend="inductor", mode="reduce-overhead")
-  yirage    CompileConfig(backend="yirage") (CUDA graphs on by default for inference)
+  yirage    CompileConfig(backend=yirage) (CUDA graphs on by default for inference)
+  yirage_all  the same with options={"cuda_kernels": "all"} (every yirage op on our kernels)
 
 HF compiles only the decode step (prefill runs eagerly in every variant). Reported per
 variant: decode tok/s and ms/token (from the difference between a full and a 1-token
@@ -129,9 +130,11 @@ def run_variant(runner: Runner, name: str, compile_config, repeats: int) -> dict
     cold, out = _sync_time(lambda: runner.generate(new, compile_config, logits=True))
     warm_full = []
     warm_one = []
+    mems = []
     for _ in range(repeats):
         warm_full.append(_sync_time(lambda: runner.generate(new, compile_config))[0])
         warm_one.append(_sync_time(lambda: runner.generate(1, compile_config))[0])
+        mems.append(torch.cuda.memory_allocated())
     full, one = statistics.median(warm_full), statistics.median(warm_one)
     per_tok = (full - one) / (new - 1)
     return {
@@ -142,9 +145,43 @@ def run_variant(runner: Runner, name: str, compile_config, repeats: int) -> dict
         "decode_ms_per_tok": per_tok * 1e3,
         "decode_tok_s": 1.0 / per_tok,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        # Allocated memory growth between the first and last warm repeat (CUDA graphs
+        # must not grow across generate() calls).
+        "mem_growth_mib": (mems[-1] - mems[0]) / 2**20,
         "sequences": out.sequences,
         "logits": [x.float() for x in out.logits],
     }
+
+
+def profile_decode(runner: Runner, compile_config, steps: int = 32) -> str:
+    """Where a decode step's time goes: GPU busy time per token vs wall time per token,
+    and the kernels that take it (torch.profiler; the variant is already compiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner.generate(steps, compile_config)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall, _ = _sync_time(lambda: runner.generate(steps, compile_config))
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    busy = sum(e.self_device_time_total for e in events) / 1e3  # ms
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    lines = [
+        f"{steps} tokens: wall {wall * 1e3 / steps:.3f} ms/token, "
+        f"GPU busy {busy / steps:.3f} ms/token (prefill included)"
+    ]
+    for e in events[:14]:
+        lines.append(
+            f"  {e.self_device_time_total / 1e3 / steps:8.4f} ms/tok {e.count // steps:5d}x/tok  "
+            f"{e.key[:90]}"
+        )
+    # Host side: what the CPU does per token (HF's loop, Dynamo guards, graph replay).
+    cpu = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    lines.append("  host (self CPU time):")
+    for e in cpu[:10]:
+        lines.append(
+            f"  {e.self_cpu_time_total / 1e3 / steps:8.4f} ms/tok {e.count / steps:7.1f}x/tok  "
+            f"{e.key[:90]}"
+        )
+    return "\n".join(lines)
 
 
 def compare(res: dict[str, Any], ref: dict[str, Any]) -> None:
@@ -162,18 +199,26 @@ def compare(res: dict[str, Any], ref: dict[str, Any]) -> None:
     )
 
 
-def bench_shape(key: str, variants: list[str], repeats: int, options: dict) -> list[dict]:
+def bench_shape(
+    key: str, variants: list[str], repeats: int, options: dict, profile: bool = False
+) -> list[dict]:
     import transformers
 
     s = SHAPES[key]
     model = build_model(s)
     bytes_tok = weight_bytes_per_token(model)
     runner = Runner(model, s)
+    from yirage_dynamo.backend import yirage
+
     configs = {
         "eager": None,
         "inductor": transformers.CompileConfig(),
         "yirage": transformers.CompileConfig(
-            backend="yirage", mode=None, options=dict(options) or None
+            backend=yirage, mode=None, options=dict(options) or None
+        ),
+        # Every yirage op on our Triton kernels (no inlining for Inductor to fuse).
+        "yirage_all": transformers.CompileConfig(
+            backend=yirage, mode=None, options={**options, "cuda_kernels": "all"}
         ),
     }
     rows = []
@@ -192,7 +237,12 @@ def bench_shape(key: str, variants: list[str], repeats: int, options: dict) -> l
             ref = res
         if ref is not None:
             compare(res, ref)
-        if name == "yirage":
+        if profile and name != "eager":
+            try:
+                res["profile"] = profile_decode(runner, configs[name])
+            except Exception as exc:  # noqa: BLE001
+                res["profile"] = f"profile failed: {type(exc).__name__}: {exc}"
+        if name.startswith("yirage"):
             import yirage_dynamo
 
             reps = [r for r in yirage_dynamo.reports() if r.lowering]
@@ -210,9 +260,9 @@ def bench_shape(key: str, variants: list[str], repeats: int, options: dict) -> l
 def table(rows: list[dict]) -> str:
     head = (
         "| shape | variant | decode tok/s | ms/token | GB/s | prefill ms | cold compile s "
-        "| peak GiB | max abs logit diff | tokens = eager |"
+        "| peak GiB | mem growth MiB | max abs logit diff | tokens = eager |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error'][:80]} |")
@@ -220,7 +270,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['shape']} | {r['variant']} | {r['decode_tok_s']:.1f} | "
             f"{r['decode_ms_per_tok']:.2f} | {r['GB_s']:.0f} | {r['prefill_ms']:.1f} | "
-            f"{r['compile_s']:.1f} | {r['peak_gib']:.2f} | "
+            f"{r['compile_s']:.1f} | {r['peak_gib']:.2f} | {r['mem_growth_mib']:.1f} | "
             f"{r.get('max_logit_diff', float('nan')):.3g} | {r.get('tokens_agree', '-')} |"
         )
     return "\n".join(lines)
@@ -232,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="eager,inductor,yirage")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true", help="profile decode of compiled variants")
     p.add_argument("--yirage-options", default="{}", help="JSON dict of yirage options")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -253,12 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     options = json.loads(args.yirage_options)
     for key in args.shapes.split(","):
-        rows += bench_shape(key, args.variants.split(","), args.repeats, options)
+        rows += bench_shape(key, args.variants.split(","), args.repeats, options, args.profile)
         print(table([r for r in rows if r["shape"] == key]), flush=True)
     print("\n" + env + "\n" + table(rows))
     for r in rows:
+        if r.get("profile"):
+            print(f"\n--- profile {r['shape']} {r['variant']} ---\n{r['profile']}")
+    for r in rows:
         if r.get("report"):
-            print(f"\n--- yirage report ({r['shape']}) ---\n{r['report']}")
+            print(f"\n--- report {r['shape']} {r['variant']} ---\n{r['report']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)

@@ -38,7 +38,13 @@ class Capabilities:
     native_custom_ops: frozenset[str] = frozenset()
     generates_kernels: bool = False
     cuda_graphs: bool = False
-    alignment: int = 64
+    # Byte alignment of memory-plan arena offsets; 0 = the device default (256 B for CUDA,
+    # matching its caching allocator and vector loads; 64 B, a cache line, elsewhere).
+    alignment: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.alignment:
+            object.__setattr__(self, "alignment", 256 if self.device_type == "cuda" else 64)
 
 
 # Python-level callables that show up in ATen graphs for symbolic-size arithmetic.

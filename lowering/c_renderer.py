@@ -6,10 +6,11 @@ inputs, walking the FX nodes backwards with an index per dimension:
 
     gen(add(a, b), (i0, i1))        -> gen(a, bcast(i0, i1)) + gen(b, bcast(i0, i1))
     gen(transpose(x, 0, 1), (i, j)) -> gen(x, (j, i))
-    gen(placeholder x, (i, j))      -> load(x[i * x_st0 + j * x_st1])
+    gen(placeholder x, (i, j))      -> load(x[i * 64 + j])      (strides from the fake values)
 
-Views therefore cost nothing (they only change index expressions) and input strides are
-run-time arguments, so non-contiguous, transposed and broadcast inputs need no copies.
+Views therefore cost nothing (they only change index expressions), and non-contiguous,
+transposed and broadcast inputs need no copies. Strides are compile-time expressions of
+the size symbols; the launcher checks them (cheaply) before each call.
 
 Loop structure (the domain is the reduction input shape, or the output shape):
 
@@ -29,8 +30,6 @@ Metal renderer can reuse the generator with different type names, pragmas and si
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
 import re
 from typing import Any
@@ -40,257 +39,39 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils._sympy.printers import CppPrinter, PythonPrinter
 
-aten = torch.ops.aten
-
-
-class Unsupported(Exception):
-    """The region cannot be rendered; the caller leaves it to ATen."""
-
-
-# ---------------------------------------------------------------------------------------
-# op table: packet name -> C expression template over operands {0}, {1}, ... (compute type)
-# ---------------------------------------------------------------------------------------
-POINTWISE: dict[str, str] = {
-    "add": "({0} + {1})",
-    "sub": "({0} - {1})",
-    "mul": "({0} * {1})",
-    "neg": "(-{0})",
-    "abs": "y_abs({0})",
-    "exp": "exp({0})",
-    "exp2": "exp2({0})",
-    "expm1": "expm1({0})",
-    "log": "log({0})",
-    "log1p": "log1p({0})",
-    "log2": "log2({0})",
-    "sqrt": "sqrt({0})",
-    "rsqrt": "(1.0f / sqrt({0}))",
-    "reciprocal": "(1.0f / {0})",
-    "sin": "sin({0})",
-    "cos": "cos({0})",
-    "tan": "tan({0})",
-    "tanh": "tanh({0})",
-    "erf": "erf({0})",
-    "floor": "floor({0})",
-    "ceil": "ceil({0})",
-    "trunc": "trunc({0})",
-    "round": "nearbyint({0})",
-    "sigmoid": "(1.0f / (1.0f + exp(-{0})))",
-    "silu": "({0} / (1.0f + exp(-{0})))",
-    "relu": "({0} < 0 ? ({T})0 : {0})",
-    "maximum": "y_max({0}, {1})",
-    "minimum": "y_min({0}, {1})",
-    "clamp_min": "y_max({0}, {1})",
-    "clamp_max": "y_min({0}, {1})",
-    "where": "({0} ? {1} : {2})",
-    "eq": "({0} == {1})",
-    "ne": "({0} != {1})",
-    "lt": "({0} < {1})",
-    "le": "({0} <= {1})",
-    "gt": "({0} > {1})",
-    "ge": "({0} >= {1})",
-    "logical_not": "(!{0})",
-    "logical_and": "({0} && {1})",
-    "logical_or": "({0} || {1})",
-    "bitwise_not": "(~{0})",
-    "bitwise_and": "({0} & {1})",
-    "bitwise_or": "({0} | {1})",
-    "isnan": "({0} != {0})",
-}
-_COMPARE = {"eq", "ne", "lt", "le", "gt", "ge"}
-# Operands of these are converted to the common input type, not the (bool) output type.
-_LOGICAL = {"logical_not", "logical_and", "logical_or", "isnan"}
-_VIEWS = {
-    "view",
-    "reshape",
-    "_unsafe_view",
-    "unsqueeze",
-    "squeeze",
-    "permute",
-    "transpose",
-    "t",
-    "expand",
-    "slice",
-    "select",
-    "alias",
-    "clone",
-    "prims.broadcast_in_dim",
-    "prims.reshape",
-    "prims.squeeze",
-    "prims.view_of",
-}
-_SPECIAL = {
-    "cat",
-    "_to_copy",
-    "prims.convert_element_type",
-    "pow",
-    "clamp",
-    "gelu",
-    "masked_fill",
-    "div",
-    "prims.div",
-    "prims.mul",
-    "prims.add",
-    "prims.sub",
-}
-REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "prims.sum", "prims.var", "prims.amax"}
-RENDERABLE: frozenset[str] = frozenset(POINTWISE) | _VIEWS | _SPECIAL | REDUCTIONS
-
-
-def op_key(target: Any) -> str:
-    """'add' for aten ops, 'prims.var' for other namespaces (the fusible_ops vocabulary)."""
-    if not isinstance(target, torch._ops.OpOverload):
-        return ""
-    name = target.overloadpacket.__name__
-    return name if target.namespace == "aten" else f"{target.namespace}.{name}"
-
-
-# ---------------------------------------------------------------------------------------
-# language hooks
-# ---------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class CLanguage:
-    """What differs between C-like kernel languages (C++/OpenMP here; Metal later)."""
-
-    storage: dict[torch.dtype, str]
-    float_t: str = "float"
-    int_t: str = "int64_t"
-    bool_t: str = "bool"
-    acc_t: str = "double"
-    parallel_for: str = "#pragma omp parallel for if ({cond})"
-    simd: str = "#pragma omp simd"
-    simd_reduce: str = "#pragma omp simd reduction(+:{acc})"
-    # Work (elements) below which a kernel stays single-threaded: thread wake-up costs more.
-    parallel_threshold: int = 32768
-
-
-CPP = CLanguage(
-    storage={
-        torch.float32: "float",
-        torch.bfloat16: "uint16_t",
-        torch.float16: "uint16_t",
-        torch.int32: "int32_t",
-        torch.int64: "int64_t",
-        torch.int16: "int16_t",
-        torch.int8: "int8_t",
-        torch.uint8: "uint8_t",
-        torch.bool: "bool",
-    }
+from .c_ops import (
+    _COMPARE,
+    _LOGICAL,
+    _VIEWS,
+    POINTWISE,
+    REDUCTIONS,
+    RENDERABLE,
+    CLanguage,
+    KernelParam,
+    RenderedKernel,
+    Unsupported,
+    _ctype_of,
+    _Scope,
+    _val,
+    op_key,
 )
+from .c_reductions import ReductionMixin
+from .cpp_lang import CPP, CPP_PRELUDE
 
-CPP_PRELUDE = r"""// yirage generated C++/OpenMP kernels
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-using std::exp; using std::exp2; using std::expm1; using std::log; using std::log1p;
-using std::log2; using std::sqrt; using std::sin; using std::cos; using std::tan;
-using std::tanh; using std::erf; using std::floor; using std::ceil; using std::trunc;
-using std::nearbyint; using std::pow;
-
-static inline float y_bf16_to_f(uint16_t v) {
-  uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f;
-}
-static inline uint16_t y_f_to_bf16(float f) {
-  if (f != f) return 0x7fc0;
-  uint32_t u; std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return (uint16_t)(u >> 16);
-}
-#if defined(__FLT16_MAX__)
-static inline float y_f16_to_f(uint16_t v) { _Float16 h; std::memcpy(&h, &v, 2); return (float)h; }
-static inline uint16_t y_f_to_f16(float f) { _Float16 h = (_Float16)f; uint16_t v; std::memcpy(&v, &h, 2); return v; }
-#else
-static inline float y_f16_to_f(uint16_t h) {
-  uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
-  if (e == 0) {
-    if (m == 0) { u = s; } else {
-      e = 113; while (!(m & 0x400)) { m <<= 1; --e; } m &= 0x3ff; u = s | (e << 23) | (m << 13);
-    }
-  } else if (e == 31) { u = s | 0x7f800000u | (m << 13); } else { u = s | ((e + 112) << 23) | (m << 13); }
-  float f; std::memcpy(&f, &u, 4); return f;
-}
-static inline uint16_t y_f_to_f16(float f) {
-  uint32_t u; std::memcpy(&u, &f, 4);
-  uint32_t s = (u >> 16) & 0x8000, a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return (uint16_t)(s | 0x7e00);
-  if (a >= 0x477ff000u) return (uint16_t)(s | 0x7c00);
-  if (a < 0x38800000u) {  // subnormal half
-    float v; std::memcpy(&v, &a, 4); return (uint16_t)(s | (uint32_t)nearbyint(v * 16777216.0f));
-  }
-  uint32_t r = a + 0xc8000fffu + ((a >> 13) & 1u);
-  return (uint16_t)(s | (r >> 13));
-}
-#endif
-static inline float y_round_bf16(float f) { return y_bf16_to_f(y_f_to_bf16(f)); }
-static inline float y_round_f16(float f) { return y_f16_to_f(y_f_to_f16(f)); }
-template <class T> static inline T y_max(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
-template <class T> static inline T y_min(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
-template <class T> static inline T y_abs(T a) { return a < 0 ? -a : a; }
-static inline int64_t y_floordiv(int64_t a, int64_t b) { int64_t q = a / b; return (q * b != a && ((a < 0) != (b < 0))) ? q - 1 : q; }
-"""
+__all__ = [
+    "CPP",
+    "CPP_PRELUDE",
+    "RENDERABLE",
+    "CLanguage",
+    "CRenderer",
+    "KernelParam",
+    "RenderedKernel",
+    "Unsupported",
+    "op_key",
+]
 
 
-# ---------------------------------------------------------------------------------------
-# the generator
-# ---------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class KernelParam:
-    """One argument group of the generated function, in call order."""
-
-    kind: str  # "tensor" (pointer + strides), "out" (pointer + strides), "int", "float", "sym"
-    index: int  # placeholder index (tensor/int/float), output index (out)
-    ndim: int = 0
-    symbol: str = ""
-
-
-@dataclasses.dataclass
-class RenderedKernel:
-    body: str  # the function, named FUNC (replaced by the unique kernel name)
-    params: list[KernelParam]
-    # Python expressions (of the symbols) for each output: shape, stride, dtype.
-    outputs: list[tuple[str, str, torch.dtype]]
-    # symbol -> Python expression reading it from the launcher's arguments.
-    symbol_sources: dict[str, str]
-    n_placeholders: int
-    multi_output: bool
-    origins: list[str]
-
-    @property
-    def digest(self) -> str:
-        key = self.body + repr([(p.kind, p.index, p.ndim, p.symbol) for p in self.params])
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def _ctype_of(dtype: torch.dtype, lang: CLanguage) -> str:
-    if dtype.is_floating_point:
-        if dtype == torch.float64:
-            raise Unsupported("float64 is not rendered")
-        return lang.float_t
-    if dtype == torch.bool:
-        return lang.bool_t
-    if dtype in lang.storage:
-        return lang.int_t
-    raise Unsupported(f"dtype {dtype}")
-
-
-def _val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, Node) else node
-
-
-def _norm_dims(dims: Any, ndim: int) -> tuple[int, ...]:
-    if dims is None or dims == []:
-        return tuple(range(ndim))
-    if isinstance(dims, int):
-        dims = [dims]
-    return tuple(sorted({d % max(ndim, 1) for d in dims}))
-
-
-class _Scope:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-
-class CRenderer:
+class CRenderer(ReductionMixin):
     """Renders one region GraphModule as one C-like function (see module docstring)."""
 
     def __init__(self, lang: CLanguage = CPP) -> None:
@@ -454,7 +235,11 @@ class CRenderer:
             if isinstance(v, torch.SymFloat | float):
                 return f"p{i}", self.lang.float_t, 0
             return f"p{i}", self.lang.int_t, 0
-        terms = [f"{ix} * p{i}_st{k}" for k, ix in enumerate(idx) if ix != "0"]
+        # Strides are the ones fake-tensor propagation predicts (compile-time constants or
+        # size-symbol expressions); the launcher checks them and runs the ATen reference if a
+        # tensor arrives with others. Passing them as arguments would cost ~0.6 us each.
+        st = v.stride()
+        terms = [f"{ix} * {self.size(st[k])}" for k, ix in enumerate(idx) if ix != "0"]
         off = " + ".join(terms) or "0"
         raw = f"p{i}[{off}]"
         if v.dtype == torch.bfloat16:
@@ -687,103 +472,6 @@ class CRenderer:
     def gen_getitem(self, node: Node, idx: tuple[str, ...]) -> tuple[str, str, int]:
         raise Unsupported("multi-output op inside a region")
 
-    # -- reductions ----------------------------------------------------------------------
-    def reduced_value(self, node: Node, idx: tuple[str, ...]) -> tuple[str, str, int]:
-        """A reduction result is a per-row scalar: valid only at the current row."""
-        expect = self.reduced_index(node)
-        if tuple(idx) != expect:
-            raise Unsupported("reduction result used at another row")
-        return self.reduced[node], _ctype_of(_val(node).dtype, self.lang), 0
-
-    def reduced_index(self, node: Node) -> tuple[str, ...]:
-        keepdim = self.red_keepdim(node)
-        res = []
-        for d in range(len(self.full_shape)):
-            if d in self.red_dims:
-                if keepdim:
-                    res.append("0")
-            else:
-                res.append(self.dom[d])
-        return tuple(res)
-
-    def red_keepdim(self, node: Node) -> bool:
-        return len(_val(node).shape) == len(self.full_shape) and len(self.full_shape) > 0
-
-    def red_spec(self, node: Node) -> tuple[Any, tuple[int, ...]]:
-        key = op_key(node.target)
-        src = _val(node.args[0]).shape
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if key in ("var",) and len(node.args) == 1:
-            dims = node.kwargs.get("dim")
-        return src, _norm_dims(dims, len(src))
-
-    def render_reduction(self, node: Node) -> None:
-        key = op_key(node.target)
-        val = _val(node)
-        body_scope = _Scope()
-        self.scopes[1] = body_scope
-        self.memo = {k: v for k, v in self.memo.items() if v[2] == 0}
-        x = self.gen(node.args[0], self.dom)
-        acc = self.tmp()
-        lines = self.scopes[0].lines
-        count = f"((double)({self.n_inner}))"
-        if key in ("sum", "mean", "prims.sum", "var", "prims.var"):
-            is_float = val.dtype.is_floating_point
-            acc_t = self.lang.acc_t if is_float else self.lang.int_t
-            xs = f"(({acc_t}){x[0]})"
-            if key in ("var", "prims.var"):
-                mean = self.tmp()
-                lines.append(f"{acc_t} {acc} = 0;")
-                lines.extend(self.loop(body_scope.lines, f"{acc} += {xs};", acc))
-                lines.append(f"const double {mean} = {acc} / {count};")
-                acc2 = self.tmp()
-                corr = node.kwargs.get("correction", node.args[2] if len(node.args) > 2 else 1)
-                if key == "var" and node.kwargs.get("unbiased") is False:
-                    corr = 0
-                corr = 1 if corr is None else corr
-                lines.append(f"double {acc2} = 0;")
-                body = f"{{ const double d_ = {xs} - {mean}; {acc2} += d_ * d_; }}"
-                lines.extend(self.loop(body_scope.lines, body, acc2))
-                result = f"(float)({acc2} / std::max(0.0, {count} - {float(corr)!r}))"
-            else:
-                lines.append(f"{acc_t} {acc} = 0;")
-                lines.extend(self.loop(body_scope.lines, f"{acc} += {xs};", acc))
-                result = f"({acc} / {count})" if key == "mean" else acc
-            ctype = _ctype_of(val.dtype, self.lang)
-            result = f"(({ctype})({result}))"
-        else:  # amax / amin: NaN propagates like ATen
-            ctype = x[1]
-            better = ">" if key in ("amax", "prims.amax") else "<"
-            init = "-" if better == ">" else ""
-            if ctype == self.lang.float_t:
-                lines.append(f"{ctype} {acc} = {init}INFINITY;")
-            else:
-                limit = "lowest" if better == ">" else "max"
-                lines.append(f"{ctype} {acc} = std::numeric_limits<{ctype}>::{limit}();")
-            # A NaN enters through the negated compare and then sticks (acc != acc).
-            cmp = "<=" if better == ">" else ">="
-            body = f"if (!({x[0]} {cmp} {acc}) && {acc} == {acc}) {acc} = {x[0]};"
-            lines.extend(self.loop(body_scope.lines, body, None))
-            result = acc
-        if val.dtype in (torch.bfloat16, torch.float16):
-            fn = "y_round_bf16" if val.dtype == torch.bfloat16 else "y_round_f16"
-            result = f"{fn}({result})"
-        name = self.tmp()
-        lines.append(f"const {ctype} {name} = {result};")
-        self.reduced[node] = name
-
-    def loop(self, body: list[str], last: str, acc: str | None) -> list[str]:
-        if not self.inner_vars:
-            return ["{"] + ["  " + b for b in body] + [f"  {last}", "}"]
-        pragma = self.lang.simd_reduce.format(acc=acc) if acc else ""
-        out = [pragma] if pragma else []
-        out.append(f"for (int64_t r = 0; r < {self.n_inner}; ++r) {{")
-        out += ["  " + d for d in self.inner_decls]
-        out += ["  " + b for b in body]
-        out.append(f"  {last}")
-        out.append("}")
-        return out
-
     # -- the function --------------------------------------------------------------------
     def render(self, region: GraphModule) -> RenderedKernel:
         self.symbols: set[str] = set()
@@ -860,7 +548,10 @@ class CRenderer:
             else:
                 raise Unsupported("region outputs of different sizes")
             v = self.gen(o, oidx)
-            off = " + ".join(f"{ix} * o{j}_st{k}" for k, ix in enumerate(oidx) if ix != "0")
+            ost = ov.stride()
+            off = " + ".join(
+                f"{ix} * {self.size(ost[k])}" for k, ix in enumerate(oidx) if ix != "0"
+            )
             stored = self.store(v, ov.dtype)
             if dest is row_stores or (not self.inner_vars):
                 self.scopes[0].lines.append(f"o{j}[{off or '0'}] = {stored};")
@@ -875,21 +566,21 @@ class CRenderer:
             )
         body_lines = list(self.scopes[0].lines)
         if full_store and self.inner_vars:
-            par_inner = not reds and not outer
-            simd = (
-                f"#pragma omp parallel for simd if ({self.n_inner} >= {self.lang.parallel_threshold})"
-                if par_inner
-                else self.lang.simd
-            )
-            body_lines.append(simd)
-            body_lines.append(f"for (int64_t r = 0; r < {self.n_inner}; ++r) {{")
-            body_lines += ["  " + d for d in self.inner_decls]
-            body_lines += ["  " + ln for ln in self.scopes[1].lines + full_store]
-            body_lines.append("}")
+            inner_body = [f"for (int64_t r = 0; r < {self.n_inner}; ++r) {{"]
+            inner_body += ["  " + d for d in self.inner_decls]
+            inner_body += ["  " + ln for ln in self.scopes[1].lines + full_store]
+            inner_body.append("}")
+            if not reds and not outer:  # one long row: the inner loop is the parallel one
+                big = f"{self.n_inner} >= {self.lang.parallel_threshold}"
+                body_lines += [f"if ({big}) {{", self.lang.parallel_simd, *inner_body]
+                body_lines += ["} else {", self.lang.simd, *inner_body, "}"]
+            else:
+                body_lines += [self.lang.simd, *inner_body]
 
         # signature
         params: list[KernelParam] = []
         sig: list[str] = []
+        stride_checks: list[tuple[int, int, str]] = []
         for n, i in self.placeholder_index.items():
             v = _val(n)
             if isinstance(v, torch.Tensor):
@@ -897,8 +588,10 @@ class CRenderer:
                 if st is None:
                     raise Unsupported(f"input dtype {v.dtype}")
                 sig.append(f"const {st}* __restrict__ p{i}")
-                sig += [f"int64_t p{i}_st{k}" for k in range(v.dim())]
-                params.append(KernelParam("tensor", i, v.dim()))
+                params.append(KernelParam("tensor", i))
+                for k, (size, stride) in enumerate(zip(v.shape, v.stride())):
+                    if not self.is_one(size):
+                        stride_checks.append((i, k, self.py_size(stride)))
             elif isinstance(v, torch.SymFloat | float):
                 sig.append(f"double p{i}")
                 params.append(KernelParam("float", i))
@@ -911,22 +604,25 @@ class CRenderer:
             if st is None:
                 raise Unsupported(f"output dtype {ov.dtype}")
             sig.append(f"{st}* __restrict__ o{j}")
-            sig += [f"int64_t o{j}_st{k}" for k in range(ov.dim())]
-            params.append(KernelParam("out", j, ov.dim()))
+            params.append(KernelParam("out", j))
         symbol_sources = self.find_symbols(placeholders)
         for s in sorted(self.symbols):
             sig.append(f"int64_t {s}")
             params.append(KernelParam("sym", -1, symbol=s))
-        par = self.lang.parallel_for.format(
-            cond=f"{self.n_outer} > 1 && {self.n_outer} * {self.n_inner} >= "
-            f"{self.lang.parallel_threshold}"
-        )
         lines = [f'extern "C" void FUNC({", ".join(sig)}) {{']
         if outer:
-            lines.append(par)
-            lines.append(f"for (int64_t xo = 0; xo < {self.n_outer}; ++xo) {{")
+            # The row body is a lambda so that small launches (decode: one row) skip the
+            # OpenMP runtime entirely instead of entering a serialised parallel region.
+            big = f"{self.n_outer} > 1 && {self.n_outer} * {self.n_inner} >= "
+            big += str(self.lang.parallel_threshold)
+            lines.append("auto row = [&](const int64_t xo) {")
             lines += ["  " + d for d in decls(outer, "xo")]
             lines += ["  " + ln for ln in body_lines]
+            lines.append("};")
+            lines += [f"if ({big}) {{", self.lang.parallel_for]
+            lines.append(f"  for (int64_t xo = 0; xo < {self.n_outer}; ++xo) row(xo);")
+            lines.append("} else {")
+            lines.append(f"  for (int64_t xo = 0; xo < {self.n_outer}; ++xo) row(xo);")
             lines.append("}")
         else:
             lines.append("{")
@@ -942,6 +638,7 @@ class CRenderer:
             n_placeholders=len(placeholders),
             multi_output=multi,
             origins=origins,
+            stride_checks=stride_checks,
         )
 
     def reshape_inverse(self, oshape: Any, dshape: Any, reduced: bool = False) -> tuple[str, ...]:

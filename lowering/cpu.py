@@ -12,6 +12,7 @@ all means this lowering reports itself unavailable and the ATen lowering runs in
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -56,8 +57,9 @@ _CPU_FUSIBLE = frozenset(
 class CKernelSource(KernelSource):
     """A rendered region: the C function plus what its launcher needs."""
 
-    def __init__(self, name: str, rendered: RenderedKernel) -> None:
+    def __init__(self, name: str, rendered: RenderedKernel, region: GraphModule) -> None:
         self.rendered = rendered
+        self.region = region  # the ATen reference, for inputs with unexpected strides
         self.symbol = f"yk_{rendered.digest}"
         super().__init__(
             name=name,
@@ -79,8 +81,9 @@ class CppLowering(Lowering):
         generates_kernels=True,
     )
 
-    def __init__(self, cxx: str = "") -> None:
-        self.cxx = cxx
+    def __init__(self, cxx: str | None = None) -> None:
+        # Read when the lowering is chosen (not at import): YIRAGE_CXX names the compiler.
+        self.cxx = os.environ.get("YIRAGE_CXX", "") if cxx is None else cxx
 
     def available(self) -> str | None:
         from yirage_dynamo.runtime.cpp_build import find_compiler
@@ -117,7 +120,7 @@ class CppLowering(Lowering):
         )
 
     def render(self, region: GraphModule, name: str) -> CKernelSource:
-        return CKernelSource(name, CRenderer(CPP).render(region))
+        return CKernelSource(name, CRenderer(CPP).render(region), region)
 
     def compile(self, sources: list[KernelSource], ctx: Any) -> dict[str, Callable]:
         from yirage_dynamo.runtime import cpp_build
@@ -140,7 +143,7 @@ class CppLowering(Lowering):
         for k in ("hits", "misses"):
             ctx.report.cache[k] = ctx.report.cache.get(k, 0) + stats.get(k, 0)
         launchers = {
-            sym: cpp_build.make_launcher(lib, sym, s.rendered, sym, "cpu")
+            sym: cpp_build.make_launcher(lib, sym, s.rendered, sym, "cpu", s.region)
             for sym, s in unique.items()
         }
         dumped: dict[str, str] = {}

@@ -140,11 +140,27 @@ def _has_symbolic_sizes(example_inputs: list[Any]) -> bool:
 
 
 def _structural_copy(gm: GraphModule) -> GraphModule:
-    """A new GraphModule over a copied graph: attributes shared, node meta shallow-copied."""
+    """A new GraphModule over a copied graph, for compile_fx to own and mutate.
+
+    Attributes are shared (no weight copies). Dynamo's bookkeeping travels along: the
+    module's meta (dynamo_compile_id), `_param_name_to_source` and each placeholder's
+    `_dynamo_source` are how AOTAutograd finds the static inputs (parameters, HF's
+    static KV cache) that CUDA graphs may mutate in place without re-recording.
+    """
     graph = torch.fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
+    val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = graph.graph_copy(gm.graph, val_map)
     graph.output(out)
-    return GraphModule(gm, graph)
+    new = GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    for key, value in vars(gm).items():
+        if key not in vars(new) and not key.startswith("__"):
+            setattr(new, key, value)
+    for old, copied in val_map.items():
+        for key, value in vars(old).items():
+            if key.startswith("_dynamo") and key not in vars(copied):
+                setattr(copied, key, value)
+    return new
 
 
 def _real_parameters(example_inputs: list[Any]) -> list[Any]:
@@ -215,7 +231,12 @@ class _InnerCompile:
             report.stage("inductor/triton_ops"),
             torch._subclasses.fake_tensor.unset_fake_temporarily(),
         ):
-            cuda_ops.substitute(gm, ctx)
+            inline = {
+                "auto": cuda_ops.INLINE_BY_DEFAULT,
+                "all": frozenset(),
+                "none": frozenset(cuda_ops.TRIES),
+            }[self.options.cuda_kernels]
+            cuda_ops.substitute(gm, ctx, inline)
         report.nodes_out = count_nodes(gm)
         # Frozen weights are real tensors behind get_attr nodes: Inductor's fake-tensor
         # propagation must accept them (what Inductor's own freezing does, same scope).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -93,10 +94,24 @@ class _Tuner:
         return strip(search(self.cache, key, candidates, lazy_bench, self.stats))
 
 
-def _time(fn: Callable[[], Any]) -> float:
-    from triton.testing import do_bench
+def _time(fn: Callable[[], Any], reps: int = 20) -> float:
+    """Mean ms per call over `reps` back-to-back calls (CUDA events), best of 3 rounds.
 
-    return float(do_bench(fn, warmup=2, rep=8, return_mode="median"))
+    Not triton's do_bench: its L2 flush allocates a 256 MB buffer, which would show up in
+    the compiled model's peak memory. Decode-time kernels run back to back on warm L2
+    anyway, so timing them without a flush ranks configs as they will run.
+    """
+    fn()  # compile / warm up this config
+    best = math.inf
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / reps)
+    return best
 
 
 def _rand(shape, dtype, device="cuda") -> torch.Tensor:
@@ -254,8 +269,13 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
     if cp is not None and (cp.dim() != 1 or cp.dtype not in (torch.int32, torch.int64)):
         return "cache_position is not a 1-D integer tensor"
     if mask is not None:
-        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[3] != t:
-            return "attn_mask is not [B|1, 1, 1, T]"
+        # [B|1, 1|Hq (broadcast), 1, T]: the efficient-attention op gets it expanded
+        # over heads (stride 0), which the kernel reads as one row per batch.
+        heads_ok = mask.dim() == 4 and (
+            mask.shape[1] == 1 or (mask.shape[1] == hq and mask.stride(1) == 0)
+        )
+        if not heads_ok or mask.shape[2] != 1 or mask.shape[3] != t:
+            return f"attn_mask {tuple(mask.shape)} is not [B|1, 1, 1, T]"
         if mask.shape[0] not in (1, b) or not mask.is_cuda:
             return "attn_mask batch does not broadcast"
         if mask.dtype != torch.bool and mask.dtype not in _FLOATS:
@@ -303,9 +323,75 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
     return op, (*args, cfg["split"], cfg["block_n"], cfg["num_warps"])
 
 
+# ------------------------------------------------------------------------ inlining
+
+# Ops whose ATen reference Inductor compiles better than a separate kernel: pointwise and
+# row-reduction work that Inductor fuses with its neighbours (the residual add, casts, the
+# KV-cache write after rotary, the GEMM epilogue feeding the activation). Measured on an
+# H200 (benchmarks/RESULTS.md): our Triton rms_norm/rotary kernels as separate launches
+# cost 0.1-0.2 ms/token more than Inductor's fused kernels at batch 1. Decode attention
+# is the exception: a single fused flash-decoding kernel that skips the unwritten cache.
+INLINE_BY_DEFAULT = frozenset({"rms_norm", "rms_norm_residual", "rotary", "gated_act"})
+
+
+def inline_reference(gm: GraphModule, node: Node) -> bool:
+    """Replace a yirage op node by the ATen ops of its reference implementation.
+
+    before:  y = yirage.rms_norm(x, w, eps, False)
+    after:   xf = _to_copy(x, f32); v = mean(pow(xf, 2), [-1], True); ...; y = mul(w, ...)
+
+    The reference is traced (make_fx, Inductor's decomposition table) on the node's fake
+    inputs and spliced in, so Inductor sees plain ATen ops it can fuse.
+    """
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._library.custom_ops import _maybe_get_opdef
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    opdef = _maybe_get_opdef(node.target)
+    fn = getattr(opdef, "_init_fn", None)
+    if fn is None:
+        return False
+    names = [a.name for a in node.target._schema.arguments]
+    bound = _args(node)
+    tensor_names = [n for n in names if isinstance(bound[n], Node)]
+    consts = {n: bound[n] for n in names if n not in tensor_names}
+    fake_args = [bound[n].meta["val"] for n in tensor_names]
+    fake_mode = torch._guards.detect_fake_mode(fake_args)
+
+    def call(*tensors):
+        return fn(**dict(zip(tensor_names, tensors)), **consts)
+
+    with fake_mode:
+        traced = make_fx(call, decomposition_table=select_decomp_table())(*fake_args)
+    env: dict[Node, Any] = {}
+    placeholders = iter(bound[n] for n in tensor_names)
+    out_value: Any = None
+    with gm.graph.inserting_before(node):
+        for sub in traced.graph.nodes:
+            if sub.op == "placeholder":
+                env[sub] = next(placeholders)
+            elif sub.op == "output":
+                out_value = torch.fx.node.map_arg(sub.args[0], lambda n: env[n])
+            elif sub.op == "get_attr":
+                return False  # a constant tensor inside the reference: leave the op
+            else:
+                env[sub] = gm.graph.node_copy(sub, lambda n: env[n])
+    if isinstance(out_value, list | tuple):
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                return False
+        for user in list(node.users):
+            user.replace_all_uses_with(out_value[user.args[1]])
+            gm.graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(out_value)
+    gm.graph.erase_node(node)
+    return True
+
+
 # ------------------------------------------------------------------------ driver
 
-_TRIES: dict[str, Callable[[Node, _Tuner], tuple[Any, tuple] | str]] = {
+TRIES: dict[str, Callable[[Node, _Tuner], tuple[Any, tuple] | str]] = {
     "rms_norm": lambda n, t: _try_rms_norm(n, t, residual=False),
     "rms_norm_residual": lambda n, t: _try_rms_norm(n, t, residual=True),
     "gated_act": _try_gated_act,
@@ -314,8 +400,11 @@ _TRIES: dict[str, Callable[[Node, _Tuner], tuple[Any, tuple] | str]] = {
 }
 
 
-def substitute(gm: GraphModule, ctx: PassContext) -> int:
-    """Replace yirage op nodes by their yirage_cuda Triton ops where exact; count swaps."""
+def substitute(
+    gm: GraphModule, ctx: PassContext, inline: frozenset[str] = INLINE_BY_DEFAULT
+) -> int:
+    """Replace yirage op nodes by their yirage_cuda Triton ops where exact (ops named in
+    `inline` go back to ATen for Inductor to fuse instead); count Triton swaps."""
     from yirage_dynamo.report import KernelRecord
 
     candidates = [
@@ -324,19 +413,27 @@ def substitute(gm: GraphModule, ctx: PassContext) -> int:
         if n.op == "call_function"
         and isinstance(n.target, torch._ops.OpOverload)
         and n.target.namespace == "yirage"
-        and n.target._opname in _TRIES
+        and n.target._opname in TRIES
     ]
     if not candidates:
         return 0
-    if not torch.cuda.is_available():
-        ctx.report.reject("triton_ops", "no CUDA device: yirage ops run their references")
-        return 0
-    _kernels()
-    tuner = _Tuner(ctx)
+    tuner: _Tuner | None = None
     swapped = 0
     for node in candidates:
         name = node.target._opname
-        result = _TRIES[name](node, tuner)
+        if name in inline:
+            if inline_reference(gm, node):
+                ctx.report.count_pattern(f"inductor_{name}")
+            else:
+                ctx.report.reject(f"inline_{name}", f"{node.name}: not inlinable; op call stays")
+            continue
+        if not torch.cuda.is_available():
+            ctx.report.reject(f"triton_{name}", f"{node.name}: no CUDA device; reference runs")
+            continue
+        if tuner is None:
+            _kernels()
+            tuner = _Tuner(ctx)
+        result = TRIES[name](node, tuner)
         if isinstance(result, str):
             ctx.report.reject(f"triton_{name}", f"{node.name}: {result}; reference runs")
             continue

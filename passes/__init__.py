@@ -21,6 +21,7 @@ from . import (
     memory_plan,
     pattern_attention,
     pattern_horizontal_gemm,
+    pattern_lora,
     pattern_rms_norm,
     pattern_rotary,
     pattern_swiglu,
@@ -56,6 +57,8 @@ PIPELINE: list[Pass] = [
     Pass("pattern_rotary", pattern_rotary.fuse_rotary),
     # SDPA / eager attention -> yirage::attention reading un-repeated K/V (no repeat_kv copy).
     Pass("pattern_attention", pattern_attention.fuse_attention),
+    # x@W + s*(x@A)@B -> yirage::lora_linear; before horizontal fusion claims the GEMMs.
+    Pass("pattern_lora", pattern_lora.fuse_lora, inference_only=True),
     # Projections sharing an input (q/k/v, gate/up) -> one GEMM over weights concatenated
     # once at compile time; needs frozen weights, so inference graphs only.
     Pass(

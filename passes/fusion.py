@@ -284,7 +284,7 @@ def _build_module(gm: GraphModule, region: _Region, name: str, order: dict[Node,
     if len(outputs) > 1:
         results = []
         prev = call
-        for k, o in enumerate(outputs):
+        for k in range(len(outputs)):
             with gm.graph.inserting_after(prev):
                 g = gm.graph.call_function(operator.getitem, (call, k))
             g.meta["val"] = vals[k]
@@ -356,11 +356,12 @@ def _inline_custom_ops(gm: GraphModule, caps: Any) -> int:
             env[ph] = node.args[i]
         result: Any = None
         with gm.graph.inserting_before(node):
+            lookup = env.__getitem__
             for n in traced.graph.nodes:
                 if n.op == "call_function":
-                    env[n] = gm.graph.node_copy(n, lambda x: env[x])
+                    env[n] = gm.graph.node_copy(n, lookup)
                 elif n.op == "output":
-                    result = torch.fx.node.map_arg(n.args[0], lambda x: env[x])
+                    result = torch.fx.node.map_arg(n.args[0], lookup)
         if isinstance(result, list | tuple):
             for u in list(node.users):
                 if u.target is operator.getitem:

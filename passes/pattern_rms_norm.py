@@ -4,6 +4,7 @@ Matches (what AOTAutograd emits for HF `LlamaRMSNorm`; casts absent in fp32 grap
 
     xf   = _to_copy(x, dtype=f32)                  # only when x is not fp32
     var  = mean.dim(pow.Tensor_Scalar(xf, 2) | mul(xf, xf), [-1], True)
+         | div(sum.dim_IntList(<same square>, [-1], True), H)          # decomposed mean
     r    = rsqrt(add.Tensor(var, eps))             # eps: a Python float
     y    = mul(xf, r)                              # either operand order
     Llama: out = mul(w, _to_copy(y, dtype=x.dtype))   (w [H]; either order; cast only if x≠f32)
@@ -36,6 +37,7 @@ from .pattern_utils import (
     match,
     note_reference,
     placement,
+    refresh_layout,
     replace_and_erase,
     val,
 )
@@ -55,10 +57,19 @@ def _patterns() -> list:
     ]
     out = []
     for sq in squares:
-        mean = CallFunction(aten.mean.dim, sq, dims, True)
-        r = CallFunction(aten.rsqrt.default, CallFunction(aten.add.Tensor, mean, eps))
-        out.append(CallFunction(aten.mul.Tensor, x, r))
-        out.append(CallFunction(aten.mul.Tensor, r, x))
+        means = [
+            CallFunction(aten.mean.dim, sq, dims, True),
+            # A decomposed mean: sum(sq, dims, True) / H (checked against H in _rewrite).
+            CallFunction(
+                aten.div.Tensor,
+                CallFunction(aten.sum.dim_IntList, sq, dims, True),
+                KeywordArg("count"),
+            ),
+        ]
+        for mean in means:
+            r = CallFunction(aten.rsqrt.default, CallFunction(aten.add.Tensor, mean, eps))
+            out.append(CallFunction(aten.mul.Tensor, x, r))
+            out.append(CallFunction(aten.mul.Tensor, r, x))
     return out
 
 
@@ -86,6 +97,10 @@ def _rewrite(gm: GraphModule, ctx: PassContext, m, y: Node) -> bool:
     xv = val(xf)
     if not isinstance(xv, torch.Tensor) or not last_dim_is(dims, xv.dim()):
         ctx.report.reject(NAME, f"{y.name}: reduction is not over the last dim")
+        return False
+    count = m.kwargs.get("count", xv.shape[-1])
+    if isinstance(count, Node) or count != xv.shape[-1]:
+        ctx.report.reject(NAME, f"{y.name}: sum is not divided by the hidden size")
         return False
     if xv.dtype != torch.float32:
         ctx.report.reject(NAME, f"{y.name}: computed in {xv.dtype}, not fp32")
@@ -133,11 +148,13 @@ def _rewrite(gm: GraphModule, ctx: PassContext, m, y: Node) -> bool:
         erase_dead(matched)
         x.replace_all_uses_with(new_res)
         gm.graph.erase_node(x)
+        refresh_layout(gm, [normed, new_res])
         ctx.report.count_pattern(f"{NAME}.residual_fused")
         note_reference(ctx, "rms_norm_residual")
     else:
         node = insert_call(gm, out, torch.ops.yirage.rms_norm.default, (x, *args))
         replace_and_erase(out, node, matched)
+        refresh_layout(gm, [node])
         note_reference(ctx, "rms_norm")
     return True
 

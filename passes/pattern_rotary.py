@@ -31,6 +31,7 @@ from .pattern_utils import (
     match,
     note_reference,
     placement,
+    refresh_layout,
     val,
 )
 
@@ -117,6 +118,7 @@ def fuse_rotary(gm: GraphModule, ctx: PassContext) -> int:
             erase_dead(matched)
             _drop_empty_pass_through(new_q)
             _drop_empty_pass_through(new_k)
+            refresh_layout(gm, [new_q, new_k])
             del group[:2]
             count += 1
         for node, _ in group:

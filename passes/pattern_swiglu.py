@@ -26,6 +26,7 @@ from .pattern_utils import (
     lazy_patterns,
     match,
     note_reference,
+    refresh_layout,
     replace_and_erase,
     val,
 )
@@ -73,6 +74,7 @@ def fuse_gated_act(gm: GraphModule, ctx: PassContext) -> int:
                 break
             fused = insert_call(gm, node, torch.ops.yirage.gated_act.default, (gate, up, act))
             replace_and_erase(node, fused, m.nodes)
+            refresh_layout(gm, [fused])
             count += 1
             break
     if count:

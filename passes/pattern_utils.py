@@ -22,21 +22,6 @@ aten = torch.ops.aten
 
 _CAST_KWARGS = {"dtype", "layout", "device", "memory_format"}
 
-# Users through which a changed layout (strides) of a rewritten node must be re-derived.
-_VIEW_OPS = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.unsqueeze.default,
-    aten.squeeze.dim,
-    aten.expand.default,
-    aten.slice.Tensor,
-    aten.clone.default,
-    aten.t.default,
-}
-
 
 def ensure_ops() -> None:
     """Register the yirage ops (idempotent; only pattern passes need them)."""
@@ -133,22 +118,26 @@ def placement(
 
 
 def refresh_layout(gm: GraphModule, roots: Sequence[Node]) -> None:
-    """Re-derive meta["val"] of view-like users whose input's strides may have changed.
+    """Re-derive meta["val"] downstream of rewritten nodes whose strides may have changed.
 
-    A view that is no longer expressible on the new layout becomes a reshape (which copies
-    only when it must), so the rewritten graph stays valid for any output layout.
+    Output strides follow input strides for views and elementwise ops, and lowerings read
+    them, so stale metadata is walked forward until strides stop changing. A view that is
+    no longer expressible on the new layout becomes a reshape (which copies only if it must).
     """
     todo = [u for r in roots for u in r.users]
     seen: set[Node] = set()
     while todo:
         node = todo.pop(0)
-        if node in seen or node.target not in _VIEW_OPS:
+        if node in seen or node.op != "call_function":
             continue
         seen.add(node)
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            continue  # running it on fake inputs would mutate their metadata
         old = node.meta.get("val")
         try:
             set_fake_val(gm, node)
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             if node.target not in (aten.view.default, aten._unsafe_view.default):
                 raise
             node.target = aten.reshape.default
@@ -157,6 +146,8 @@ def refresh_layout(gm: GraphModule, roots: Sequence[Node]) -> None:
         if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
             if old.stride() == new.stride():
                 continue
+        elif not isinstance(new, tuple | list):
+            continue
         todo.extend(node.users)
 
 

@@ -135,35 +135,40 @@ def load_library(path: Path) -> ctypes.CDLL:
 
 
 def make_launcher(
-    lib: ctypes.CDLL, symbol: str, kernel: Any, name: str, device: str
+    lib: ctypes.CDLL,
+    symbol: str,
+    kernel: Any,
+    name: str,
+    device: str,
+    reference: Callable[..., Any],
 ) -> Callable[..., Any]:
-    """Generated Python that allocates outputs and calls `symbol` with pointers/strides/sizes.
+    """Generated Python that checks strides, allocates outputs and calls `symbol`.
 
-    `kernel` is a lowering.c_renderer.RenderedKernel. Argument conversion is done by
-    ctypes from `argtypes` (no per-call ctypes objects), which keeps host overhead to a
-    few microseconds per call.
+    `kernel` is a lowering.c_ops.RenderedKernel. The kernel was generated for the strides
+    fake-tensor propagation predicted; a tensor arriving with other strides (in a dim of
+    size > 1) runs `reference` (the region's ATen graph) instead. Arguments are converted
+    by ctypes from `argtypes` (pointers and size symbols only: ~0.5 us each).
     """
     fn = getattr(lib, symbol)
     argtypes: list[Any] = []
     call: list[str] = []
-    pre: list[str] = []
-    for sym, src in kernel.symbol_sources.items():
-        pre.append(f"{sym} = {src}")
+    pre: list[str] = [f"{sym} = {src}" for sym, src in kernel.symbol_sources.items()]
+    by_input: dict[int, list[str]] = {}
+    for i, dim, expr in kernel.stride_checks:
+        by_input.setdefault(i, []).append(f"_st{i}[{dim}] != {expr}")
+    if by_input:
+        pre += [f"_st{i} = a{i}.stride()" for i in by_input]
+        cond = " or ".join(c for cs in by_input.values() for c in cs)
+        args = ", ".join(f"a{i}" for i in range(kernel.n_placeholders))
+        pre += [f"if {cond}:", f"    return _ref({args})"]
     outs = []
-    for j, (shape, stride, dtype) in enumerate(kernel.outputs):
+    for j, (shape, stride, _) in enumerate(kernel.outputs):
         pre.append(f"o{j} = _empty_strided({shape}, {stride}, dtype=_dt{j}, device=_dev)")
         outs.append(f"o{j}")
     for p in kernel.params:
-        if p.kind == "tensor":
-            argtypes += [ctypes.c_void_p] + [ctypes.c_int64] * p.ndim
-            call.append(f"a{p.index}.data_ptr()")
-            if p.ndim:
-                call.append(f"*a{p.index}.stride()")
-        elif p.kind == "out":
-            argtypes += [ctypes.c_void_p] + [ctypes.c_int64] * p.ndim
-            call.append(f"o{p.index}.data_ptr()")
-            if p.ndim:
-                call.append(f"*o{p.index}.stride()")
+        if p.kind in ("tensor", "out"):
+            argtypes.append(ctypes.c_void_p)
+            call.append(f"{'a' if p.kind == 'tensor' else 'o'}{p.index}.data_ptr()")
         elif p.kind == "float":
             argtypes.append(ctypes.c_double)
             call.append(f"a{p.index}")
@@ -179,7 +184,12 @@ def make_launcher(
     ret = f"({', '.join(outs)},)" if kernel.multi_output else outs[0]
     body = [*pre, f"_fn({', '.join(call)})", f"return {ret}"]
     src = f"def {name}({args}):\n" + "".join(f"    {line}\n" for line in body)
-    ns: dict[str, Any] = {"_fn": fn, "_empty_strided": torch.empty_strided, "_dev": device}
+    ns: dict[str, Any] = {
+        "_fn": fn,
+        "_empty_strided": torch.empty_strided,
+        "_dev": torch.device(device),
+        "_ref": reference,
+    }
     for j, (_, _, dtype) in enumerate(kernel.outputs):
         ns[f"_dt{j}"] = dtype
     exec(compile(src, f"<yirage_launcher_{name}>", "exec"), ns)

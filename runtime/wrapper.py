@@ -95,7 +95,7 @@ class WrapperCodegen:
     def out_kwarg(self, node: Node) -> list[str]:
         """`out=<arena view>` for a planned buffer, else nothing."""
         k = self.plan.index.get(node.name) if self.plan is not None else None
-        return [] if k is None else [f"out=_bufs[{k}]"]
+        return [] if k is None else [f"{self.plan.buffers[k].out_arg}=_bufs[{k}]"]
 
     def render(self) -> str:
         nodes = list(self.gm.graph.nodes)

@@ -24,18 +24,29 @@ def build(name: str, attn: str = "sdpa", layers: int = 2, dtype: torch.dtype = t
     configs = {
         "llama": lambda: (tf.LlamaConfig(**decoder), tf.LlamaForCausalLM),
         "qwen2": lambda: (tf.Qwen2Config(**decoder), tf.Qwen2ForCausalLM),
-        "mistral": lambda: (tf.MistralConfig(sliding_window=None, **decoder), tf.MistralForCausalLM),
+        "mistral": lambda: (
+            tf.MistralConfig(sliding_window=None, **decoder),
+            tf.MistralForCausalLM,
+        ),
         "phi3": lambda: (tf.Phi3Config(**decoder), tf.Phi3ForCausalLM),
         "gemma": lambda: (tf.GemmaConfig(head_dim=16, **decoder), tf.GemmaForCausalLM),
         "gpt2": lambda: (
-            tf.GPT2Config(n_embd=64, n_head=4, n_positions=64, **{
-                "vocab_size": VOCAB, "n_layer": layers, "attn_implementation": attn
-            }),
+            tf.GPT2Config(
+                n_embd=64,
+                n_head=4,
+                n_positions=64,
+                **{"vocab_size": VOCAB, "n_layer": layers, "attn_implementation": attn},
+            ),
             tf.GPT2LMHeadModel,
         ),
         "bert": lambda: (
-            tf.BertConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                          max_position_embeddings=64, **common),
+            tf.BertConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                **common,
+            ),
             tf.BertForMaskedLM,
         ),
     }

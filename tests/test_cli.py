@@ -137,9 +137,13 @@ def test_failing_backend_is_reported_and_exits_1(tmp_path, monkeypatch, capsys):
     assert "FAILED: RuntimeError: simulated compile failure" in capsys.readouterr().out
 
 
-def test_profile_prints_per_kernel_time_table(capsys):
-    assert cli.main(["profile", *TINY, "--layers", "1", "--steps", "2"]) == 0
+def test_profile_prints_per_kernel_time_table_and_writes_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    argv = [*TINY, "--layers", "1", "--steps", "2", "--trace", str(trace)]
+    assert cli.main(["profile", *argv]) == 0
     out = capsys.readouterr().out
+    names = {e.get("name", "") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert any(n.startswith("[yirage] wrapper_") for n in names)
     table = out[out.index("kernel / extern call") :]
     assert "% step" in table and "step total" in table
     rows = [line for line in table.splitlines()[1:] if line.endswith("%")]

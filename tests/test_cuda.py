@@ -89,6 +89,44 @@ def test_config_search_skips_failing_candidates(tmp_path):
     assert search(ConfigCache(tmp_path), "k", [{"w": 1}, {"w": 8}], bench) == {"w": 8}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inline_reference_turns_yirage_ops_into_aten_with_same_results(dtype):
+    """The CUDA lowering's default for norm/rotary/activation ops: splice the reference's
+    ATen ops into the graph (Inductor then fuses them). Runs on CPU: no kernels involved."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from yirage_dynamo.lowering.cuda_ops import inline_reference
+
+    from yirage_dynamo import ops  # noqa: F401 - registers yirage::*
+
+    def block(x, res, w, q, k, cos, sin, gate, up):
+        h, new_res = torch.ops.yirage.rms_norm_residual(x, res, w, 1e-6)
+        y = torch.ops.yirage.rms_norm(h, w, 1e-6, True)
+        q2, k2 = torch.ops.yirage.rotary(q, k, cos, sin)
+        act = torch.ops.yirage.gated_act(gate, up, "gelu_tanh")
+        return y, new_res, q2, k2, act
+
+    args = [
+        torch.randn(2, 3, 64, dtype=dtype),
+        torch.randn(2, 3, 64, dtype=dtype),
+        torch.randn(64, dtype=dtype),
+        torch.randn(2, 3, 4, 16, dtype=dtype).transpose(1, 2),
+        torch.randn(2, 3, 2, 16, dtype=dtype).transpose(1, 2),
+        torch.randn(1, 1, 3, 16, dtype=dtype),
+        torch.randn(1, 1, 3, 16, dtype=dtype),
+        torch.randn(2, 3, 96, dtype=dtype),
+        torch.randn(2, 3, 96, dtype=dtype),
+    ]
+    gm = make_fx(block, tracing_mode="fake")(*args)
+    nodes = [n for n in gm.graph.nodes if getattr(n.target, "namespace", "") == "yirage"]
+    assert len(nodes) == 4
+    assert all(inline_reference(gm, n) for n in nodes)
+    gm.graph.lint()
+    gm.recompile()
+    assert not [n for n in gm.graph.nodes if getattr(n.target, "namespace", "") == "yirage"]
+    for got, want in zip(gm(*args), block(*args)):
+        torch.testing.assert_close(got, want, **_tol(dtype))
+
+
 # --------------------------------------------------------------------------- kernels
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -197,7 +235,11 @@ def test_triton_decode_attention_matches_reference(dtype, hq, hkv, d, pos):
     )
     for split, block_n, nw in [(64, 32, 2), (256, 64, 4), (1024, 128, 4)]:
         out = k.decode_attention(q, kc, vc, None, cp, scale, split, block_n, nw)
-        assert out.shape == ref.shape and out.stride() == ref.stride()
+        assert out.shape == ref.shape
+        # Same memory layout (strides of size-1 dims carry no information).
+        assert [st for st, n in zip(out.stride(), out.shape) if n > 1] == [
+            st for st, n in zip(ref.stride(), ref.shape) if n > 1
+        ]
         torch.testing.assert_close(out, ref, **_tol(dtype))
 
 
@@ -289,8 +331,11 @@ def _tiny_llama(dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(dtype):
+@pytest.mark.parametrize(
+    "dtype,kernels",
+    [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "all")],
+)
+def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(dtype, kernels):
     import transformers
 
     import yirage_dynamo
@@ -303,27 +348,41 @@ def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(dtype):
             ids, disable_compile=True, output_logits=True, return_dict_in_generate=True, **gen
         )
     yirage_dynamo.clear_reports()
-    cc = transformers.CompileConfig(backend="yirage", mode=None, options={"fallback": "error"})
+    from yirage_dynamo.backend import yirage
+
+    # The callable, not the entry-point name: works without an installed dist-info too.
+    opts = {"fallback": "error", "cuda_kernels": kernels}
+    cc = transformers.CompileConfig(backend=yirage, mode=None, options=opts)
     with torch.no_grad():
         out = model.generate(
             ids, compile_config=cc, output_logits=True, return_dict_in_generate=True, **gen
         )
-        torch.cuda.synchronize()
-        mem = torch.cuda.memory_allocated()
+        mems = []
+        for _ in range(4):
+            again = model.generate(ids, compile_config=cc, **gen)
+            torch.cuda.synchronize()
+            mems.append(torch.cuda.memory_allocated())
+            del again
         again = model.generate(ids, compile_config=cc, **gen)
-        torch.cuda.synchronize()
     reports = yirage_dynamo.reports()
     assert reports and all(r.lowering == "triton" and not r.fallbacks for r in reports)
     decode = [r for r in reports if r.patterns.get("triton_attention")]
-    assert decode, [str(r) for r in reports]
+    assert decode, [(r.patterns, r.rejected) for r in reports]
     assert any("triton.cudagraphs=True" in n for r in reports for n in r.notes)
-    # Logits of every step match eager; with exact fp32 kernels so do the tokens.
-    for a, b in zip(out.logits, ref.logits):
-        torch.testing.assert_close(
-            a, b, **_tol(dtype) if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
-        )
+    if kernels == "all":
+        assert any(r.patterns.get("triton_rms_norm_residual") for r in reports)
+        assert any(r.patterns.get("triton_rotary") for r in reports)
+    # Logits match eager at every step whose prefix tokens agree (bf16 greedy decoding
+    # may flip a near-tie, after which the sequences legitimately differ); fp32 agrees
+    # on every token.
     if dtype == torch.float32:
         assert torch.equal(out.sequences, ref.sequences)
+    prompt = ids.shape[1]
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        tol = _tol(dtype) if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
+        torch.testing.assert_close(a, b, **tol)
+        if not torch.equal(out.sequences[:, prompt + step], ref.sequences[:, prompt + step]):
+            break
     assert torch.equal(again, out.sequences)
-    # CUDA-graph replays allocate nothing new across generate() calls.
-    assert torch.cuda.memory_allocated() <= mem
+    # Steady state: CUDA-graph replays allocate nothing new across generate() calls.
+    assert mems[-1] <= mems[-2] <= mems[-3], mems

@@ -77,6 +77,31 @@ def _affine_sq(x, w, b):
     return ((x @ w + b) * x).sum(-1)
 
 
+def test_dynamo_trace_time_falls_back_to_frame_start_without_the_metric(monkeypatch):
+    from torch._dynamo import utils as dynamo_utils
+
+    class NoTracingMetric(dict):
+        def get(self, key, default=None):  # as if this torch did not record the metric
+            return default if key == "bytecode_tracing" else super().get(key, default)
+
+    monkeypatch.setattr(dynamo_utils, "compilation_time_metrics", NoTracingMetric())
+    x, w, b = _inputs()
+    with torch.no_grad():
+        yirage_compile(_mlp)(x, w, b)
+    report = yirage_dynamo.last_report()
+    assert report.stages["dynamo_trace"] > 0
+    assert sum(report.top_level_stages.values()) <= report.total_seconds + 1e-9
+
+
+def test_backend_called_outside_dynamo_has_no_dynamo_trace_stage():
+    gm = torch.fx.symbolic_trace(lambda x: (x.sin() + 1,))  # Dynamo graphs return tuples
+    x = torch.randn(5)
+    fn = backend.yirage(gm, [x], options={"fallback": "error"})
+    torch.testing.assert_close(fn(x), (x.sin() + 1,))
+    report = yirage_dynamo.last_report()
+    assert report.dynamo_compile_id is None and "dynamo_trace" not in report.stages
+
+
 def test_training_reports_forward_and_backward_each_with_consistent_totals():
     yirage_dynamo.clear_reports()
     x, w, b = _inputs(requires_grad=True)

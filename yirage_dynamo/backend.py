@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -127,13 +128,16 @@ class _RecordedSet:
     """Identity set of reports already recorded (reports are unhashable dataclasses)."""
 
     def __init__(self) -> None:
-        self._ids: set[int] = set()
+        # id -> weak reference: a freed report's id can be reused by a new report, which
+        # must not then count as already recorded (it would silently vanish).
+        self._refs: dict[int, weakref.ref] = {}
 
     def __contains__(self, r: object) -> bool:
-        return id(r) in self._ids
+        ref = self._refs.get(id(r))
+        return ref is not None and ref() is r
 
     def add(self, r: object) -> None:
-        self._ids.add(id(r))
+        self._refs[id(r)] = weakref.ref(r)
 
 
 _recorded = _RecordedSet()

@@ -106,8 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: 0 for --help, 2 for bad arguments
         return exc.code if isinstance(exc.code, int) else 2
-    commands = {"demo": cmd_demo, "compare": cmd_compare, "doctor": cmd_doctor}
-    commands["profile"] = cmd_profile
+    commands = {
+        "demo": cmd_demo,
+        "compare": cmd_compare,
+        "doctor": cmd_doctor,
+        "profile": cmd_profile,
+    }
     try:
         return commands[args.command](args)
     except _ArgError as exc:

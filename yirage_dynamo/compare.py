@@ -58,6 +58,7 @@ class BackendResult:
     tokens_match: bool | None = None
     graphs: int | None = None
     fallbacks: int | None = None
+    fallback_reasons: str | None = None
     error: str | None = None
 
 
@@ -215,6 +216,10 @@ def _measure(
         new = yirage_dynamo.reports()[n_reports:]
         res.graphs = len(new)
         res.fallbacks = sum(len(r.fallbacks) for r in new)
+        reasons = [
+            f"{f.stage} -> {f.to}: {f.reason.splitlines()[0]}" for r in new for f in r.fallbacks
+        ]
+        res.fallback_reasons = " | ".join(reasons)[:600] or None
     return res, out
 
 
@@ -289,6 +294,9 @@ def format_table(cfg: CompareConfig, results: list[BackendResult]) -> str:
         lines.append(line)
         if n == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|---|")
+    for r in results:
+        if r.fallback_reasons:
+            lines.append(f"{r.backend} fell back: {r.fallback_reasons}")
     return "\n".join(lines)
 
 

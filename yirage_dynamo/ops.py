@@ -61,10 +61,13 @@ def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weig
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is None:
-        return y.to(x.dtype)
-    if weight_fp32:
-        return (y * weight.float()).to(x.dtype)
-    return weight * y.to(x.dtype)
+        out = y.to(x.dtype)
+    elif weight_fp32:
+        out = (y * weight.float()).to(x.dtype)
+    else:
+        out = weight * y.to(x.dtype)
+    # Outputs are contiguous whatever the input strides, as the fake implementations say.
+    return out.contiguous()
 
 
 def _rms_out_dtype(x: torch.Tensor, weight: torch.Tensor | None, weight_fp32: bool):
@@ -94,7 +97,7 @@ def rms_norm_residual(
     eps: float,
     weight_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    new_residual = residual + x
+    new_residual = (residual + x).contiguous()
     return _rms_norm_ref(new_residual, weight, eps, weight_fp32), new_residual
 
 
@@ -112,11 +115,11 @@ def _(x, residual, weight, eps, weight_fp32=False):
 @torch.library.custom_op(f"{LIB}::gated_act", mutates_args=())
 def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
     if act == "silu":
-        return F.silu(gate) * up
+        return (F.silu(gate) * up).contiguous()
     if act == "gelu_tanh":
-        return F.gelu(gate, approximate="tanh") * up
+        return (F.gelu(gate, approximate="tanh") * up).contiguous()
     if act == "gelu":
-        return F.gelu(gate) * up
+        return (F.gelu(gate) * up).contiguous()
     raise ValueError(f"yirage::gated_act: unknown activation {act!r}; expected {ACTIVATIONS}")
 
 
@@ -141,7 +144,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
         rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
     out = x_rot * cos + rotated * sin
     if x_pass.shape[-1] == 0:
-        return out
+        return out.contiguous()
     return torch.cat((out, x_pass), dim=-1)
 
 
@@ -254,7 +257,7 @@ def lora_linear(
     scale: float,
 ) -> torch.Tensor:
     base = F.linear(x, weight, bias)
-    return base + F.linear(F.linear(x, lora_a), lora_b) * scale
+    return (base + F.linear(F.linear(x, lora_a), lora_b) * scale).contiguous()
 
 
 @lora_linear.register_fake
@@ -270,21 +273,3 @@ OPS: dict[str, torch._ops.OpOverload] = {
     "attention": torch.ops.yirage.attention.default,
     "lora_linear": torch.ops.yirage.lora_linear.default,
 }
-
-
-def note_reference_ops(gm: torch.fx.GraphModule, ctx) -> None:
-    """Report which yirage ops in gm run their ATen reference on this lowering."""
-    native = ctx.capabilities.native_custom_ops
-    used = sorted(
-        {
-            n.target._opname
-            for n in gm.graph.nodes
-            if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == LIB
-        }
-    )
-    for name in used:
-        if name in native:
-            continue
-        note = f"yirage::{name} runs its ATen reference implementation (no native kernel)"
-        if note not in ctx.report.notes:
-            ctx.report.notes.append(note)

@@ -16,6 +16,7 @@ from typing import Any
 DEVICES = ("auto", "cpu", "cuda", "mps", "neuron")
 FALLBACKS = ("inductor", "eager", "error")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_KERNELS = ("auto", "all", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,10 @@ class Options:
     memory_planning: bool = True
     # None: decided by mode and device (CUDA inference graphs with static shapes).
     cudagraphs: bool | None = None
+    # CUDA lowering: which yirage ops run as our Triton kernels. "auto": decode attention;
+    # the pointwise/norm ops go back to ATen for Inductor to fuse. "all": every op with a
+    # kernel. "none": no Triton kernels (ops are inlined for Inductor).
+    cuda_kernels: str = "auto"
     cache_dir: str = ""
     cxx: str = ""
     cxx_flags: tuple[str, ...] = ("-O3", "-fopenmp", "-march=native")
@@ -113,6 +118,8 @@ def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = N
     for key in ("debug", "freeze", "memory_planning", "verify"):
         if key in raw:
             _kind(key, raw[key], (bool,), "True or False")
+    if "cuda_kernels" in raw:
+        _choice("cuda_kernels", raw["cuda_kernels"], CUDA_KERNELS)
     if "cudagraphs" in raw and raw["cudagraphs"] is not None:
         _kind("cudagraphs", raw["cudagraphs"], (bool,), "True, False or None")
     for key in ("report", "cache_dir", "debug_dir", "cxx"):

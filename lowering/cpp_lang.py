@@ -1,0 +1,73 @@
+"""The C++/OpenMP flavour of the C-like renderer: storage types, pragmas and helpers."""
+
+from __future__ import annotations
+
+import torch
+
+from .c_ops import CLanguage
+
+CPP = CLanguage(
+    storage={
+        torch.float32: "float",
+        torch.bfloat16: "uint16_t",
+        torch.float16: "uint16_t",
+        torch.int32: "int32_t",
+        torch.int64: "int64_t",
+        torch.int16: "int16_t",
+        torch.int8: "int8_t",
+        torch.uint8: "uint8_t",
+        torch.bool: "bool",
+    }
+)
+
+CPP_PRELUDE = r"""// yirage generated C++/OpenMP kernels
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+using std::exp; using std::exp2; using std::expm1; using std::log; using std::log1p;
+using std::log2; using std::sqrt; using std::sin; using std::cos; using std::tan;
+using std::tanh; using std::erf; using std::floor; using std::ceil; using std::trunc;
+using std::nearbyint; using std::pow;
+
+static inline float y_bf16_to_f(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t y_f_to_bf16(float f) {
+  if (f != f) return 0x7fc0;
+  uint32_t u; std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return (uint16_t)(u >> 16);
+}
+#if defined(__FLT16_MAX__)
+static inline float y_f16_to_f(uint16_t v) { _Float16 h; std::memcpy(&h, &v, 2); return (float)h; }
+static inline uint16_t y_f_to_f16(float f) { _Float16 h = (_Float16)f; uint16_t v; std::memcpy(&v, &h, 2); return v; }
+#else
+static inline float y_f16_to_f(uint16_t h) {
+  uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+  if (e == 0) {
+    if (m == 0) { u = s; } else {
+      e = 113; while (!(m & 0x400)) { m <<= 1; --e; } m &= 0x3ff; u = s | (e << 23) | (m << 13);
+    }
+  } else if (e == 31) { u = s | 0x7f800000u | (m << 13); } else { u = s | ((e + 112) << 23) | (m << 13); }
+  float f; std::memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t y_f_to_f16(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  uint32_t s = (u >> 16) & 0x8000, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(s | 0x7e00);
+  if (a >= 0x477ff000u) return (uint16_t)(s | 0x7c00);
+  if (a < 0x38800000u) {  // subnormal half
+    float v; std::memcpy(&v, &a, 4); return (uint16_t)(s | (uint32_t)nearbyint(v * 16777216.0f));
+  }
+  uint32_t r = a + 0xc8000fffu + ((a >> 13) & 1u);
+  return (uint16_t)(s | (r >> 13));
+}
+#endif
+static inline float y_round_bf16(float f) { return y_bf16_to_f(y_f_to_bf16(f)); }
+static inline float y_round_f16(float f) { return y_f16_to_f(y_f_to_f16(f)); }
+template <class T> static inline T y_max(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
+template <class T> static inline T y_min(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
+template <class T> static inline T y_abs(T a) { return a < 0 ? -a : a; }
+static inline int64_t y_floordiv(int64_t a, int64_t b) { int64_t q = a / b; return (q * b != a && ((a < 0) != (b < 0))) ? q - 1 : q; }
+"""
