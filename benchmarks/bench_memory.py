@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def child(size: str, seq: int, calls: int, config: str) -> dict:
+def child(size: str, seq: int, calls: int, config: str, last: bool) -> dict:
     import torch
 
     import yirage_dynamo
@@ -37,18 +38,20 @@ def child(size: str, seq: int, calls: int, config: str) -> dict:
     model = build_model("llama", size)
     ids = random_input_ids(model, 1, seq)
     fn = model
+    # Prefill as generate() runs it (logits of the last position only), or all logits.
+    kw = {"logits_to_keep": 1} if last else {}
     if config != "eager":
         opts = {"fallback": "error", "memory_planning": config == "planned"}
         fn = torch.compile(model, backend="yirage", options=opts)
     with torch.no_grad():
-        ref = fn(ids).logits  # warm-up / compile
+        ref = fn(ids, **kw).logits  # warm-up / compile
         del ref
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         before = _status("VmRSS")
         for _ in range(calls):
-            out = fn(ids).logits
+            out = fn(ids, **kw).logits
             del out
         peak = _status("VmHWM")
     mems = [r.memory for r in yirage_dynamo.reports() if r.memory]
@@ -70,19 +73,24 @@ def main() -> None:
     p.add_argument("--size", default="tiny", choices=["tiny", "125m"])
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--last", action="store_true", help="logits of the last position only")
     p.add_argument("--child", default=None)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.size, a.seq, a.calls, a.child)))
+        print(json.dumps(child(a.size, a.seq, a.calls, a.child, a.last)))
         return
     rows = []
     for config in ("eager", "unplanned", "planned"):
         cmd = [sys.executable, __file__, "--size", a.size, "--seq", str(a.seq)]
-        cmd += ["--calls", str(a.calls), "--child", config]
+        cmd += ["--calls", str(a.calls), "--child", config] + (["--last"] if a.last else [])
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     mib = 1 / 2**20
-    print(f"llama {a.size}, seq {a.seq}, batch 1, fp32, CPU, {a.calls} calls")
+    malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default (dynamic)")
+    print(
+        f"llama {a.size}, seq {a.seq}, batch 1, fp32, CPU, {a.calls} calls, "
+        f"logits {'last position' if a.last else 'all positions'}, mmap threshold {malloc}"
+    )
     print(
         f"{'config':<10} {'transient MiB':>13} {'arena MiB':>10} {'attrib. MiB':>11} "
         f"{'planned peak MiB':>16} {'naive MiB':>10} {'buffers':>8}"

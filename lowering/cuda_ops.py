@@ -94,23 +94,32 @@ class _Tuner:
         return strip(search(self.cache, key, candidates, lazy_bench, self.stats))
 
 
-def _time(fn: Callable[[], Any], reps: int = 20) -> float:
-    """Mean ms per call over `reps` back-to-back calls (CUDA events), best of 3 rounds.
+def _time(fn: Callable[[], Any], reps: int = 10) -> float:
+    """GPU ms per call: `reps` calls captured in one CUDA graph, best of 3 replays.
 
-    Not triton's do_bench: its L2 flush allocates a 256 MB buffer, which would show up in
-    the compiled model's peak memory. Decode-time kernels run back to back on warm L2
-    anyway, so timing them without a flush ranks configs as they will run.
+    Decode kernels take microseconds, less than a Python launch: timing eager calls would
+    measure the host. Replaying a graph measures the kernels as they will run (inside the
+    model's CUDA graph, back to back on warm L2). Not triton's do_bench either: its L2
+    flush allocates 256 MB, which would show up in the compiled model's peak memory.
     """
-    fn()  # compile / warm up this config
-    best = math.inf
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        start.record()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # JIT-compile this config outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = math.inf
+    for _ in range(3):
+        start.record()
+        graph.replay()
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end) / reps)
+    del graph
     return best
 
 
@@ -243,8 +252,8 @@ def _split_candidates(max_len: int) -> list[dict[str, Any]]:
         for block_n, nw in ((64, 4), (32, 2), (128, 4)):
             if block_n <= split:
                 out.append({"split": split, "block_n": block_n, "num_warps": nw})
-    # A sensible default first (chosen when nothing can be measured): ~4 chunks per program.
-    default = {"split": 256 if max_len >= 1024 else 64, "block_n": 64, "num_warps": 4}
+    # The default (used when nothing can be measured): short chunks, many programs.
+    default = {"split": 256 if max_len >= 4096 else 64, "block_n": 64, "num_warps": 4}
     return [default] + [c for c in out if c != default]
 
 

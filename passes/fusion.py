@@ -72,19 +72,27 @@ def _op_key(target: Any) -> str:
     return name if target.namespace == "aten" else f"{target.namespace}.{name}"
 
 
-def _expr(s: Any) -> sympy.Expr:
-    return s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(int(s))
+def _expr(s: Any) -> sympy.Expr | int:
+    # Plain ints for static sizes: sympy arithmetic is ~100x slower and graphs are large.
+    if isinstance(s, torch.SymInt):
+        expr = s.node.expr
+        return int(expr) if expr.is_number else expr
+    return int(s)
 
 
-def _numel(shape: Any) -> sympy.Expr:
-    out = sympy.Integer(1)
+def _numel(shape: Any) -> sympy.Expr | int:
+    out: Any = 1
     for s in shape:
-        out *= _expr(s)
-    return sympy.expand(out)
+        out = out * _expr(s)
+    return out if isinstance(out, int) else sympy.expand(out)
 
 
-def _eq(a: sympy.Expr | None, b: sympy.Expr | None) -> bool:
-    return a is not None and b is not None and sympy.expand(a - b) == 0
+def _eq(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return False
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.expand(a - b) == 0
 
 
 def _tensors(node: Node) -> list[Any]:
@@ -124,7 +132,7 @@ def _signature(node: Node, caps: Any) -> tuple | None:
         return ("red", tuple(src.shape), dims, _numel(val.shape))
     if not any(isinstance(v, torch.Tensor) for v in _tensors(node)):
         return None  # creation ops: nothing to fuse with
-    return ("pw", _numel(val.shape))
+    return ("pw", _numel(val.shape), key in _VIEW_OPS or key == "cat")
 
 
 class _Region:
@@ -135,33 +143,54 @@ class _Region:
         self.red: tuple | None = None  # (input shape, dims) shared by the reductions
         self.row: sympy.Expr | None = None  # numel of the reduced (row) values
 
-    def domain_after(self, sig: tuple) -> tuple | None:
-        """(full, red, row) if a node with `sig` fits this region's loop nest, else None.
+    def domain_after(self, sig: tuple, node: Node) -> tuple | None:
+        """(full, red, row) once `node` (signature `sig`) joins, or None if it can't.
 
-        Pointwise nodes of any size fit (the renderer indexes every node in its own
-        coordinates); which sizes may leave the region is settled once it is complete.
+        Views/cat of any size may join (they only remap indices; if one ends up needed
+        outside, an extern view/copy replaces it). A compute node of another size moves the
+        domain to its size (e.g. rotate-half: neg on half rows, then cat to full rows) but
+        only while no compute value of the region is used outside the region.
         """
+        full, red, row = self.full, self.red, self.row
         if sig[0] == "pw":
-            return self.full, self.red, self.row
+            _, n, gather = sig
+            if full is None:
+                return n, red, row
+            if gather or _eq(n, full) or (red is not None and _eq(n, row)):
+                return full, red, row
+            if red is not None or self.computes_escape(node):
+                return None
+            return n, None, None
         _, shape, dims, out = sig
-        if self.red is None:
-            return _numel(shape), (shape, dims), out
-        if _same_red(self.red, (shape, dims)):
-            return self.full, self.red, self.row
-        return None
+        if red is not None:
+            return (full, red, row) if _same_red(red, (shape, dims)) else None
+        n = _numel(shape)
+        if full is not None and not _eq(n, full) and self.computes_escape(node):
+            return None
+        return n, (shape, dims), out
+
+    def computes_escape(self, joining: Node) -> bool:
+        inside = set(self.nodes)
+        return any(
+            _op_key(m.target) not in _VIEW_OPS
+            and any(u not in inside and u is not joining for u in m.users)
+            for m in self.nodes
+        )
 
     def merged_domain(self, other: _Region) -> tuple | None:
         a, b = (self, other) if self.red is not None else (other, self)
-        if b.red is not None and not _same_red(a.red, b.red):
-            return None
-        return a.full, a.red, a.row
+        if b.red is not None:
+            return (a.full, a.red, a.row) if _same_red(a.red, b.red) else None
+        if a.red is not None:
+            ok = _eq(b.full, a.full) or _eq(b.full, a.row)
+            return (a.full, a.red, a.row) if ok else None
+        return (a.full, None, None) if _eq(a.full, b.full) else None
 
     def output_sizes(self) -> tuple[sympy.Expr, ...]:
         """Sizes a region output may have: the domain, and for reductions the row size."""
         if self.red is not None:
             return (self.full, self.row)
-        last = self.nodes[-1].meta["val"]
-        return (_numel(last.shape),)
+        return (self.full,)
 
 
 def _same_red(x: tuple, y: tuple) -> bool:
@@ -200,7 +229,7 @@ class _Partitioner:
             home: _Region | None = None
             for r in cands:
                 if home is None:
-                    dom = r.domain_after(sig)
+                    dom = r.domain_after(sig, node)
                     if dom is not None and self.placeable([*r.nodes, node]):
                         home = r
                         r.full, r.red, r.row = dom
@@ -217,7 +246,7 @@ class _Partitioner:
             if home is None:
                 home = _Region(len(self.regions))
                 self.regions.append(home)
-                home.full, home.red, home.row = home.domain_after(sig)
+                home.full, home.red, home.row = home.domain_after(sig, node)
                 home.nodes.append(node)
                 self.region_of[node] = home
         return [r for r in self.regions if r.nodes]
@@ -244,10 +273,12 @@ def _detach_escaping(gm: GraphModule, region: _Region, order: dict[Node, float])
             outside = [u for u in v.users if u not in inside]
             if not outside:
                 continue
-            first = min(outside, key=lambda u: order.get(u, 1 << 60))
+            # Positions from the live graph: earlier copies have no meaningful `order`.
+            pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+            first = min(outside, key=pos.__getitem__)
             with gm.graph.inserting_before(first):
                 copy = gm.graph.node_copy(v)
-            order[copy] = order[first] - 0.5
+            order[copy] = order.get(first, pos[first]) - 0.5
             for u in outside:
                 u.replace_input_with(v, copy)
             if not v.users:
@@ -317,6 +348,8 @@ def _inline_custom_ops(gm: GraphModule, caps: Any) -> int:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     count = 0
+    # One trace per distinct (op, argument metadata): the 30 layers of a model share it.
+    traces: dict[tuple, Any] = {}
     for node in list(gm.graph.nodes):
         key = _op_key(node.target)
         if node.op != "call_function" or "." not in key or key not in caps.fusible_ops:
@@ -336,11 +369,21 @@ def _inline_custom_ops(gm: GraphModule, caps: Any) -> int:
                 args[i] = t
             return _fn(*args)
 
-        fake_mode = torch._guards.detect_fake_mode(fakes)
-        try:
-            with fake_mode if fake_mode is not None else _nullcontext(), torch.no_grad():
-                traced = make_fx(call)(*fakes)
-        except Exception:  # noqa: BLE001 - keep the op as an extern call
+        key = (
+            node.target,
+            tuple(a if not isinstance(a, Node) else None for a in node.args),
+            tuple((str(f.shape), str(f.stride()), f.dtype, f.device) for f in fakes),
+        )
+        traced = traces.get(key)
+        if key not in traces:
+            fake_mode = torch._guards.detect_fake_mode(fakes)
+            try:
+                with fake_mode if fake_mode is not None else _nullcontext(), torch.no_grad():
+                    traced = make_fx(call)(*fakes)
+            except Exception:  # noqa: BLE001 - keep the op as an extern call
+                traced = None
+            traces[key] = traced
+        if traced is None:
             continue
         literal_sym = any(
             isinstance(a, torch.SymInt | torch.SymFloat)

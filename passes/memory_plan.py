@@ -5,7 +5,7 @@ regions). It does not change the graph; it stores a `MemoryPlan` in
 ctx.artifacts["memory_plan"] that the generated wrapper reads:
 
 before (every intermediate from the allocator):   after (wrapper, with the plan):
-    mm  = aten.mm(x, w)                               _bufs = _arena(s0)   # views, cached per shape
+    mm  = aten.mm(x, w)                               _bufs = _arena((x.size(0),))  # cached
     mul = aten.mul(mm, y)                             mm  = aten.mm.out(x, w, out=_bufs[0])
     s   = aten.sum(mul, [1])                          mul = aten.mul.out(mm, y, out=_bufs[1])
     return (s,)                                       s   = aten.sum(mul, [1])   # output: allocator
@@ -18,8 +18,9 @@ into given memory (an ATen `.out` overload with the same arguments and a real ke
 the device, or a kernel callable taking `out=`), (b) it is dense (its strides are a
 permutation of contiguous ones) and (c) its size only uses symbols the inputs bind.
 Never planned: graph inputs (incl. mutated KV caches), constants, and anything a graph
-output may alias (views of a buffer share its lifetime; unknown ops are assumed to alias
-their inputs).
+output may alias (views of a buffer share its lifetime; a fused region may alias the
+inputs its subgraph returns views of; unknown ops are assumed to alias all inputs).
+Graphs with fewer than MIN_BUFFERS planned buffers are left to the allocator.
 
 Sizes are sympy expressions. Placement is decided once, by best fit at the example
 (hint) shape; it is kept as an order ("slot a lies below slot b" for every pair live at
@@ -333,7 +334,13 @@ def plan_memory(
         )
     alignment = ctx.capabilities.alignment
     best_fit(slots, hints, alignment)
-    symbols = sorted(bind, key=str)
+    # Only symbols the planned sizes use key the per-shape cache: a decode step whose
+    # buffers do not depend on the KV length reuses one layout for every length.
+    used: set = set()
+    for b in buffers:
+        for e in (*b.shape, *b.stride, b.nbytes):
+            used |= e.free_symbols
+    symbols = sorted(used, key=str)
     return MemoryPlan(
         buffers,
         slots,

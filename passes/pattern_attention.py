@@ -10,9 +10,10 @@ Matches A — attn_implementation="sdpa" (the op AOTAutograd picks per device):
 
 Matches B — attn_implementation="eager" (casts only in reduced-precision graphs):
 
-    s = mul(view(bmm(view(q), view(transpose(k, 2, 3)))), scale) [+ mask]
+    s = mul(view(bmm(view(q), view(transpose(k, 2, 3)))), scale) [+ mask]   # or permute
     p = _to_copy(_softmax(_to_copy(s, f32), -1, False), q.dtype)
-    o = view(bmm(view(p), view(v)))
+        (_softmax also as its decomposition: div(exp(sub(s, amax(s))), sum(exp)))
+    o = view(bmm(view(p), view(v)))           # view(x) also _unsafe_view(clone(x))
 
 Rewrite (k0/v0 are the un-repeated K/V, e.g. the static cache written by index_copy_):
 
@@ -153,7 +154,10 @@ def _eager_site(node: Node, ctx: PassContext):
     chain += [qk, qk.args[0]]
     q = _through_reshape(qk.args[0].args[0], chain)
     kt = _through_reshape(qk.args[0].args[1], chain)
-    if not (_one(kt, aten.transpose.int) and sorted(kt.args[1:]) in ([2, 3], [-2, -1])):
+    swaps_last_two = (
+        _one(kt, aten.transpose.int) and sorted(kt.args[1:]) in ([2, 3], [-2, -1])
+    ) or (_one(kt, aten.permute.default) and list(kt.args[1]) == [0, 1, 3, 2])
+    if not swaps_last_two:
         return None
     chain.append(kt)
     k = kt.args[0]

@@ -4,6 +4,7 @@ Inference graphs with frozen weights only (after freeze_parameters the weights a
 constants); training graphs are left unfused. Matches, for one input x:
 
     y_i = mm(x, t(W_i))            or  addmm(b_i, x, t(W_i))        i = 1..n, n >= 2
+    (t(W) also as permute(W, [1, 0]), Inductor's decomposition of t)
     (W_i: get_attr [N_i, K], same K and dtype; b_i: get_attr [N_i])
 
 Rewrite (W_cat/b_cat built once at compile time and registered as buffers on gm):
@@ -23,7 +24,14 @@ from torch.fx import GraphModule, Node
 
 from .context import PassContext
 from .freezing import add_constant
-from .pattern_utils import erase_dead, insert_call, order_of, refresh_layout, val
+from .pattern_utils import (
+    erase_dead,
+    insert_call,
+    order_of,
+    refresh_layout,
+    transposed_weight,
+    val,
+)
 
 aten = torch.ops.aten
 NAME = "horizontal_gemm"
@@ -40,9 +48,7 @@ def _projection(node: Node, gm: GraphModule) -> tuple[Node, Node, Node | None] |
             return None
     else:
         return None
-    if not (isinstance(wt, Node) and wt.target is aten.t.default):
-        return None
-    w = wt.args[0]
+    w = transposed_weight(wt)
     if not (isinstance(w, Node) and w.op == "get_attr"):
         return None
     if not isinstance(getattr(gm, w.target, None), torch.Tensor) or val(w).dim() != 2:

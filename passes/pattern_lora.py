@@ -20,7 +20,15 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .context import PassContext
-from .pattern_utils import ensure_ops, erase_dead, insert_call, note_reference, refresh_layout, val
+from .pattern_utils import (
+    ensure_ops,
+    erase_dead,
+    insert_call,
+    note_reference,
+    refresh_layout,
+    transposed_weight,
+    val,
+)
 
 aten = torch.ops.aten
 NAME = "lora_linear"
@@ -45,10 +53,11 @@ def _linear(node: object, chain: list[Node]) -> tuple[object, Node, object] | No
         bias, x, wt = node.args
     else:
         return None
-    if not (isinstance(wt, Node) and wt.target is aten.t.default):
+    w = transposed_weight(wt)
+    if w is None:
         return None
     chain += [node, wt]
-    return x, wt.args[0], bias
+    return x, w, bias
 
 
 def _site(add: Node, ctx: PassContext):

@@ -89,22 +89,29 @@ def _only_user(node: Node) -> Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _rewrite(gm: GraphModule, ctx: PassContext, m, y: Node) -> bool:
+def extra_check(m) -> str | None:
+    """Why a core match (x * rsqrt(mean(x^2) + eps)) is not an RMSNorm to fuse, or None."""
     eps, dims, xf = m.kwargs["eps"], m.kwargs["dims"], m.kwargs["x"]
     if isinstance(eps, Node) or not isinstance(eps, float | int):
-        ctx.report.reject(NAME, f"{y.name}: eps not constant")
-        return False
+        return "eps not constant"
     xv = val(xf)
     if not isinstance(xv, torch.Tensor) or not last_dim_is(dims, xv.dim()):
-        ctx.report.reject(NAME, f"{y.name}: reduction is not over the last dim")
-        return False
+        return "reduction is not over the last dim"
     count = m.kwargs.get("count", xv.shape[-1])
     if isinstance(count, Node) or count != xv.shape[-1]:
-        ctx.report.reject(NAME, f"{y.name}: sum is not divided by the hidden size")
-        return False
+        return "sum is not divided by the hidden size"
     if xv.dtype != torch.float32:
-        ctx.report.reject(NAME, f"{y.name}: computed in {xv.dtype}, not fp32")
+        return f"computed in {xv.dtype}, not fp32"
+    return None
+
+
+def _rewrite(gm: GraphModule, ctx: PassContext, m, y: Node) -> bool:
+    why = extra_check(m)
+    if why is not None:
+        ctx.report.reject(NAME, f"{y.name}: {why}")
         return False
+    eps, xf = m.kwargs["eps"], m.kwargs["x"]
+    xv = val(xf)
     x = xf.args[0] if is_cast(xf) else xf
     in_dtype = dtype_of(x)
     hidden = xv.shape[-1]

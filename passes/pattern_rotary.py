@@ -52,7 +52,8 @@ def _patterns() -> list:
     return [CallFunction(aten.add.Tensor, a, b), CallFunction(aten.add.Tensor, b, a)]
 
 
-def _check(m) -> str | None:
+def extra_check(m) -> str | None:
+    """Why a rotate-half match is not a full-head-dim rotary to fuse, or None."""
     k = m.kwargs
     xv, cv, sv = val(k["x"]), val(k["cos"]), val(k["sin"])
     if not all(isinstance(v, torch.Tensor) for v in (xv, cv, sv)):
@@ -93,7 +94,7 @@ def fuse_rotary(gm: GraphModule, ctx: PassContext) -> int:
             m = match(pattern, node)
             if m is None:
                 continue
-            why = _check(m)
+            why = extra_check(m)
             if why is not None:
                 ctx.report.reject(NAME, f"{node.name}: {why}")
                 break

@@ -4,6 +4,7 @@ Matches (HF LlamaMLP `act_fn(gate_proj(x)) * up_proj(x)`, Phi-3 `up * act(gate)`
 `chunk`, Gemma `gelu_pytorch_tanh`; either operand order):
 
     a   = silu(gate)                         # or, core-ATen decomposed: mul(gate, sigmoid(gate))
+                                             # or Inductor's: div(gate, add(exp(neg(gate)), 1))
         | gelu(gate, approximate="tanh")     # or exact gelu(gate)
     out = mul(a, up)
 
@@ -44,6 +45,19 @@ def _patterns() -> list[tuple[object, str]]:
         (CallFunction(aten.silu.default, g), "silu"),
         (CallFunction(aten.mul.Tensor, g, CallFunction(aten.sigmoid.default, g)), "silu"),
         (CallFunction(aten.mul.Tensor, CallFunction(aten.sigmoid.default, g), g), "silu"),
+        # Inductor's decomposition: gate / (1 + exp(-gate)).
+        (
+            CallFunction(
+                aten.div.Tensor,
+                g,
+                CallFunction(
+                    aten.add.Tensor,
+                    CallFunction(aten.exp.default, CallFunction(aten.neg.default, g)),
+                    1,
+                ),
+            ),
+            "silu",
+        ),
         (CallFunction(aten.gelu.default, g, approximate="tanh"), "gelu_tanh"),
         (CallFunction(aten.gelu.default, g), "gelu"),
         (CallFunction(aten.gelu.default, g, approximate="none"), "gelu"),
@@ -53,6 +67,17 @@ def _patterns() -> list[tuple[object, str]]:
         out.append((CallFunction(aten.mul.Tensor, act, up), name))
         out.append((CallFunction(aten.mul.Tensor, up, act), name))
     return out
+
+
+def extra_check(m) -> str | None:
+    """Why act(gate) * up is not a gated-MLP activation to fuse, or None."""
+    gate, up = m.kwargs["gate"], m.kwargs["up"]
+    if not isinstance(up, Node) or not isinstance(gate, Node):
+        return "gate or up is not a tensor"
+    gv, uv = val(gate), val(up)
+    if gv.shape != uv.shape or gv.dtype != uv.dtype:
+        return "gate/up shapes or dtypes differ"
+    return None
 
 
 def fuse_gated_act(gm: GraphModule, ctx: PassContext) -> int:
@@ -65,13 +90,11 @@ def fuse_gated_act(gm: GraphModule, ctx: PassContext) -> int:
             m = match(pattern, node)
             if m is None:
                 continue
+            why = extra_check(m)
+            if why is not None:
+                ctx.report.reject(NAME, f"{node.name}: {why}")
+                break
             gate, up = m.kwargs["gate"], m.kwargs["up"]
-            gv, uv = val(gate), val(up)
-            if not isinstance(up, Node) or not isinstance(gate, Node):
-                break
-            if gv.shape != uv.shape or gv.dtype != uv.dtype:
-                ctx.report.reject(NAME, f"{node.name}: gate/up shapes or dtypes differ")
-                break
             fused = insert_call(gm, node, torch.ops.yirage.gated_act.default, (gate, up, act))
             replace_and_erase(node, fused, m.nodes)
             refresh_layout(gm, [fused])

@@ -56,6 +56,22 @@ def is_cast(node: Any) -> bool:
     return node.target is torch.ops.prims.convert_element_type.default
 
 
+def transposed_weight(node: Any) -> Node | None:
+    """W of a 2-D transpose node: t(W), permute(W, [1, 0]) (Inductor's decomposition of t)
+    or transpose(W, 0, 1); else None."""
+    if not isinstance(node, Node) or node.op != "call_function" or not node.args:
+        return None
+    w = node.args[0]
+    if node.target is aten.t.default:
+        return w
+    if node.target is aten.permute.default and list(node.args[1]) == [1, 0]:
+        return w
+    if node.target is aten.transpose.int and sorted(node.args[1:]) in ([0, 1], [-2, -1]):
+        v = val(w)
+        return w if isinstance(v, torch.Tensor) and v.dim() == 2 else None
+    return None
+
+
 def strip_cast(node: Node) -> Node:
     return node.args[0] if is_cast(node) else node
 

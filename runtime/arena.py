@@ -11,6 +11,9 @@ captured around the wrapper sees the same addresses on every replay. When a larg
 needs a larger arena, the old allocation is dropped (cached views for other shapes are
 rebuilt) unless `stable=True` or a CUDA stream capture is running: then each allocation
 is kept alive, because a captured graph may still point into it.
+
+Like a CUDA graph, a compiled graph's arena serves one call at a time: two threads running
+the same compiled graph concurrently would share its intermediates.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class Arena:
     ) -> torch.Tensor:
         """A tensor of `dtype`/`shape`/`stride` whose storage starts at byte `offset`."""
         assert self.storage is not None and offset % self.alignment == 0
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         span = 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else 0
         end = offset + span * itemsize
         if end > self.storage.numel():
@@ -111,21 +114,24 @@ class PlannedViews:
     def _build(self, sig: tuple[int, ...]) -> list[torch.Tensor]:
         layout = self.plan.evaluate(sig)
         keep = self.stable or _capturing()
-        grown = False
+        for device in layout.arena_bytes:
+            if device not in self.arenas:
+                self.arenas[device] = Arena(device, self.plan.alignment)
+        grows = any(self.arenas[d].nbytes < n for d, n in layout.arena_bytes.items())
+        if grows and not keep:
+            # Views of other shapes hold the old allocation: drop them first, so the old
+            # block is free (and reusable by the allocator) before the larger one exists.
+            self._views.clear()
         for device, nbytes in layout.arena_bytes.items():
-            arena = self.arenas.get(device)
-            if arena is None:
-                arena = self.arenas[device] = Arena(device, self.plan.alignment)
-            grown |= arena.reserve(nbytes, keep_old=keep)
-        if grown and not keep:
-            self._views.clear()  # they point into the released allocation
+            self.arenas[device].reserve(nbytes, keep_old=keep)
         views = [
             self.arenas[self._device[i]].view(
                 layout.offsets[self._slot[i]], self._dtype[i], layout.shapes[i], layout.strides[i]
             )
             for i in range(len(self._dtype))
         ]
-        if len(self._views) >= 64:
+        if len(self._views) >= 64 and not self.stable:
+            # Stable (CUDA graph) mode never evicts: a recorded graph keeps these addresses.
             self._views.pop(next(iter(self._views)))
         self._views[sig] = views
         self.last_sig = sig

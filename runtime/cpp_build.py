@@ -156,14 +156,23 @@ def make_launcher(
     by_input: dict[int, list[str]] = {}
     for i, dim, expr in kernel.stride_checks:
         by_input.setdefault(i, []).append(f"_st{i}[{dim}] != {expr}")
+    # Single-output kernels take `out=` (an arena view from the memory plan, laid out as
+    # the fake value says); multi-output ones allocate their results.
+    single = not kernel.multi_output
     if by_input:
         pre += [f"_st{i} = a{i}.stride()" for i in by_input]
         cond = " or ".join(c for cs in by_input.values() for c in cs)
         args = ", ".join(f"a{i}" for i in range(kernel.n_placeholders))
-        pre += [f"if {cond}:", f"    return _ref({args})"]
+        ret = f"_ref({args})"
+        if single:
+            ret = f"{ret} if out is None else out.copy_(_ref({args}))"
+        pre += [f"if {cond}:", f"    return {ret}"]
     outs = []
     for j, (shape, stride, _) in enumerate(kernel.outputs):
-        pre.append(f"o{j} = _empty_strided({shape}, {stride}, dtype=_dt{j}, device=_dev)")
+        alloc = f"_empty_strided({shape}, {stride}, dtype=_dt{j}, device=_dev)"
+        if single:
+            alloc = f"{alloc} if out is None else out"
+        pre.append(f"o{j} = {alloc}")
         outs.append(f"o{j}")
     for p in kernel.params:
         if p.kind in ("tensor", "out"):
@@ -180,7 +189,7 @@ def make_launcher(
             call.append(p.symbol)
     fn.argtypes = argtypes
     fn.restype = None
-    args = ", ".join(f"a{i}" for i in range(kernel.n_placeholders))
+    args = ", ".join([f"a{i}" for i in range(kernel.n_placeholders)] + ["out=None"] * single)
     ret = f"({', '.join(outs)},)" if kernel.multi_output else outs[0]
     body = [*pre, f"_fn({', '.join(call)})", f"return {ret}"]
     src = f"def {name}({args}):\n" + "".join(f"    {line}\n" for line in body)
@@ -195,5 +204,6 @@ def make_launcher(
     exec(compile(src, f"<yirage_launcher_{name}>", "exec"), ns)
     launcher = ns[name]
     launcher.kernel_name = name
+    launcher.accepts_out = single
     launcher.source = src
     return launcher

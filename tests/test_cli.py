@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 
 import pytest
 import torch
 
+import yirage_dynamo
 from yirage_dynamo import cli
 from yirage_dynamo.compare import (
     PLOT_DPI,
@@ -77,7 +79,11 @@ def test_compare_tiny_llama_on_cpu_writes_table_csv_json_and_png(tmp_path, capsy
     from PIL import Image
 
     argv = [*TINY, "--layers", "1", "--backends", "eager,yirage", "--warmup", "1", "--iters", "3"]
-    assert cli.main(["compare", *argv, "--out", str(tmp_path)]) == 0
+    env_before = dict(os.environ)
+    assert cli.main(["compare", *argv, "--fresh-caches", "--out", str(tmp_path)]) == 0
+    assert dict(os.environ) == env_before  # the fresh cache dirs were scoped to the run
+    # Empty on-disk caches: every kernel of the compiled graph was built, none reused.
+    assert yirage_dynamo.last_report().cache.get("hits", 0) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("| backend"))
     for col in ("cold s", "p50 ms", "p90 ms", "tok/s", "GB/s", "peak MB", "max abs err"):

@@ -126,22 +126,34 @@ def test_noncontiguous_transposed_broadcast_and_0d_inputs():
     _check(f, a, b, c, s)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dim", [0, 1, 2, (0, 2)])
-@pytest.mark.parametrize("keepdim", [False, True])
-def test_reductions_over_each_dim_and_keepdim(dtype, dim, keepdim):
+@pytest.mark.parametrize(
+    "dtype,dim",
+    [
+        (torch.float32, 0),
+        (torch.float32, 1),
+        (torch.float32, 2),
+        (torch.float32, (0, 2)),
+        (torch.bfloat16, 2),
+        (torch.bfloat16, (0, 1)),
+    ],
+)
+def test_reductions_over_each_dim_with_and_without_keepdim(dtype, dim):
     def f(x):
-        return (
-            x.sum(dim, keepdim=keepdim),
-            x.mean(dim, keepdim=keepdim),
-            x.amax(dim, keepdim=keepdim),
-            x.amin(dim, keepdim=keepdim),
-            torch.var(x, dim, keepdim=keepdim, correction=1),
+        return tuple(
+            r
+            for k in (False, True)
+            for r in (
+                x.sum(dim, keepdim=k),
+                x.mean(dim, keepdim=k),
+                x.amax(dim, keepdim=k),
+                x.amin(dim, keepdim=k),
+                torch.var(x, dim, keepdim=k, correction=1),
+            )
         )
 
     x = torch.randn(5, 6, 7, dtype=dtype)
     report = _check(f, x)
-    assert 1 <= len(report.kernels) <= 5
+    assert 1 <= len(report.kernels) <= 10
 
 
 def test_reduction_propagates_nan_like_eager():

@@ -293,3 +293,46 @@ def test_decomposed_rms_norm_matches(dtype):
         torch.testing.assert_close(out, norm(x), atol=1e-5, rtol=1e-5)
     (report,) = reports()
     assert report.patterns.get("rms_norm") == 1
+
+
+class _LowPrecisionRMSNorm(torch.nn.Module):
+    """An RMSNorm that never upcasts: the fp32 op would change its numerics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(24))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+
+def test_rms_norm_in_reduced_precision_is_rejected_with_reason():
+    norm = _LowPrecisionRMSNorm().eval().to(torch.bfloat16)
+    x = torch.randn(4, 24, dtype=torch.bfloat16)
+    compiled = torch.compile(norm, backend="yirage", options=_options())
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), norm(x), atol=0, rtol=0)
+    (report,) = reports()
+    assert "rms_norm" not in report.patterns
+    assert any("computed in torch.bfloat16, not fp32" in r for r in report.rejected)
+    assert "rejected rms_norm:" in str(report)
+
+
+@pytest.fixture
+def inductor_decompositions(monkeypatch):
+    """Make the CPU lowering ask AOTAutograd for Inductor's decomposition table, as the
+    CUDA lowering does (t -> permute, silu -> x / (1 + exp(-x)), softmax decomposed)."""
+    from torch._inductor.decomposition import select_decomp_table
+    from yirage_dynamo.lowering import choose_lowering
+
+    lowering = choose_lowering("cpu")[0]
+    monkeypatch.setattr(type(lowering), "decompositions", lambda self: select_decomp_table())
+
+
+@pytest.mark.parametrize("name,attn", [("llama", "eager"), ("qwen2", "sdpa")])
+def test_patterns_match_inductor_decomposed_graphs(inductor_decompositions, name, attn):
+    model = build(name, attn)
+    out, ref = _run(model, _ids())
+    (report,) = reports()
+    assert _counts(report) == _decoder(2), report.rejected
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -320,3 +320,61 @@ def test_arena_views_share_one_allocation_and_print_free_gaps():
     assert torch.all(a == 1) and torch.all(b == 2)
     table = format_layout([(0, 64, "a", "x..y"), (128, 64, "b", "y..z")], 512, base=4096)
     assert "free" in table.splitlines()[2] and "0x1080" in table
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_arena_is_256_byte_aligned_and_replays_under_a_cuda_graph():
+    def f(x, w):
+        h = torch.relu(x @ w)
+        for _ in range(3):
+            h = torch.tanh(h @ w) + h
+        return h.sum(-1)
+
+    x, w = torch.randn(64, 32, device="cuda"), torch.randn(32, 32, device="cuda") / 6
+    gm = make_fx(f, tracing_mode="fake")(x, w)
+    ph = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    ctx = PassContext(
+        options=parse_options({}),
+        report=CompileReport(),
+        capabilities=Capabilities(device_type="cuda"),
+        example_inputs=ph,
+    )
+    assert mp.memory_plan(gm, ctx) > 0 and ctx.artifacts["memory_plan"].alignment == 256
+    run = build_wrapper(gm, ctx, {})
+    torch.testing.assert_close(run([x, w]), f(x, w))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run([x, w])  # warm-up on a side stream, as torch.cuda.graph requires
+    torch.cuda.current_stream().wait_stream(side)
+    ptrs = [v.data_ptr() for v in run.arena(())]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run([x, w])
+    assert [v.data_ptr() for v in run.arena(())] == ptrs  # stable addresses
+    for seed in range(2):
+        x.copy_(torch.randn(64, 32, generator=torch.Generator().manual_seed(seed)))
+        graph.replay()
+        torch.testing.assert_close(out, f(x, w))
+
+
+def test_shape_cache_is_keyed_only_by_symbols_the_planned_sizes_use():
+    def f(x, w, kv):
+        h = torch.tanh(x @ w)
+        for _ in range(3):
+            h = torch.sigmoid(h @ w) * h
+        return h.sum(-1) + kv.sum()  # kv's length never reaches a planned buffer
+
+    gm, ph = _trace(f, [torch.randn(5, 8), torch.randn(8, 8), torch.randn(7, 3)])
+    ctx = _ctx(ph)
+    mp.memory_plan(gm, ctx)
+    plan = ctx.artifacts["memory_plan"]
+    kv_symbols = {d.node.expr for d in ph[2].shape}
+    assert plan.symbols and not kv_symbols & set(plan.symbols)
+    run = build_wrapper(gm, ctx, {})
+    x, w = torch.randn(5, 8), torch.randn(8, 8)
+    for n in (7, 9, 30):  # a growing "KV length": same layout, same views
+        kv = torch.randn(n, 3)
+        torch.testing.assert_close(run([x, w, kv]), f(x, w, kv))
+    assert len(run.arena._views) == 1

@@ -290,3 +290,38 @@ def test_compiled_model_ops_appear_by_name_in_torch_profiler_trace():
     assert any(n.startswith("[yirage] wrapper_") for n in names)
     rows, _ = kernel_time_table(prof.events())
     assert rows and all(r.count >= 1 for r in rows if not r.name.startswith("("))
+
+
+class _Evt:
+    """The FunctionEvent fields the kernel tables read."""
+
+    def __init__(self, name, us, device="cpu", parent=None, annotation=False):
+        cuda = device == "cuda"
+        self.name, self.cpu_parent, self.is_user_annotation = name, parent, annotation
+        self.device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+        self.cpu_time_total = 0.0 if cuda else us
+        self.device_time_total = us
+
+
+def test_kernel_tables_attribute_time_to_kernels_and_to_code_outside_graphs():
+    from yirage_dynamo.profiling import device_kernel_table, format_kernel_table
+
+    step = _Evt("yirage_step", 1000.0)
+    wrapper = _Evt("[yirage] wrapper_abc", 600.0, parent=step)
+    events = [step, wrapper, _Evt("aten_mm_default", 400.0, parent=wrapper)]
+    events += [_Evt("k0_fused", 100.0, parent=wrapper), _Evt("k0_fused", 50.0, parent=wrapper)]
+    events += [_Evt("aten::mm", 390.0, parent=events[2])]  # below a kernel range: not a row
+    rows, step_us = kernel_time_table(events)
+    table = {r.name: (r.count, r.total_us, round(r.percent, 3)) for r in rows}
+    assert step_us == 1000.0
+    assert table == {
+        "aten_mm_default": (1, 400.0, 40.0),
+        "k0_fused": (2, 150.0, 15.0),
+        "(outside compiled graphs)": (0, 400.0, 40.0),
+    }
+    assert "k0_fused" in format_kernel_table(rows, step_us)
+
+    gpu = [step, _Evt("sgemm", 300.0, "cuda"), _Evt("sgemm", 100.0, "cuda")]
+    gpu += [_Evt("yirage_step", 1000.0, "cuda", annotation=True)]
+    rows, step_us = device_kernel_table(gpu)
+    assert [(r.name, r.count, r.total_us, r.percent) for r in rows] == [("sgemm", 2, 400.0, 40.0)]

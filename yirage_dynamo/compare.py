@@ -1,22 +1,25 @@
 """`yirage compare`: eager vs Inductor vs yirage on one HF model, in one process.
 
-Per backend: Dynamo is reset, the model is compiled, the first call is timed ("cold",
-compile included), then `warmup` calls, then `iters` timed calls with device
-synchronisation. Outputs are compared with eager's (max abs error; generated tokens
-must match). Results print as a table and are written as CSV, JSON and a PNG chart.
+Per backend, one after the other: the model is compiled and its first call timed ("cold",
+compile included), its output compared with eager's (max abs error; generated tokens
+must match), then `warmup` calls. Then `iters` timed rounds call every backend in turn,
+with device synchronisation, so a shared machine's load changes hit all backends alike.
+Results print as a table and are written as CSV, JSON and a PNG chart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,8 @@ class CompareConfig:
     warmup: int = 2
     iters: int = 10
     layers: int | None = None
+    # Empty Inductor and yirage on-disk caches, so "cold" is a first-ever compile.
+    fresh_caches: bool = False
 
 
 @dataclasses.dataclass
@@ -153,35 +158,48 @@ def _runner(
         cc._compile_all_devices = True
         kwargs["compile_config"] = cc
 
+    # generate() keeps one compiled forward per model (`_compiled_call`, rebuilt when the
+    # compile config changes); each backend keeps its own so interleaved calls don't rebuild.
+    own: dict[str, Any] = {}
+
     def call() -> tuple[torch.Tensor, torch.Tensor]:
+        for name, value in own.items():
+            setattr(net, name, value)
         out = net.generate(ids, **kwargs)
+        for name in ("_compiled_call", "_last_compile_config"):
+            if hasattr(net, name):
+                own[name] = getattr(net, name)
         return torch.stack(out.logits, 1), out.sequences
 
     return call
 
 
-def _measure(
+_Call = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _prepare(
     cfg: CompareConfig,
     net: torch.nn.Module,
     backend: str,
     ids: torch.Tensor,
-    reference: tuple[torch.Tensor, torch.Tensor | None] | None,
-    wbytes: int,
+    reference: tuple[torch.Tensor, torch.Tensor | None],
     progress: _Progress,
-) -> tuple[BackendResult, tuple[torch.Tensor, torch.Tensor | None]]:
+) -> tuple[BackendResult, _Call]:
+    """Compile (timed: "cold"), check against eager, warm up; peak memory of this phase."""
     import yirage_dynamo
 
     res = BackendResult(backend)
-    torch._dynamo.reset()
-    if hasattr(net, "_compiled_call"):
-        del net._compiled_call  # generate() caches its compiled forward per model
+    for name in ("_compiled_call", "_last_compile_config"):
+        if hasattr(net, name):
+            delattr(net, name)  # the previous backend's compiled generate() forward
     n_reports = len(yirage_dynamo.reports())
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad(), _RssSampler() as rss:
         call = _runner(cfg, net, backend, ids)
         start = time.perf_counter()
-        out = call()
+        # Cloned: with CUDA graphs the next replay overwrites the outputs in place.
+        out = _cloned(call())
         _sync(cfg.device)
         res.cold_s = time.perf_counter() - start
         progress.step(f"{backend}: compiled")
@@ -189,29 +207,13 @@ def _measure(
             call()
             progress.step(f"{backend}: warm-up")
         _sync(cfg.device)
-        times = []
-        for _ in range(cfg.iters):
-            start = time.perf_counter()
-            call()
-            _sync(cfg.device)
-            times.append(time.perf_counter() - start)
-            progress.step(f"{backend}: timing")
-    steps = cfg.new_tokens if cfg.task == "generate" else 1
-    per_step = [t / steps for t in times]
-    res.p50_ms = statistics.median(per_step) * 1e3
-    res.p90_ms = _quantile(per_step, 0.9) * 1e3
-    tokens = cfg.batch * (cfg.new_tokens if cfg.task == "generate" else cfg.seq_len)
-    res.tok_s = tokens / statistics.median(times)
-    # Every step reads every weight once: a lower bound on the memory traffic.
-    res.gb_s = wbytes / (res.p50_ms / 1e3) / 1e9
     if cfg.device == "cuda":
         res.peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         res.peak_mb = max(0, rss.peak - rss.base) / 2**20
-    if reference is not None:
-        res.max_abs_err = (out[0].float() - reference[0].float()).abs().max().item()
-        if out[1] is not None and reference[1] is not None:
-            res.tokens_match = bool(torch.equal(out[1], reference[1]))
+    res.max_abs_err = (out[0].float() - reference[0].float()).abs().max().item()
+    if out[1] is not None and reference[1] is not None:
+        res.tokens_match = bool(torch.equal(out[1], reference[1]))
     if backend == "yirage":
         new = yirage_dynamo.reports()[n_reports:]
         res.graphs = len(new)
@@ -220,12 +222,73 @@ def _measure(
             f"{f.stage} -> {f.to}: {f.reason.splitlines()[0]}" for r in new for f in r.fallbacks
         ]
         res.fallback_reasons = " | ".join(reasons)[:600] or None
-    return res, out
+    return res, call
+
+
+def _time_interleaved(
+    cfg: CompareConfig,
+    prepared: list[tuple[BackendResult, _Call]],
+    wbytes: int,
+    progress: _Progress,
+) -> None:
+    """Timed calls, round-robin over backends, so load changes on a shared machine hit
+    every backend alike instead of whichever happened to run then."""
+    times: list[list[float]] = [[] for _ in prepared]
+    with torch.no_grad():
+        for _ in range(cfg.iters):
+            for (res, call), samples in zip(prepared, times):
+                if res.error:
+                    continue
+                start = time.perf_counter()
+                try:
+                    call()
+                    _sync(cfg.device)
+                except Exception as exc:  # noqa: BLE001 - reported in its row
+                    res.error = f"while timing: {type(exc).__name__}: {exc}"[:300]
+                    continue
+                samples.append(time.perf_counter() - start)
+                progress.step(f"{res.backend}: timing")
+    steps = cfg.new_tokens if cfg.task == "generate" else 1
+    tokens = cfg.batch * (cfg.new_tokens if cfg.task == "generate" else cfg.seq_len)
+    for (res, _), samples in zip(prepared, times):
+        if res.error or not samples:
+            continue
+        per_step = [t / steps for t in samples]
+        res.p50_ms = statistics.median(per_step) * 1e3
+        res.p90_ms = _quantile(per_step, 0.9) * 1e3
+        res.tok_s = tokens / statistics.median(samples)
+        # Every step reads every weight once: a lower bound on the memory traffic.
+        res.gb_s = wbytes / (res.p50_ms / 1e3) / 1e9
+
+
+def _cloned(out: tuple[torch.Tensor, torch.Tensor | None]):
+    return tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in out)
 
 
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@contextlib.contextmanager
+def _fresh_caches(enabled: bool) -> Iterator[None]:
+    """Point Inductor's and yirage's on-disk caches at an empty directory, then restore."""
+    if not enabled:
+        yield
+        return
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    with tempfile.TemporaryDirectory(prefix="yirage_compare_") as tmp:
+        saved = os.environ.get("YIRAGE_CACHE_DIR")
+        os.environ["YIRAGE_CACHE_DIR"] = os.path.join(tmp, "yirage")
+        try:
+            with temporary_cache_dir(os.path.join(tmp, "inductor")):
+                yield
+        finally:
+            if saved is None:
+                os.environ.pop("YIRAGE_CACHE_DIR", None)
+            else:
+                os.environ["YIRAGE_CACHE_DIR"] = saved
 
 
 def run_compare(cfg: CompareConfig) -> list[BackendResult]:
@@ -235,17 +298,22 @@ def run_compare(cfg: CompareConfig) -> list[BackendResult]:
     wbytes = weight_bytes(net)
     calls_per_backend = 1 + cfg.warmup + cfg.iters
     progress = _Progress(len(cfg.backends) * calls_per_backend + 1, "yirage compare")
-    results = []
+    results: list[BackendResult] = []
     try:
-        with torch.no_grad():
-            reference = _runner(cfg, net, "eager", ids)()
-        progress.step("eager reference")
-        for backend in cfg.backends:
-            try:
-                res, _ = _measure(cfg, net, backend, ids, reference, wbytes, progress)
-            except Exception as exc:  # noqa: BLE001 - one failing backend must not hide the rest
-                res = BackendResult(backend, error=f"{type(exc).__name__}: {exc}"[:300])
-            results.append(res)
+        with _fresh_caches(cfg.fresh_caches):
+            with torch.no_grad():
+                reference = _runner(cfg, net, "eager", ids)()
+            progress.step("eager reference")
+            torch._dynamo.reset()
+            prepared: list[tuple[BackendResult, _Call]] = []
+            for backend in cfg.backends:
+                try:
+                    res, call = _prepare(cfg, net, backend, ids, reference, progress)
+                    prepared.append((res, call))
+                except Exception as exc:  # noqa: BLE001 - a failing backend must not hide the rest
+                    res = BackendResult(backend, error=f"{type(exc).__name__}: {exc}"[:300])
+                results.append(res)
+            _time_interleaved(cfg, prepared, wbytes, progress)
     finally:
         progress.close()
         torch._dynamo.reset()
@@ -265,12 +333,13 @@ _COLUMNS = [
 
 
 def format_table(cfg: CompareConfig, results: list[BackendResult]) -> str:
-    unit = "per token" if cfg.task == "generate" else "per forward"
+    unit = "per token (generate() time / new tokens)" if cfg.task == "generate" else "per forward"
     head = (
         f"{cfg.model} {cfg.size} {cfg.dtype} on {cfg.device}, task={cfg.task} "
         f"(batch {cfg.batch}, seq {cfg.seq_len}"
         + (f", {cfg.new_tokens} new tokens" if cfg.task == "generate" else "")
-        + f"); latency {unit}; cold = first call incl. compile"
+        + f"); latency {unit}; cold = first call incl. compile, "
+        + ("empty on-disk caches" if cfg.fresh_caches else "on-disk caches as found")
     )
     cells = [[title for _, title, _ in _COLUMNS] + ["notes"]]
     for r in results:
