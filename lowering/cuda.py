@@ -186,7 +186,14 @@ class _InnerCompile:
         self.lowering = lowering
         # Inductor re-inplaces copy-backs of input mutations itself and expects a functional
         # graph from AOTAutograd, so our reinplace pass is off unless asked for explicitly.
-        passes = {"reinplace_input_mutations": False, **dict(options.passes)}
+        # Horizontal GEMM fusion concatenates weights into new tensors while the model keeps
+        # the originals: measured on Llama-2-7B (H200), peak memory 21.3 GiB vs 12.8 eager
+        # for a decode-speed change within noise, so it is opt-in on CUDA.
+        passes = {
+            "reinplace_input_mutations": False,
+            "pattern_horizontal_gemm": False,
+            **dict(options.passes),
+        }
         self.options = dataclasses.replace(options, passes=passes)
         self.report = report
         self.real_inputs = _real_parameters(list(example_inputs))
@@ -237,6 +244,9 @@ class _InnerCompile:
                 "none": frozenset(cuda_ops.TRIES),
             }[self.options.cuda_kernels]
             cuda_ops.substitute(gm, ctx, inline)
+            cuda_ops.decompose_for_inductor(gm, ctx)
+            gm.graph.lint()
+            gm.recompile()
         report.nodes_out = count_nodes(gm)
         # Frozen weights are real tensors behind get_attr nodes: Inductor's fake-tensor
         # propagation must accept them (what Inductor's own freezing does, same scope).

@@ -15,6 +15,7 @@ this GPU for static shapes (cached per kernel, shape bucket and GPU), a heuristi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -343,6 +344,45 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
 INLINE_BY_DEFAULT = frozenset({"rms_norm", "rms_norm_residual", "rotary", "gated_act"})
 
 
+def _splice(gm: GraphModule, node: Node, fn: Callable[..., Any], inputs: list[Node]) -> bool:
+    """Replace `node` by the ATen graph of `fn(*inputs)` traced with Inductor's
+    decomposition table on the inputs' fake values. False (graph untouched) if the trace
+    holds constants or a tuple output is used other than through getitem."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fake_args = [n.meta.get("val") for n in inputs]
+    if not all(isinstance(v, torch.Tensor) for v in fake_args):
+        return False
+    fake_mode = torch._guards.detect_fake_mode(fake_args)
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        traced = make_fx(fn, decomposition_table=select_decomp_table())(*fake_args)
+    sub_nodes = list(traced.graph.nodes)
+    if any(n.op == "get_attr" for n in sub_nodes):
+        return False
+    output = next(n for n in sub_nodes if n.op == "output").args[0]
+    is_tuple = isinstance(output, list | tuple)
+    if is_tuple and any(u.target is not operator.getitem for u in node.users):
+        return False
+    env: dict[Node, Any] = {}
+    args = iter(inputs)
+    with gm.graph.inserting_before(node):
+        for sub in sub_nodes:
+            if sub.op == "placeholder":
+                env[sub] = next(args)
+            elif sub.op != "output":
+                env[sub] = gm.graph.node_copy(sub, lambda n: env[n])
+    out_value = torch.fx.node.map_arg(output, lambda n: env[n])
+    if is_tuple:
+        for user in list(node.users):
+            user.replace_all_uses_with(out_value[user.args[1]])
+            gm.graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(out_value)
+    gm.graph.erase_node(node)
+    return True
+
+
 def inline_reference(gm: GraphModule, node: Node) -> bool:
     """Replace a yirage op node by the ATen ops of its reference implementation.
 
@@ -352,50 +392,53 @@ def inline_reference(gm: GraphModule, node: Node) -> bool:
     The reference is traced (make_fx, Inductor's decomposition table) on the node's fake
     inputs and spliced in, so Inductor sees plain ATen ops it can fuse.
     """
-    from torch._inductor.decomposition import select_decomp_table
     from torch._library.custom_ops import _maybe_get_opdef
-    from torch.fx.experimental.proxy_tensor import make_fx
 
-    opdef = _maybe_get_opdef(node.target)
-    fn = getattr(opdef, "_init_fn", None)
+    fn = getattr(_maybe_get_opdef(node.target), "_init_fn", None)
     if fn is None:
         return False
     names = [a.name for a in node.target._schema.arguments]
     bound = _args(node)
     tensor_names = [n for n in names if isinstance(bound[n], Node)]
     consts = {n: bound[n] for n in names if n not in tensor_names}
-    fake_args = [bound[n].meta["val"] for n in tensor_names]
-    fake_mode = torch._guards.detect_fake_mode(fake_args)
 
     def call(*tensors):
         return fn(**dict(zip(tensor_names, tensors)), **consts)
 
-    with fake_mode:
-        traced = make_fx(call, decomposition_table=select_decomp_table())(*fake_args)
-    env: dict[Node, Any] = {}
-    placeholders = iter(bound[n] for n in tensor_names)
-    out_value: Any = None
-    with gm.graph.inserting_before(node):
-        for sub in traced.graph.nodes:
-            if sub.op == "placeholder":
-                env[sub] = next(placeholders)
-            elif sub.op == "output":
-                out_value = torch.fx.node.map_arg(sub.args[0], lambda n: env[n])
-            elif sub.op == "get_attr":
-                return False  # a constant tensor inside the reference: leave the op
-            else:
-                env[sub] = gm.graph.node_copy(sub, lambda n: env[n])
-    if isinstance(out_value, list | tuple):
-        for user in list(node.users):
-            if user.target is not operator.getitem:
-                return False
-        for user in list(node.users):
-            user.replace_all_uses_with(out_value[user.args[1]])
-            gm.graph.erase_node(user)
-    else:
-        node.replace_all_uses_with(out_value)
-    gm.graph.erase_node(node)
-    return True
+    return _splice(gm, node, call, [bound[n] for n in tensor_names])
+
+
+def decompose_for_inductor(gm: GraphModule, ctx: PassContext) -> int:
+    """Decompose ops our passes inserted that Inductor expects decomposed already.
+
+    AOTAutograd hands Inductor a graph decomposed with Inductor's table; a pass that
+    inserts e.g. `aten.t` (horizontal GEMM fusion) would make Inductor fail ("both a
+    fallback and a decomp"). before: t = aten.t(w)   after: t = aten.permute(w, [1, 0])
+    """
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import lowerings
+
+    table = select_decomp_table()
+    count = 0
+    for node in list(gm.graph.nodes):
+        target = node.target
+        if node.op != "call_function" or target not in table or target in lowerings:
+            continue
+        inputs = list(node.all_input_nodes)
+        index = {n: i for i, n in enumerate(inputs)}
+        args, kwargs = node.args, node.kwargs
+
+        def call(*tensors, target=target, args=args, kwargs=kwargs, index=index):
+            a, k = torch.fx.node.map_arg((args, kwargs), lambda arg: tensors[index[arg]])
+            return target(*a, **k)
+
+        if _splice(gm, node, call, inputs):
+            count += 1
+        else:
+            ctx.report.reject("decompose_for_inductor", f"{node.name} ({target}) kept")
+    if count:
+        ctx.report.count_pattern("decomposed_for_inductor", count)
+    return count
 
 
 # ------------------------------------------------------------------------ driver

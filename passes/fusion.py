@@ -297,6 +297,10 @@ def _build_module(gm: GraphModule, region: _Region, name: str, order: dict[Node,
             if i not in inside and i not in inputs:
                 inputs.append(i)
     outputs = [n for n in members if any(u not in inside for u in n.users)]
+    if not outputs:  # dead (pure) code: nothing to run
+        for n in reversed(members):
+            gm.graph.erase_node(n)
+        return
     sub = Graph()
     env: dict[Node, Node] = {}
     for i in inputs:
@@ -357,6 +361,9 @@ def _inline_custom_ops(gm: GraphModule, caps: Any) -> int:
         fn = _custom_impl(node.target)
         if fn is None or node.kwargs:
             continue
+        returns = node.target._schema.returns
+        if len(returns) > 1 and any(u.target is not operator.getitem for u in node.users):
+            continue  # the tuple itself escapes: keep the op
         tensor_pos = [i for i, a in enumerate(node.args) if isinstance(a, Node)]
         fakes = [node.args[i].meta.get("val") for i in tensor_pos]
         if not all(isinstance(f, torch.Tensor) for f in fakes):

@@ -162,3 +162,25 @@ def test_demo_generates_the_same_tokens_as_eager(capsys):
     out = capsys.readouterr().out
     assert "tokens equal to eager: True" in out
     assert "yirage graph" in out and "tok/s" in out
+
+
+def test_timed_calls_alternate_between_backends(tmp_path, monkeypatch, capsys):
+    import yirage_dynamo.compare as compare
+
+    order: list[str] = []
+    logits = torch.zeros(1, 8, 4)
+
+    def fake_runner(cfg, net, backend, ids):
+        def call():
+            order.append(backend)
+            return logits + (1e-3 if backend == "yirage" else 0.0), None
+
+        return call
+
+    monkeypatch.setattr(compare, "_runner", fake_runner)
+    argv = [*TINY, "--layers", "1", "--backends", "eager,yirage", "--warmup", "1", "--iters", "3"]
+    assert cli.main(["compare", *argv, "--out", str(tmp_path)]) == 0
+    # reference, then per backend: cold + 1 warm-up, then 3 interleaved timing rounds
+    assert order == ["eager"] + ["eager"] * 2 + ["yirage"] * 2 + ["eager", "yirage"] * 3
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert rows[1]["max_abs_err"] == pytest.approx(1e-3)

@@ -324,3 +324,17 @@ def test_second_process_hits_cache_without_invoking_compiler(tmp_path):
         so.write_bytes(so.read_bytes()[:100])
     third = _child(env)
     assert third["calls"] >= 1 and third["cache"] == {"hits": 0, "misses": 1}
+
+
+def test_yirage_custom_ops_are_expanded_and_fused():
+    import yirage_dynamo.ops  # noqa: F401 - registers torch.ops.yirage
+
+    def f(x, r, w, g, u):
+        n, h = torch.ops.yirage.rms_norm_residual(x, r, w, 1e-6)
+        return n, h, torch.ops.yirage.gated_act(g, u, "silu")
+
+    args = [torch.randn(2, 64), torch.randn(2, 64), torch.randn(64)]
+    args += [torch.randn(2, 96), torch.randn(2, 96)]
+    report = _check(f, *args)
+    assert len(report.kernels) == 2
+    assert not [n for n in report.notes if "ATen reference" in n], report.notes

@@ -127,6 +127,30 @@ def test_inline_reference_turns_yirage_ops_into_aten_with_same_results(dtype):
         torch.testing.assert_close(got, want, **_tol(dtype))
 
 
+def test_ops_inserted_by_passes_are_decomposed_the_way_inductor_expects():
+    """A pass may insert ops (aten.t) that AOTAutograd would have decomposed; Inductor
+    refuses those, so the CUDA lowering re-decomposes them before handing over."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from yirage_dynamo.lowering.base import Capabilities
+    from yirage_dynamo.lowering.cuda_ops import decompose_for_inductor
+    from yirage_dynamo.passes.context import PassContext
+
+    from yirage_dynamo.report import CompileReport
+
+    def f(x, w):
+        wt = torch.ops.aten.t.default(w)
+        return x.mm(wt) + wt.sum()
+
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    gm = make_fx(f, tracing_mode="fake")(x, w)
+    ctx = PassContext(parse_options({}), CompileReport(), Capabilities("cuda"), [])
+    assert decompose_for_inductor(gm, ctx) == 1
+    gm.graph.lint()
+    gm.recompile()
+    assert torch.ops.aten.t.default not in {n.target for n in gm.graph.nodes}
+    torch.testing.assert_close(gm(x, w), f(x, w))
+
+
 # --------------------------------------------------------------------------- kernels
 
 DTYPES = [torch.float32, torch.bfloat16]

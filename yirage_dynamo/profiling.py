@@ -41,16 +41,18 @@ def dynamo_trace_info() -> tuple[str | None, float | None]:
     compile_id = torch._guards.CompileContext.current_compile_id()
     if compile_id is None:
         return None, None
-    metrics = getattr(dynamo_utils, "compilation_time_metrics", {})
-    values = metrics.get("bytecode_tracing") or []
-    if values:
-        return str(compile_id), float(values[-1])
     get_ctx = getattr(dynamo_utils, "get_metrics_context", None)
     ctx = get_ctx() if get_ctx else None
     start_ns = getattr(ctx, "_start_time_ns", 0) if ctx is not None else 0
-    if ctx is not None and ctx.in_progress() and start_ns:
-        return str(compile_id), max(0.0, (time.time_ns() - start_ns) / 1e9)
-    return str(compile_id), None
+    since_start = (
+        (time.time_ns() - start_ns) / 1e9 if ctx and ctx.in_progress() and start_ns else None
+    )
+    metrics = getattr(dynamo_utils, "compilation_time_metrics", {})
+    values = metrics.get("bytecode_tracing") or []
+    # A value longer than this frame's whole compile so far is a previous frame's.
+    if values and (since_start is None or values[-1] <= since_start):
+        return str(compile_id), float(values[-1])
+    return str(compile_id), since_start
 
 
 @dataclasses.dataclass
