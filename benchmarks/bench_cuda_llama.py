@@ -21,6 +21,7 @@ whose tokens agree with eager, and how many greedy tokens agree.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -252,7 +253,11 @@ def bench_shape(
     for r in rows:
         r.pop("sequences", None)
         r.pop("logits", None)
-    del runner, model
+    del runner, model, configs
+    # Compiled code holds the weights (frozen constants): drop it before the next shape so
+    # that shape's peak memory is its own.
+    torch._dynamo.reset()
+    gc.collect()
     torch.cuda.empty_cache()
     return rows
 

@@ -8,9 +8,17 @@ Why `compile_fx(dynamo_gm, inner_compile=ours)` and not Inductor's custom-pass h
     AOT capture is fragile across torch versions; taking over at the Dynamo-graph level
     (the `Lowering.compile_dynamo_graph` hook) and letting Inductor call us back is not.
   * Our `inner_compile` receives exactly the ATen graph compile_fx_inner would, runs the
-    yirage pass pipeline on it (freezing, LLM patterns, cleanup), swaps the yirage fused
-    ops for our Triton kernels (`yirage_cuda::*`), then calls compile_fx_inner: Inductor's
-    post-grad passes, scheduling, fusion, Triton codegen and CUDA graphs follow unchanged.
+    yirage pass pipeline on it (freezing, LLM patterns, cleanup), then lowers the yirage
+    fused ops (lowering/cuda_ops.py): decode attention to our Triton kernel
+    (`yirage_cuda::decode_attention`, a torch.library.triton_op); rms_norm / rotary /
+    gated activation, by default (`Options.cuda_kernels="auto"`), back to their ATen
+    reference so that Inductor fuses them with their neighbours (measured faster than our
+    separate kernels, see benchmarks/RESULTS.md; "all" uses our kernels for those too).
+    Ops the passes inserted that Inductor expects decomposed are re-decomposed, then
+    compile_fx_inner runs: Inductor's post-grad passes, scheduling, fusion, Triton codegen
+    and CUDA graphs follow unchanged. Our kernels enter Inductor's graph after AOTAutograd,
+    so Inductor schedules them as extern kernels (inside its CUDA graph) and fuses the code
+    around them; it does not trace into them.
   * The custom-pass hooks (`config.post_grad_custom_pre_pass`) would also work, but are a
     global config slot (one user at a time) and run after Inductor's own decompositions.
   * compile_fx takes ownership of (mutates) the graph it is given, so it gets a structural

@@ -85,7 +85,7 @@ def fuse_horizontal_gemm(gm: GraphModule, ctx: PassContext) -> int:
         if proj is not None:
             groups.setdefault(proj[0], []).append((node, proj[1], proj[2]))
     order = order_of(gm)
-    count = 0
+    count, extra = 0, 0
     for x, members in groups.items():
         if len(members) < 2:
             continue
@@ -96,6 +96,7 @@ def fuse_horizontal_gemm(gm: GraphModule, ctx: PassContext) -> int:
         members.sort(key=lambda m: order[m[0]])
         first = members[0][0]
         w_cat = torch.cat(weights, 0)
+        extra += w_cat.numel() * w_cat.element_size()
         w_node = add_constant(gm, "_hgemm_w_", w_cat, first, ctx.fake_mode)
         wt = insert_call(gm, first, aten.t.default, (w_node,))
         if any(b is not None for _, _, b in members):
@@ -120,4 +121,8 @@ def fuse_horizontal_gemm(gm: GraphModule, ctx: PassContext) -> int:
         count += 1
     if count:
         ctx.report.count_pattern(NAME, count)
+        # The module still holds the original weights: the concatenation is extra memory.
+        ctx.report.notes.append(
+            f"{NAME}: {count} fused GEMMs; concatenated weights hold {extra / 2**20:.2f} MiB"
+        )
     return count

@@ -103,7 +103,8 @@ def test_inline_reference_turns_yirage_ops_into_aten_with_same_results(dtype):
         y = torch.ops.yirage.rms_norm(h, w, 1e-6, True)
         q2, k2 = torch.ops.yirage.rotary(q, k, cos, sin)
         act = torch.ops.yirage.gated_act(gate, up, "gelu_tanh")
-        return y, new_res, q2, k2, act
+        y2 = torch.ops.yirage.rms_norm(x, w, 1e-6, True)  # same signature: shared trace
+        return y, new_res, q2, k2, act, y2
 
     args = [
         torch.randn(2, 3, 64, dtype=dtype),
@@ -118,8 +119,10 @@ def test_inline_reference_turns_yirage_ops_into_aten_with_same_results(dtype):
     ]
     gm = make_fx(block, tracing_mode="fake")(*args)
     nodes = [n for n in gm.graph.nodes if getattr(n.target, "namespace", "") == "yirage"]
-    assert len(nodes) == 4
-    assert all(inline_reference(gm, n) for n in nodes)
+    assert len(nodes) == 5
+    memo: dict = {}
+    assert all(inline_reference(gm, n, memo) for n in nodes)
+    assert len(memo) == 4
     gm.graph.lint()
     gm.recompile()
     assert not [n for n in gm.graph.nodes if getattr(n.target, "namespace", "") == "yirage"]

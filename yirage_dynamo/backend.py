@@ -80,6 +80,9 @@ def compile_dynamo_graph(gm: GraphModule, example_inputs: list[Any], options: Op
     except Exception as exc:  # noqa: BLE001 - every failure gets the fallback chain
         stage = exc.stage if isinstance(exc, StageError) else "capture"
         cause = exc.cause if isinstance(exc, StageError) else exc
+        if isinstance(cause, torch._dynamo.exc.RestartAnalysis):
+            # Not a failure: Dynamo's signal to re-trace (e.g. to tensorify a float scalar).
+            raise cause from None
         if options.fallback == "error":
             raise
         return _fall_back(gm, example_inputs, options, report, stage, cause)
