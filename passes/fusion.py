@@ -12,10 +12,14 @@ before:                                     after:
     o = mul(w, mul(h, r))                      v = view(o, [1, 576])      (extern view)
     v = view(o, [1, 576]); mm(v, wt)           mm(v, wt)                  (extern GEMM)
 
+Custom ops the lowering lists in fusible_ops (e.g. "yirage.rms_norm") are first expanded
+into ATen by tracing their reference implementation, so they fuse with their neighbours.
+
 Region rules (what a renderer can turn into one loop nest):
-  * every node is pointwise/view with numel F (the region's domain), or a reduction whose
-    input has numel F; all reductions of a region share input shape and reduced dims, and
-    pointwise nodes after them may work at the reduced size ("epilogue" on row values);
+  * region outputs have numel F (the domain) or, with reductions, the row size; all
+    reductions share input shape (numel F) and reduced dims, and pointwise nodes after them
+    may work on row values ("epilogue"); views/cat of other sizes may sit inside (e.g. the
+    halves of rotate-half), since the renderer indexes every node in its own coordinates;
   * GEMM/conv/SDPA/embedding/index/mutating ops are never fused (not in fusible_ops);
   * the region runs where its last node was: every outside user of a region node must come
     after that point (this also rules out cycles), and no mutating op may lie between the
