@@ -440,7 +440,11 @@ class CRenderer(ReductionMixin):
         raise Unsupported(f"op {node.target}")
 
     def gen_cat(self, node: Node, idx: tuple[str, ...], ctype: str) -> tuple[str, str, int]:
-        tensors = [t for t in node.args[0] if _val(t).numel() != 0 or len(_val(t).shape) > 1]
+        def legacy_empty(t: Node) -> bool:  # cat ignores 1-D empty inputs; static check only
+            n = _val(t).numel()
+            return not isinstance(n, torch.SymInt) and n == 0 and _val(t).dim() == 1
+
+        tensors = [t for t in node.args[0] if not legacy_empty(t)]
         shape = _val(node).shape
         dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
         name = self.tmp()
