@@ -64,6 +64,8 @@ PIPELINE: list[Pass] = [
     Pass(
         "pattern_horizontal_gemm", pattern_horizontal_gemm.fuse_horizontal_gemm, inference_only=True
     ),
+    # Views of weights (t(w) before each GEMM) become view constants: no per-call op.
+    Pass("fold_weight_views", freezing.fold_weight_views, inference_only=True),
     # Whatever the rewrites above left unused.
     Pass("dce", cleanup.dce),
     # Pointwise/reduction/view chains -> one region (call_module) each, rendered as one

@@ -128,3 +128,31 @@ def constant_fold(gm: GraphModule, ctx: PassContext) -> int:
             node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in constant)
             folded += 1
     return folded
+
+
+def fold_weight_views(gm: GraphModule, ctx: PassContext) -> int:
+    """Pre-compute views of constants (e.g. `t(w)` before every GEMM) as view constants.
+
+    before:  t = aten.t(_frozen_0); mm(x, t)      after:  mm(x, _view_0)
+    The new constant shares the weight's storage: no memory, one fewer call per GEMM.
+    Runs after the pattern passes, which match on the explicit view ops.
+    """
+    count = 0
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+                continue
+            if not node.target.is_view or len(node.all_input_nodes) != 1:
+                continue
+            base = node.all_input_nodes[0]
+            if base.op != "get_attr" or node.kwargs:
+                continue
+            args = [getattr(gm, base.target) if a is base else a for a in node.args]
+            if any(isinstance(a, torch.fx.Node) for a in args):
+                continue
+            view = node.target(*args)
+            const = add_constant(gm, "_view_", view, node, ctx.fake_mode)
+            node.replace_all_uses_with(const)
+            gm.graph.erase_node(node)
+            count += 1
+    return count
