@@ -69,6 +69,8 @@ def freeze_parameters(gm: GraphModule, ctx: PassContext) -> int:
         if not node.users or first is None:
             continue
         const = add_constant(gm, "_frozen_", real.detach(), first, ctx.fake_mode)
+        # Passes that repack weights (horizontal GEMM fusion) re-point these parameters.
+        ctx.artifacts.setdefault("frozen_params", {})[const.target] = real
         node.replace_all_uses_with(const)
         count += 1
     return count

@@ -76,6 +76,28 @@ def _label(outputs: list[Node]) -> str:
     return "other"
 
 
+def _share_storage(ctx: PassContext, members: list, w_cat: torch.Tensor) -> int:
+    """Re-point the module's own parameters at row slices of `w_cat`; bytes saved.
+
+    Values are unchanged, so the eager module behaves the same, but the original weights are
+    freed: without this, every fused projection would hold its weights twice (e.g. +280 MiB
+    for a 135M Llama). Freezing already assumes weights are not reassigned after compiling.
+    """
+    frozen = ctx.artifacts.get("frozen_params", {})
+    saved, offset = 0, 0
+    with torch.no_grad():
+        for _, w, _ in members:
+            n = val(w).shape[0]
+            param = frozen.get(w.target)
+            part = w_cat[offset : offset + n]
+            offset += n
+            if param is None or param.shape != part.shape or param.dtype != part.dtype:
+                continue
+            param.data = part
+            saved += part.numel() * part.element_size()
+    return saved
+
+
 def fuse_horizontal_gemm(gm: GraphModule, ctx: PassContext) -> int:
     if not ctx.inference:
         return 0
@@ -96,7 +118,7 @@ def fuse_horizontal_gemm(gm: GraphModule, ctx: PassContext) -> int:
         members.sort(key=lambda m: order[m[0]])
         first = members[0][0]
         w_cat = torch.cat(weights, 0)
-        extra += w_cat.numel() * w_cat.element_size()
+        extra += w_cat.numel() * w_cat.element_size() - _share_storage(ctx, members, w_cat)
         w_node = add_constant(gm, "_hgemm_w_", w_cat, first, ctx.fake_mode)
         wt = insert_call(gm, first, aten.t.default, (w_node,))
         if any(b is not None for _, _, b in members):
@@ -121,8 +143,7 @@ def fuse_horizontal_gemm(gm: GraphModule, ctx: PassContext) -> int:
         count += 1
     if count:
         ctx.report.count_pattern(NAME, count)
-        # The module still holds the original weights: the concatenation is extra memory.
         ctx.report.notes.append(
-            f"{NAME}: {count} fused GEMMs; concatenated weights hold {extra / 2**20:.2f} MiB"
+            f"{NAME}: {count} fused GEMMs; concatenated weights add {extra / 2**20:.2f} MiB"
         )
     return count

@@ -65,3 +65,22 @@ def test_generate_with_static_cache_and_compile_config_matches_eager(monkeypatch
     assert all(r.mode == "reduce-overhead" for r in reports)
     reinplaced = sum(p.matches for r in reports for p in r.passes if p.name.startswith("reinplace"))
     assert reinplaced >= 2 * model.config.num_hidden_layers  # K and V cache writes per layer
+
+
+def test_horizontal_gemm_fusion_repacks_module_weights_without_copies():
+    model = tiny_llama()
+    attn = model.model.layers[0].self_attn
+    before = attn.q_proj.weight.detach().clone()
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        expected = model(ids).logits
+        compiled = torch.compile(model, backend="yirage", options={"fallback": "error"})
+        torch.testing.assert_close(compiled(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        # q/k/v now live in one concatenated buffer; values unchanged, eager still right.
+        q, k = attn.q_proj.weight, attn.k_proj.weight
+        assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+        assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
+        torch.testing.assert_close(attn.q_proj.weight, before, atol=0, rtol=0)
+        torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
+    patterns = yirage_dynamo.last_report().patterns
+    assert patterns.get("horizontal_gemm.qkv") == model.config.num_hidden_layers
