@@ -7,7 +7,15 @@ Importing it changes no global state.
 
 from __future__ import annotations
 
-from .options import Options, parse_options
+from pathlib import Path as _Path
+
+# A source checkout keeps passes/, lowering/ and runtime/ beside this folder; the package-dir
+# mapping installs them as yirage_dynamo.*. Editable installs whose finder sits behind the
+# plain path finder (e.g. running from the checkout root) still resolve them through this.
+if (_Path(__file__).resolve().parent.parent / "passes" / "__init__.py").exists():
+    __path__.append(str(_Path(__file__).resolve().parent.parent))  # noqa: F821
+
+from .options import Options, parse_options  # noqa: E402
 from .report import CompileReport, clear_reports, last_report, reports
 
 __version__ = "0.1.0"
