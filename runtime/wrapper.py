@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import keyword
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +99,10 @@ class WrapperCodegen:
             args = ", ".join([self.arg(a) for a in node.args] + self.out_kwarg(node))
             return f"{callee}({args})", label
         target = node.target
+        if target is operator.getitem and isinstance(node.args[0], Node) and not node.kwargs:
+            return f"{self.arg(node.args[0])}[{self.arg(node.args[1])}]", "getitem"
+        if target is aten.alias.default and not node.kwargs:
+            return self.arg(node.args[0]), "alias"  # same tensor object: no call needed
         method = _TENSOR_METHODS.get(target)
         if method and not node.kwargs and node.args and isinstance(node.args[0], Node):
             # A view as a Tensor method skips the OpOverload layer: ~1.5 µs of ~5 per call,

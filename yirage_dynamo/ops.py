@@ -210,7 +210,7 @@ def attention(
     cache_position: torch.Tensor | None = None,
 ) -> torch.Tensor:
     b, hq, s, d = q.shape
-    hkv, t, dv = k.shape[1], k.shape[2], v.shape[-1]
+    hkv, t = k.shape[1], k.shape[2]
     groups = hq // hkv
     if scale is None:
         scale = 1.0 / math.sqrt(d)
