@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch.fx import Node
+from yirage_dynamo.passes.fusion import VIEW_OPS
 
 aten = torch.ops.aten
 
@@ -73,25 +74,7 @@ POINTWISE: dict[str, str] = {
 _COMPARE = {"eq", "ne", "lt", "le", "gt", "ge"}
 # Operands of these are converted to the common input type, not the (bool) output type.
 _LOGICAL = {"logical_not", "logical_and", "logical_or", "isnan"}
-_VIEWS = {
-    "view",
-    "reshape",
-    "_unsafe_view",
-    "unsqueeze",
-    "squeeze",
-    "permute",
-    "transpose",
-    "t",
-    "expand",
-    "slice",
-    "select",
-    "alias",
-    "clone",
-    "prims.broadcast_in_dim",
-    "prims.reshape",
-    "prims.squeeze",
-    "prims.view_of",
-}
+_VIEWS = VIEW_OPS
 _SPECIAL = {
     "cat",
     "_to_copy",

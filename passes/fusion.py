@@ -49,7 +49,8 @@ _REDUCTIONS = {
     "prims.var": ("default",),
     "prims.amax": ("default",),
 }
-_VIEW_OPS = {
+# Layout-only ops (shared with the C renderer, which turns them into index arithmetic).
+VIEW_OPS = {
     "view",
     "reshape",
     "_unsafe_view",
@@ -66,6 +67,7 @@ _VIEW_OPS = {
     "prims.broadcast_in_dim",
     "prims.reshape",
     "prims.squeeze",
+    "prims.view_of",
 }
 
 
@@ -136,7 +138,7 @@ def _signature(node: Node, caps: Any) -> tuple | None:
         return ("red", tuple(src.shape), dims, _numel(val.shape))
     if not any(isinstance(v, torch.Tensor) for v in _tensors(node)):
         return None  # creation ops: nothing to fuse with
-    return ("pw", _numel(val.shape), key in _VIEW_OPS or key == "cat")
+    return ("pw", _numel(val.shape), key in VIEW_OPS or key == "cat")
 
 
 class _Region:
@@ -176,7 +178,7 @@ class _Region:
     def computes_escape(self, joining: Node) -> bool:
         inside = set(self.nodes)
         return any(
-            _op_key(m.target) not in _VIEW_OPS
+            _op_key(m.target) not in VIEW_OPS
             and any(u not in inside and u is not joining for u in m.users)
             for m in self.nodes
         )
@@ -272,7 +274,7 @@ def _detach_escaping(gm: GraphModule, region: _Region, order: dict[Node, float])
         inside = set(region.nodes)
         for v in sorted(region.nodes, key=order.__getitem__, reverse=True):
             numel = _numel(v.meta["val"].shape)
-            if _op_key(v.target) not in _VIEW_OPS and any(_eq(numel, z) for z in sizes):
+            if _op_key(v.target) not in VIEW_OPS and any(_eq(numel, z) for z in sizes):
                 continue
             outside = [u for u in v.users if u not in inside]
             if not outside:
@@ -452,7 +454,7 @@ def fuse_regions(gm: GraphModule, ctx: PassContext) -> int:
         _detach_escaping(gm, region, order)
         if not region.nodes:
             continue
-        compute = [n for n in region.nodes if _op_key(n.target) not in _VIEW_OPS]
+        compute = [n for n in region.nodes if _op_key(n.target) not in VIEW_OPS]
         if not compute:
             continue  # pure data movement: ATen views/copies are as good
         while f"fused_{count}" in taken:
