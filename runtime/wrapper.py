@@ -123,6 +123,28 @@ class WrapperCodegen:
         parts += [f"{k}={self.arg(v)}" for k, v in node.kwargs.items()] + self.out_kwarg(node)
         return f"{callee}({', '.join(parts)})", _target_hint(node.target)
 
+    def collapsed_view(self, node: Node, elided: set[Node]) -> tuple[str, str] | None:
+        """(one as_strided, its guard) for the end of a chain of static-shape views.
+
+        A chain like slice -> view -> view -> transpose costs a call per link; its result
+        is one as_strided of the chain's base. The guard re-checks the base's strides at
+        run time (they are what the precomputed layout assumes); if they differ, the
+        chain runs link by link.
+        """
+        if not (isinstance(node.args[0], Node) and node.args[0] in elided):
+            return None
+        base = node.args[0]
+        while base in elided:
+            base = base.args[0]
+        layout, base_layout = _static_layout(node), _static_layout(base)
+        if layout is None or base_layout is None:
+            return None
+        size, stride, offset = layout
+        b = self.var[base]
+        delta = offset - base_layout[2]
+        fast = f"{b}.as_strided({list(size)}, {list(stride)}, {b}.storage_offset() + {delta})"
+        return fast, f"{b}.stride() == {base_layout[1]!r}"
+
     def out_kwarg(self, node: Node) -> list[str]:
         """`out=<arena view>` for a planned buffer, else nothing."""
         k = self.plan.index.get(node.name) if self.plan is not None else None
@@ -154,8 +176,16 @@ class WrapperCodegen:
             sig = self.plan.sig_source([self.var[n] for n in placeholders])
             plain.append(f"_bufs = _arena({sig})")
         profiled.extend(plain)
+        elided = _elidable_views(nodes)
         for node in nodes:
             if node.op == "placeholder":
+                continue
+            if node in elided:
+                # Inlined into its only user, the next view of the chain; what it frees
+                # is freed there.
+                self.var[node] = f"({self.call_expr(node)[0]})"
+                (user,) = node.users
+                frees.setdefault(user, []).extend(frees.pop(node, []))
                 continue
             if node.op == "output":
                 ret = f"return {self.arg(node.args[0])}"
@@ -167,11 +197,14 @@ class WrapperCodegen:
                 continue
             self.var[node] = f"v_{node.name}"
             expr, label = self.call_expr(node)
+            fast = self.collapsed_view(node, elided)
+            if fast is not None:
+                expr = f"{fast[0]} if {fast[1]} else {expr}"
             line = f"{self.var[node]} = {expr}"
             plain.append(line)
             profiled.append(f"with _record_function({label!r}):")
             profiled.append(f"    {line}")
-            dead = [self.var[v] for v in frees.get(node, []) if v in self.var]
+            dead = [self.var[v] for v in frees.get(node, []) if v in self.var and v not in elided]
             dead += [] if node.users else [self.var[node]]
             if dead:
                 stmt = f"del {', '.join(dict.fromkeys(dead))}"
@@ -188,6 +221,45 @@ class WrapperCodegen:
             "            return call_profiled(args)\n"
             "    return call(args)\n"
         )
+
+
+# Ops that always return a view of their input (reshape may copy, so it is not one).
+_CHAIN_VIEWS = (set(_TENSOR_METHODS) - {aten.reshape.default}) | {
+    aten.slice.Tensor,
+    aten.alias.default,
+}
+
+
+def _static_layout(node: Node) -> tuple[tuple, tuple, int] | None:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    layout = (tuple(val.shape), tuple(val.stride()), val.storage_offset())
+    flat = [*layout[0], *layout[1], layout[2]]
+    return layout if all(type(x) is int for x in flat) else None
+
+
+def _is_chain_view(node: Node) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target in _CHAIN_VIEWS
+        and not node.kwargs
+        and isinstance(node.args[0], Node)
+        and not any(isinstance(a, Node) for a in node.args[1:])
+        and _static_layout(node) is not None
+    )
+
+
+def _elidable_views(nodes: list[Node]) -> set[Node]:
+    """Static-shape views whose only user is the next static-shape view of a chain."""
+    return {
+        n
+        for n in nodes
+        if _is_chain_view(n)
+        and len(n.users) == 1
+        and _is_chain_view(next(iter(n.users)))
+        and next(iter(n.users)).args[0] is n
+    }
 
 
 def build_wrapper(gm: GraphModule, ctx: Any, kernels: dict[str, Callable]) -> Callable:
