@@ -25,10 +25,10 @@ from .context import PassContext
 from .pattern_utils import (
     ensure_ops,
     erase_dead,
+    first_match,
     getitems,
     insert_call,
     lazy_patterns,
-    match,
     note_reference,
     placement,
     refresh_layout,
@@ -90,17 +90,10 @@ def fuse_rotary(gm: GraphModule, ctx: PassContext) -> int:
     for node in gm.graph.nodes:
         if node.target is not aten.add.Tensor:
             continue
-        for pattern in _patterns():
-            m = match(pattern, node)
-            if m is None:
-                continue
-            why = extra_check(m)
-            if why is not None:
-                ctx.report.reject(NAME, f"{node.name}: {why}")
-                break
-            key = (m.kwargs["cos"], m.kwargs["sin"])
-            sites.setdefault(key, []).append((node, m))
-            break
+        found = first_match(node, ((p, None) for p in _patterns()), extra_check, ctx, NAME)
+        if found is not None:
+            m = found[0]
+            sites.setdefault((m.kwargs["cos"], m.kwargs["sin"]), []).append((node, m))
     count = 0
     for (cos, sin), group in sites.items():
         while len(group) >= 2:

@@ -27,9 +27,9 @@ from torch.fx import GraphModule, Node
 from .context import PassContext
 from .pattern_utils import (
     ensure_ops,
+    first_match,
     insert_call,
     lazy_patterns,
-    match,
     note_reference,
     refresh_layout,
     replace_and_erase,
@@ -135,20 +135,15 @@ def fuse_gated_act(gm: GraphModule, ctx: PassContext) -> int:
     for node in reversed(list(gm.graph.nodes)):
         if node._erased or node.target is not aten.mul.Tensor:
             continue
-        for pattern, act in _patterns():
-            m = match(pattern, node)
-            if m is None:
-                continue
-            why = extra_check(m)
-            if why is not None:
-                ctx.report.reject(NAME, f"{node.name}: {why}")
-                break
-            gate, up = m.kwargs["gate"], m.kwargs["up"]
-            fused = insert_call(gm, node, torch.ops.yirage.gated_act.default, (gate, up, act))
-            replace_and_erase(node, fused, m.nodes)
-            refresh_layout(gm, [fused])
-            count += 1
-            break
+        found = first_match(node, _patterns(), extra_check, ctx, NAME)
+        if found is None:
+            continue
+        m, act = found
+        gate, up = m.kwargs["gate"], m.kwargs["up"]
+        fused = insert_call(gm, node, torch.ops.yirage.gated_act.default, (gate, up, act))
+        replace_and_erase(node, fused, m.nodes)
+        refresh_layout(gm, [fused])
+        count += 1
     if count:
         ctx.report.count_pattern(NAME, count)
         note_reference(ctx, "gated_act")

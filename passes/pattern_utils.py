@@ -41,6 +41,26 @@ def match(pattern: Any, node: Node):
     return m if is_match(m) else None
 
 
+def first_match(
+    node: Node, candidates: Iterable[tuple[Any, Any]], extra_check: Callable, ctx: Any, name: str
+) -> tuple[Any, Any] | None:
+    """(match, tag) of the first (pattern, tag) matching at `node` whose extra_check passes.
+
+    A match that fails its extra_check is recorded as a rejection with the reason and ends
+    the search (a later, looser pattern must not rewrite a site the check refused).
+    """
+    for pattern, tag in candidates:
+        m = match(pattern, node)
+        if m is None:
+            continue
+        why = extra_check(m)
+        if why is not None:
+            ctx.report.reject(name, f"{node.name}: {why}")
+            return None
+        return m, tag
+    return None
+
+
 def val(node: Any) -> Any:
     return node_val(node)
 
