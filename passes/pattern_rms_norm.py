@@ -48,7 +48,7 @@ NAME = "rms_norm"
 
 @lazy_patterns
 def _patterns() -> list:
-    from torch._inductor.pattern_matcher import CallFunction, KeywordArg
+    from .pattern_expr import CallFunction, KeywordArg
 
     x, eps, dims = KeywordArg("x"), KeywordArg("eps"), KeywordArg("dims")
     squares = [

@@ -41,7 +41,7 @@ NAME = "rotary"
 
 @lazy_patterns
 def _patterns() -> list:
-    from torch._inductor.pattern_matcher import CallFunction, KeywordArg
+    from .pattern_expr import CallFunction, KeywordArg
 
     x, cos, sin = KeywordArg("x"), KeywordArg("cos"), KeywordArg("sin")
     x2 = CallFunction(aten.slice.Tensor, x, KeywordArg("d2"), KeywordArg("h2"), KeywordArg("e2"))

@@ -42,7 +42,7 @@ NAME = "gated_act"
 
 def _acts(g) -> list[tuple[object, str]]:
     """Activation patterns applied to the gate pattern `g`."""
-    from torch._inductor.pattern_matcher import CallFunction, KeywordArg
+    from .pattern_expr import CallFunction, KeywordArg
 
     def cf(op, *args, **kwargs):
         return CallFunction(op, *args, **kwargs)
@@ -80,7 +80,7 @@ def _acts(g) -> list[tuple[object, str]]:
 
 @lazy_patterns
 def _patterns() -> list[tuple[object, str]]:
-    from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg
+    from .pattern_expr import MULTIPLE, CallFunction, KeywordArg
 
     gate, up = KeywordArg("gate"), KeywordArg("up")
     prims = torch.ops.prims

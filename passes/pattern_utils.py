@@ -1,7 +1,7 @@
 """Shared helpers of the LLM pattern passes (pattern_*.py).
 
-Patterns are torch._inductor.pattern_matcher expressions, built on first use and cached
-(`lazy_patterns`): building them imports Inductor, which is slow, so never at import time.
+Patterns are pattern_expr expressions (Inductor's pattern language, without importing
+Inductor), built on first use and cached (`lazy_patterns`).
 A pass walks the graph, calls `pattern.match(node)` on anchor nodes and rewrites matches
 with the surgery helpers below; it owns its iteration, so no global handler state exists.
 """
@@ -34,11 +34,8 @@ def lazy_patterns(build: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def match(pattern: Any, node: Node):
-    """A pattern_matcher Match for `pattern` rooted at `node`, or None."""
-    from torch._inductor.pattern_matcher import is_match
-
-    m = pattern.match(node)
-    return m if is_match(m) else None
+    """The Match of `pattern` (a pattern_expr expression) rooted at `node`, or None."""
+    return pattern.match(node)
 
 
 def first_match(
