@@ -11,6 +11,10 @@ constant_fold, before:                     after:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -18,19 +22,132 @@ from .context import PassContext
 
 aten = torch.ops.aten
 
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recipe:
+    """How a constant derives from the graph's inputs, so a cached compiled graph can be
+    re-armed with another model's weights (runtime/graph_cache.py) without re-tracing.
+
+    kind "input": placeholder `ref`; "call": ATen op named `ref` on `args` (which may hold
+    Recipes, also inside lists); "literal": the tensor `ref` itself. Recipes form a DAG by
+    object identity (a constant re-registered under the same name does not loop).
+    """
+
+    kind: str
+    ref: Any
+    args: tuple = ()
+    kwargs: tuple = ()  # (name, value) pairs
+
+    @staticmethod
+    def call(op: Any, args: tuple, kwargs: dict | None = None) -> Recipe | None:
+        """A call recipe, or None if `op` or an argument cannot be recorded."""
+        kwargs = kwargs or {}
+        if not isinstance(op, torch._ops.OpOverload):
+            return None
+        if not all(_plain(a) for a in _recipe_leaves([args, list(kwargs.values())])):
+            return None
+        return Recipe("call", str(op), tuple(args), tuple(kwargs.items()))
+
+    def evaluate(self, inputs: list[Any], memo: dict[int, Any]) -> Any:
+        if id(self) in memo:
+            return memo[id(self)]
+        if self.kind == "input":
+            out = inputs[self.ref].detach()
+        elif self.kind == "literal":
+            out = self.ref
+        else:
+            op = functools.reduce(getattr, self.ref.split("."), torch.ops)
+            args, kwargs = _map_recipes(
+                (self.args, [v for _, v in self.kwargs]), lambda r: r.evaluate(inputs, memo)
+            )
+            out = op(*args, **dict(zip([k for k, _ in self.kwargs], kwargs)))
+        memo[id(self)] = out
+        return out
+
+
+# A node argument that is not a recorded constant (a runtime value, or unrecorded).
+_UNKNOWN = object()
+_PLAIN = (Recipe, int, float, bool, str, torch.dtype, torch.device, torch.layout)
+
+
+def _plain(a: Any) -> bool:
+    """Recordable: a Recipe or a literal whose value does not depend on the weights."""
+    if isinstance(a, torch.SymInt | torch.SymFloat | torch.SymBool):
+        return False
+    return a is None or isinstance(a, _PLAIN) or isinstance(a, torch.memory_format)
+
+
+def _recipe_leaves(args: Any) -> list[Any]:
+    if isinstance(args, list | tuple):
+        return [x for a in args for x in _recipe_leaves(a)]
+    return [args]
+
+
+def _map_recipes(args: Any, fn: Any) -> Any:
+    if isinstance(args, Recipe):
+        return fn(args)
+    if isinstance(args, list | tuple):
+        return type(args)(_map_recipes(a, fn) for a in args)
+    return args
+
+
+def recipes(gm: GraphModule) -> dict[str, Recipe | None]:
+    """Constant name -> its Recipe (None: derived in a way that was not recorded)."""
+    return gm.meta.setdefault("yirage_recipes", {})
+
+
+# A graph's own (lifted) tensor constants up to this size are recorded by value.
+_MAX_LITERAL_BYTES = 1 << 20
+
+
+def constant_recipe(gm: GraphModule, target: str) -> Recipe | None:
+    """The recipe of constant `target`: recorded by add_constant, or, for a constant the
+    graph came with (e.g. a lifted `torch.tensor([])`), its value if small and real."""
+    table = recipes(gm)
+    if target in table:
+        return table[target]
+    value = getattr(gm, target, None)
+    if not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor):
+        return None
+    if value.numel() * value.element_size() > _MAX_LITERAL_BYTES:
+        return None
+    table[target] = Recipe("literal", value.detach().clone())
+    return table[target]
+
+
+def recipe_of(gm: GraphModule, arg: Any) -> Any:
+    """The recipe-level value of a node argument: constants become their Recipes; other
+    nodes (runtime values) and unrecorded constants become _UNKNOWN; literals stay."""
+    if isinstance(arg, Node):
+        r = constant_recipe(gm, arg.target) if arg.op == "get_attr" else None
+        return _UNKNOWN if r is None else r
+    if isinstance(arg, list | tuple):
+        return type(arg)(recipe_of(gm, a) for a in arg)
+    return arg
+
+
 # Folding these would materialise a larger tensor than its inputs; keep them lazy.
 _NO_FOLD = {aten.expand.default, aten.full.default, aten.zeros.default, aten.ones.default}
 
 
 def add_constant(
-    gm: GraphModule, prefix: str, value: torch.Tensor, before: Node, fake_mode
+    gm: GraphModule,
+    prefix: str,
+    value: torch.Tensor,
+    before: Node,
+    fake_mode,
+    recipe: Recipe | None = None,
 ) -> Node:
-    """Register `value` on gm (by reference) and insert a get_attr for it before `before`."""
+    """Register `value` on gm (by reference) and insert a get_attr for it before `before`.
+
+    `recipe` says how to recompute it from the graph inputs (None: unknown, which makes
+    the compiled graph uncacheable)."""
     i = 0
     while hasattr(gm, f"{prefix}{i}"):
         i += 1
     name = f"{prefix}{i}"
     gm.register_buffer(name, value, persistent=False)
+    recipes(gm)[name] = recipe
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
     node.meta["val"] = (
@@ -68,7 +185,9 @@ def freeze_parameters(gm: GraphModule, ctx: PassContext) -> int:
             continue
         if not node.users or first is None:
             continue
-        const = add_constant(gm, "_frozen_", real.detach(), first, ctx.fake_mode)
+        const = add_constant(
+            gm, "_frozen_", real.detach(), first, ctx.fake_mode, Recipe("input", i)
+        )
         # Passes that repack weights (horizontal GEMM fusion) re-point these parameters.
         ctx.artifacts.setdefault("frozen_params", {})[const.target] = real
         node.replace_all_uses_with(const)
@@ -126,10 +245,30 @@ def constant_fold(gm: GraphModule, ctx: PassContext) -> int:
             result = value(node)
             if not isinstance(result, torch.Tensor):
                 continue
-            new = add_constant(gm, "_folded_", result, node, ctx.fake_mode)
+            new = add_constant(
+                gm, "_folded_", result, node, ctx.fake_mode, recipe_of_node(gm, node, constant)
+            )
             node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in constant)
             folded += 1
     return folded
+
+
+def recipe_of_node(gm: GraphModule, node: Node, constant: set[Node]) -> Recipe | None:
+    """The recipe of a folded node: its op over the recipes of its (constant) inputs."""
+    if node.op == "get_attr":
+        r = constant_recipe(gm, node.target)
+        return _UNKNOWN if r is None else r
+
+    def arg(a: Any) -> Any:
+        if isinstance(a, Node):
+            r = recipe_of_node(gm, a, constant) if a in constant else None
+            return _UNKNOWN if r is None else r
+        if isinstance(a, list | tuple):
+            return type(a)(arg(x) for x in a)
+        return a
+
+    kwargs = {k: arg(v) for k, v in node.kwargs.items()}
+    return Recipe.call(node.target, tuple(arg(a) for a in node.args), kwargs)
 
 
 def fold_weight_views(gm: GraphModule, ctx: PassContext) -> int:
@@ -153,7 +292,8 @@ def fold_weight_views(gm: GraphModule, ctx: PassContext) -> int:
             if any(isinstance(a, torch.fx.Node) for a in args):
                 continue
             view = node.target(*args)
-            const = add_constant(gm, "_view_", view, node, ctx.fake_mode)
+            recipe = Recipe.call(node.target, recipe_of(gm, node.args))
+            const = add_constant(gm, "_view_", view, node, ctx.fake_mode, recipe)
             node.replace_all_uses_with(const)
             gm.graph.erase_node(node)
             count += 1

@@ -98,6 +98,17 @@ class MemoryPlan:
         self._sizes_fn = _compile_sizes(buffers, slots, symbols)
         self._cache: dict[tuple[int, ...], Layout] = {}
 
+    def __getstate__(self) -> dict:
+        # The generated size function is rebuilt on load (runtime/graph_cache.py pickles plans).
+        state = dict(self.__dict__)
+        state.pop("_sizes_fn")
+        state["_cache"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._sizes_fn = _compile_sizes(self.buffers, self.slots, self.symbols)
+
     def evaluate(self, sig: Sequence[int]) -> Layout:
         sig = tuple(sig)
         hit = self._cache.get(sig)

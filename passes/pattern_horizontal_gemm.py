@@ -23,7 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .context import PassContext
-from .freezing import add_constant
+from .freezing import Recipe, add_constant, recipe_of, recipes
 from .pattern_utils import (
     erase_dead,
     insert_call,
@@ -76,7 +76,7 @@ def _label(outputs: list[Node]) -> str:
     return "other"
 
 
-def _share_storage(gm: GraphModule, ctx: PassContext, members: list, w_cat: torch.Tensor) -> int:
+def _share_storage(gm: GraphModule, ctx: PassContext, members: list, w_node: Node) -> int:
     """Re-point the module's own parameters at row slices of `w_cat`; bytes saved.
 
     Values are unchanged, so the eager module behaves the same, but the original weights are
@@ -84,6 +84,8 @@ def _share_storage(gm: GraphModule, ctx: PassContext, members: list, w_cat: torc
     for a 135M Llama). Freezing already assumes weights are not reassigned after compiling.
     """
     frozen = ctx.artifacts.get("frozen_params", {})
+    w_cat = getattr(gm, w_node.target)
+    cat_recipe = recipes(gm).get(w_node.target)
     saved, offset = 0, 0
     with torch.no_grad():
         for _, w, _ in members:
@@ -93,10 +95,20 @@ def _share_storage(gm: GraphModule, ctx: PassContext, members: list, w_cat: torc
             offset += n
             if param is None or param.shape != part.shape or param.dtype != part.dtype:
                 continue
+            # A cached compiled graph re-arms from these records (runtime/graph_cache.py).
+            source = recipes(gm).get(w.target)
+            if source is not None and source.kind == "input" and cat_recipe is not None:
+                shares = ctx.artifacts.setdefault("shared_params", [])
+                shares.append((source.ref, cat_recipe, offset - n, offset))
+            else:
+                ctx.artifacts["uncacheable"] = f"{w.target}: re-pointed weight without recipe"
             param.data = part
             # The frozen constant is dead after the rewrite; dropping it now frees the old
             # storage at once instead of after the pipeline (lower compile-time peak).
             gm.register_buffer(w.target, part, persistent=False)
+            recipes(gm)[w.target] = Recipe.call(
+                aten.slice.Tensor, (cat_recipe, 0, offset - n, offset)
+            )
             saved += part.numel() * part.element_size()
     return saved
 
@@ -121,15 +133,25 @@ def fuse_horizontal_gemm(gm: GraphModule, ctx: PassContext) -> int:
         members.sort(key=lambda m: order[m[0]])
         first = members[0][0]
         w_cat = torch.cat(weights, 0)
-        extra += w_cat.numel() * w_cat.element_size() - _share_storage(gm, ctx, members, w_cat)
-        w_node = add_constant(gm, "_hgemm_w_", w_cat, first, ctx.fake_mode)
+        w_recipe = Recipe.call(aten.cat.default, ([recipe_of(gm, w) for _, w, _ in members], 0))
+        w_node = add_constant(gm, "_hgemm_w_", w_cat, first, ctx.fake_mode, w_recipe)
+        extra += w_cat.numel() * w_cat.element_size() - _share_storage(gm, ctx, members, w_node)
         wt = insert_call(gm, first, aten.t.default, (w_node,))
         if any(b is not None for _, _, b in members):
             biases = [
                 getattr(gm, b.target) if b is not None else w.new_zeros(w.shape[0])
                 for (_, _, b), w in zip(members, weights)
             ]
-            b_node = add_constant(gm, "_hgemm_b_", torch.cat(biases, 0), first, ctx.fake_mode)
+            b_recipes = [
+                recipe_of(gm, b)
+                if b is not None
+                else Recipe.call(aten.new_zeros.default, (recipe_of(gm, w), [val(w).shape[0]]))
+                for _, w, b in members
+            ]
+            b_recipe = Recipe.call(aten.cat.default, (b_recipes, 0))
+            b_node = add_constant(
+                gm, "_hgemm_b_", torch.cat(biases, 0), first, ctx.fake_mode, b_recipe
+            )
             fused = insert_call(gm, first, aten.addmm.default, (b_node, x, wt))
         else:
             fused = insert_call(gm, first, aten.mm.default, (x, wt))

@@ -40,9 +40,12 @@ _TENSOR_METHODS = {
 class _Namer:
     def __init__(self) -> None:
         self.globals: dict[str, Any] = {}
+        # name -> how to rebuild the value in another process (runtime/graph_cache.py);
+        # None where it cannot be described (the graph is then not cached).
+        self.specs: dict[str, tuple | None] = {}
         self._by_id: dict[int, str] = {}
 
-    def bind(self, value: Any, hint: str) -> str:
+    def bind(self, value: Any, hint: str, spec: tuple | None = None) -> str:
         key = id(value)
         if key in self._by_id:
             return self._by_id[key]
@@ -54,8 +57,21 @@ class _Namer:
             i += 1
             name = f"{base}_{i}"
         self.globals[name] = value
+        self.specs[name] = spec if spec is not None else _spec_of(value)
         self._by_id[key] = name
         return name
+
+
+def _spec_of(value: Any) -> tuple | None:
+    if isinstance(value, torch._ops.OpOverload):
+        return ("op", str(value))
+    if isinstance(value, torch.device):
+        return ("device", str(value))
+    if value is torch:
+        return ("torch",)
+    if value is operator.getitem:
+        return ("getitem",)
+    return None
 
 
 def _target_hint(target: Any) -> str:
@@ -72,6 +88,7 @@ class WrapperCodegen:
         self.plan = plan
         self.names = _Namer()
         self.names.globals["torch"] = torch
+        self.names.specs["torch"] = ("torch",)
         self.var: dict[Node, str] = {}
 
     def arg(self, a: Any) -> str:
@@ -95,7 +112,8 @@ class WrapperCodegen:
         if node.op == "call_module":
             fn = self.kernels.get(node.target) or getattr(self.gm, node.target)
             label = getattr(fn, "kernel_name", node.target)
-            callee = self.names.bind(fn, label)
+            spec = ("kernel", node.target) if node.target in self.kernels else None
+            callee = self.names.bind(fn, label, spec)
             args = ", ".join([self.arg(a) for a in node.args] + self.out_kwarg(node))
             return f"{callee}({args})", label
         target = node.target
@@ -113,12 +131,15 @@ class WrapperCodegen:
             from yirage_dynamo.passes.memory_plan import out_variant
 
             target = out_variant(target, node.meta["val"].device.type)
-        elif getattr(target, "namespace", None) == "yirage":
+        spec = None
+        if getattr(target, "namespace", None) == "yirage":
             # Same function the dispatcher would run, minus the custom-op overhead.
             from yirage_dynamo.ops import direct_impls
 
-            target = direct_impls().get(target, target)
-        callee = self.names.bind(target, _target_hint(node.target))
+            impl = direct_impls().get(target)
+            if impl is not None:
+                target, spec = impl, ("impl", str(node.target))
+        callee = self.names.bind(target, _target_hint(node.target), spec)
         parts = [self.arg(a) for a in node.args]
         parts += [f"{k}={self.arg(v)}" for k, v in node.kwargs.items()] + self.out_kwarg(node)
         return f"{callee}({', '.join(parts)})", _target_hint(node.target)
@@ -152,10 +173,22 @@ class WrapperCodegen:
 
     def render(self) -> str:
         nodes = list(self.gm.graph.nodes)
+        elided = _elidable_views(nodes)
+        position = {n: i for i, n in enumerate(nodes)}
+
+        def chain_end(n: Node) -> Node:
+            # An elided view is evaluated where its chain ends, which reads the chain's
+            # base there: the base must live until then, not just until the first link.
+            while n in elided:
+                n = next(iter(n.users))
+            return n
+
         last_use: dict[Node, Node] = {}
         for node in nodes:
+            user = chain_end(node)
             for inp in node.all_input_nodes:
-                last_use[inp] = node
+                if inp not in last_use or position[user] > position[last_use[inp]]:
+                    last_use[inp] = user
         frees: dict[Node, list[Node]] = {}
         for value, user in last_use.items():
             if value.op != "get_attr":
@@ -176,7 +209,6 @@ class WrapperCodegen:
             sig = self.plan.sig_source([self.var[n] for n in placeholders])
             plain.append(f"_bufs = _arena({sig})")
         profiled.extend(plain)
-        elided = _elidable_views(nodes)
         for node in nodes:
             if node.op == "placeholder":
                 continue
@@ -184,8 +216,6 @@ class WrapperCodegen:
                 # Inlined into its only user, the next view of the chain; what it frees
                 # is freed there.
                 self.var[node] = f"({self.call_expr(node)[0]})"
-                (user,) = node.users
-                frees.setdefault(user, []).extend(frees.pop(node, []))
                 continue
             if node.op == "output":
                 ret = f"return {self.arg(node.args[0])}"
@@ -193,7 +223,8 @@ class WrapperCodegen:
                 profiled.append(ret)
                 break
             if node.op == "get_attr":
-                self.var[node] = self.names.bind(getattr(self.gm, node.target), node.target)
+                value = getattr(self.gm, node.target)
+                self.var[node] = self.names.bind(value, node.target, ("const", node.target))
                 continue
             self.var[node] = f"v_{node.name}"
             expr, label = self.call_expr(node)
@@ -265,30 +296,22 @@ def _elidable_views(nodes: list[Node]) -> set[Node]:
 def build_wrapper(gm: GraphModule, ctx: Any, kernels: dict[str, Callable]) -> Callable:
     """Render, exec and return the boxed `run(args)` for a lowered graph."""
     from yirage_dynamo.passes.memory_plan import finalize_plan
-    from yirage_dynamo.runtime.arena import PlannedViews
 
     plan = finalize_plan(gm, ctx, kernels)
     gen = WrapperCodegen(gm, kernels, plan)
     source = gen.render()
-    digest = hashlib.sha256(source.encode()).hexdigest()[:10]
-    filename = f"<yirage_wrapper_{digest}>"
-    namespace = dict(gen.names.globals)
-    namespace["_profiler"] = torch.autograd.profiler
-    namespace["_record_function"] = torch.profiler.record_function
+    stable = False
     if plan is not None:
         opts = ctx.options
         stable = opts.cudagraphs is True or opts.mode == "reduce-overhead"
-        namespace["_arena"] = PlannedViews(plan, stable=stable)
-    # The whole call is one range too; its children are the per-node ranges, which is
-    # how profiling.kernel_time_table tells our calls apart from other annotations.
-    namespace["_wrapper_range"] = f"[yirage] wrapper_{digest}"
-    exec(compile(source, filename, "exec"), namespace)
-    run = namespace["run"]
-    run._boxed_call = True
-    run.source = source
-    run.arena = namespace.get("_arena")
-    run.wrapper_name = f"wrapper_{digest}"
+    run = exec_wrapper(source, dict(gen.names.globals), plan, stable)
     if ctx is not None:
+        ctx.artifacts["wrapper"] = {
+            "source": source,
+            "specs": dict(gen.names.specs),
+            "plan": plan,
+            "stable": stable,
+        }
         ctx.report.extern_calls = sum(
             1 for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
         )
@@ -296,7 +319,29 @@ def build_wrapper(gm: GraphModule, ctx: Any, kernels: dict[str, Callable]) -> Ca
         if ctx.options.debug:
             from yirage_dynamo.debug import dump_text
 
-            dump_text(ctx, f"wrapper_{digest}.py", _header(gm) + source)
+            dump_text(ctx, f"{run.wrapper_name}.py", _header(gm) + source)
+    return run
+
+
+def exec_wrapper(source: str, globals_: dict[str, Any], plan: Any, stable: bool) -> Callable:
+    """Execute generated wrapper source with its globals; the boxed `run(args)`."""
+    from yirage_dynamo.runtime.arena import PlannedViews
+
+    digest = hashlib.sha256(source.encode()).hexdigest()[:10]
+    namespace = dict(globals_)
+    namespace["_profiler"] = torch.autograd.profiler
+    namespace["_record_function"] = torch.profiler.record_function
+    if plan is not None:
+        namespace["_arena"] = PlannedViews(plan, stable=stable)
+    # The whole call is one range too; its children are the per-node ranges, which is
+    # how profiling.kernel_time_table tells our calls apart from other annotations.
+    namespace["_wrapper_range"] = f"[yirage] wrapper_{digest}"
+    exec(compile(source, f"<yirage_wrapper_{digest}>", "exec"), namespace)
+    run = namespace["run"]
+    run._boxed_call = True
+    run.source = source
+    run.arena = namespace.get("_arena")
+    run.wrapper_name = f"wrapper_{digest}"
     return run
 
 

@@ -7,7 +7,10 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
+def _fresh_dynamo(monkeypatch):
+    # Tests observe what compilation does, so a graph compiled by an earlier test must not
+    # come back from the whole-graph cache; tests/test_graph_cache.py turns it on itself.
+    monkeypatch.setenv("YIRAGE_GRAPH_CACHE", "0")
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

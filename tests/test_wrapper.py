@@ -33,3 +33,21 @@ def test_transposed_reshape_feeding_a_gemm_matches_eager():
 
     x, w = torch.randn(2, 4, 9, 16), torch.randn(64, 8)
     torch.testing.assert_close(yirage_compile(fn)(x, w), fn(x, w))
+
+
+def test_view_chain_base_stays_alive_until_the_chain_ends():
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from yirage_dynamo.runtime.wrapper import build_wrapper
+
+    def fn(x, w):
+        y = x @ w
+        a = y[:, :64].view(2, 5, 4, 16)  # the chain starts before y's other use ...
+        z = torch.exp(y)  # ... which would otherwise be y's last use ...
+        return a.transpose(1, 2).contiguous(), z  # ... and ends here, reading y
+
+    x, w = torch.randn(10, 32), torch.randn(32, 96)
+    gm = make_fx(fn, tracing_mode="fake")(x, w)
+    run = build_wrapper(gm, None, kernels={})
+    assert ".as_strided(" in run.source
+    for got, want in zip(run([x, w]), fn(x, w)):
+        torch.testing.assert_close(got, want)

@@ -75,7 +75,23 @@ def compile_dynamo_graph(gm: GraphModule, example_inputs: list[Any], options: Op
             )
             _finish(report, options)
             return whole
+        from yirage_dynamo.runtime import graph_cache
+
+        key, why = graph_cache.graph_key(gm, example_inputs, options, lowering.name)
+        report.graph_cache = f"not used: {why}" if key is None else "miss"
+        if key is not None:
+            cached = graph_cache.try_load(key, options, example_inputs, lowering, report)
+            if cached is not None:
+                report.graph_cache = "hit"
+                report.stages["total"] = report.stages.get("dynamo_trace", 0.0) + (
+                    time.perf_counter() - start
+                )
+                _finish(report, options)
+                # A failing first call falls back to the Dynamo graph itself (eager).
+                return _FirstCallGuard(cached, gm, report, options)
         compiler = _AotCompiler(options, lowering, report, example_inputs, start)
+        compiler.cache_key = key
+        compiler.dynamo_outputs = _output_count(gm)
         return compiler.capture(gm, example_inputs)
     except Exception as exc:  # noqa: BLE001 - every failure gets the fallback chain
         stage = exc.stage if isinstance(exc, StageError) else "capture"
@@ -168,6 +184,10 @@ class _AotCompiler:
         # AOTAutograd's own time starts here, after device selection (its own stage).
         self.aot_start = time.perf_counter()
         self._first_used = False
+        self.n_inputs = len(example_inputs)
+        # Set by the caller when the graph may be stored in the whole-graph cache.
+        self.cache_key: str | None = None
+        self.dynamo_outputs = 0
 
     def capture(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
         from torch._dynamo.backends.common import aot_autograd
@@ -203,6 +223,9 @@ class _AotCompiler:
         report.kind = kind
         return report
 
+    def _store(self, gm: GraphModule, ctx: PassContext, report: CompileReport) -> None:
+        _store_in_graph_cache(self, gm, ctx, report)
+
     def compile_aot_graph(self, gm: GraphModule, example_inputs: list[Any], kind: str) -> Callable:
         graph_start = time.perf_counter()
         report = self._report_for(kind)
@@ -233,6 +256,8 @@ class _AotCompiler:
                 return _FirstCallGuard(_boxed(pristine), None, report, self.options)
             raise StageError(stage, exc) from exc
         report.nodes_out = count_nodes(gm)
+        if kind == "inference" and self.cache_key is not None:
+            self._store(gm, ctx, report)
         # Wall time (plus Dynamo's trace), so the top-level stages sum to at most this.
         began = self.start if report is self.first_report else graph_start
         report.stages["total"] = report.stages.get("dynamo_trace", 0.0) + (
@@ -240,6 +265,28 @@ class _AotCompiler:
         )
         _finish(report, self.options)
         return _FirstCallGuard(fn, pristine, report, self.options)
+
+
+def _store_in_graph_cache(
+    compiler: _AotCompiler, gm: GraphModule, ctx: PassContext, report: CompileReport
+) -> None:
+    from yirage_dynamo.runtime import graph_cache
+
+    with report.stage("graph_cache"):
+        why = graph_cache.aot_passthrough(gm, compiler.n_inputs, compiler.dynamo_outputs)
+        if not why:
+            try:
+                why = graph_cache.store(
+                    compiler.cache_key, compiler.options, ctx, gm, compiler.n_inputs
+                )
+            except OSError as exc:
+                why = f"cache dir not writable: {exc}"
+    report.graph_cache = f"not stored: {why}" if why else "stored"
+
+
+def _output_count(gm: GraphModule) -> int:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    return len(out) if isinstance(out, list | tuple) else 1
 
 
 def _mutated_inputs(gm: GraphModule) -> frozenset[int]:

@@ -42,6 +42,9 @@ class Options:
     # kernel. "none": no Triton kernels (ops are inlined for Inductor).
     cuda_kernels: str = "auto"
     cache_dir: str = ""
+    # Reuse a whole compiled graph (wrapper + kernels + weight recipes) from cache_dir when
+    # the same Dynamo graph is compiled again, e.g. in a new process (CPU lowering).
+    graph_cache: bool = True
     cxx: str = ""
     cxx_flags: tuple[str, ...] = ("-O3", "-fopenmp", "-march=native")
     # Run every pass with graph verification (lint + meta["val"] on every node).
@@ -79,7 +82,7 @@ def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = N
 
     Environment overrides apply where an option was not given explicitly:
     YIRAGE_DEBUG, YIRAGE_DEBUG_DIR, YIRAGE_REPORT, YIRAGE_CACHE_DIR, YIRAGE_DEVICE,
-    YIRAGE_FALLBACK, YIRAGE_CXX.
+    YIRAGE_FALLBACK, YIRAGE_CXX, YIRAGE_GRAPH_CACHE.
     """
     from yirage_dynamo.passes import PASS_NAMES  # late: passes import torch internals
 
@@ -115,7 +118,9 @@ def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = N
         _choice("device", raw["device"], DEVICES)
     if "fallback" in raw:
         _choice("fallback", raw["fallback"], FALLBACKS)
-    for key in ("debug", "freeze", "memory_planning", "verify"):
+    if "graph_cache" not in raw and _env_flag("YIRAGE_GRAPH_CACHE") is not None:
+        raw["graph_cache"] = _env_flag("YIRAGE_GRAPH_CACHE")
+    for key in ("debug", "freeze", "memory_planning", "verify", "graph_cache"):
         if key in raw:
             _kind(key, raw[key], (bool,), "True or False")
     if "cuda_kernels" in raw:

@@ -60,6 +60,8 @@ class CompileReport:
     nodes_in: int = 0
     nodes_out: int = 0
     cache: dict[str, int] = dataclasses.field(default_factory=lambda: {"hits": 0, "misses": 0})
+    # Whole-graph cache (runtime/graph_cache.py): "hit", "stored", or why it was not used.
+    graph_cache: str = ""
 
     @contextmanager
     def stage(self, name: str):
@@ -151,6 +153,8 @@ class CompileReport:
             lines.append(f"  kernel {k.name} [{k.device}] {k.source_path or ''} <- {origins}")
         if len(self.kernels) > 20:
             lines.append(f"  ... {len(self.kernels) - 20} more kernels")
+        if self.graph_cache:
+            lines.append(f"  graph cache: {self.graph_cache}")
         if any(self.cache.values()):
             lines.append("  cache: " + ", ".join(f"{k}={v}" for k, v in self.cache.items()))
         if self.patterns:

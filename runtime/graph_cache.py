@@ -1,0 +1,322 @@
+"""Whole-graph artifact cache: a Dynamo graph compiled before is reused without re-tracing.
+
+Compiling a graph is Dynamo's trace, then AOTAutograd's trace, the pass pipeline, code
+generation and the C++ build. The C++ build already has its own cache (cpp_build.py);
+this one skips everything after Dynamo's trace, which is most of a warm start.
+
+Key: sha256 of the Dynamo graph's code, every input's metadata (shape, strides, offset,
+dtype, device, requires_grad, Parameter or not, which inputs share storage), the grad
+mode, the options that shape code, the lowering, torch/Python versions and a digest of
+yirage's own source. Weight *values* are not in the key, so one entry serves every model
+of the same architecture: constants derived from weights (frozen, folded, concatenated,
+viewed) are stored as `passes.freezing.Recipe`s and recomputed from the inputs on load,
+and parameters that horizontal GEMM fusion re-points at the concatenated weight are
+re-pointed again.
+
+Only graphs whose AOTAutograd wrapper is a pass-through are stored: an inference graph
+with static shapes, one placeholder per Dynamo input, input mutations kept in the graph,
+outputs that alias nothing (so there is nothing for AOTAutograd's runtime to replay) and
+every global of the generated wrapper describable. Anything else is compiled as usual and
+the report says why it was not cached. Entries are pickles written atomically with a
+sha256 checksum; a corrupted entry is ignored (and rewritten by the next compile).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import operator
+import os
+import pickle
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+log = logging.getLogger("yirage_dynamo")
+
+FORMAT = 1
+# Lifted tensor constants of the Dynamo graph up to this size are hashed into the key.
+_MAX_LITERAL_BYTES = 1 << 20
+# Options that do not change the compiled program.
+_NOT_IN_KEY = {"debug", "debug_dir", "report", "cache_dir", "fallback", "verify"}
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """Digest of yirage's own Python source: any code change invalidates every entry."""
+    import yirage_dynamo
+    from yirage_dynamo import lowering, passes, runtime
+
+    h = hashlib.sha256()
+    dirs = {Path(m.__file__).parent for m in (yirage_dynamo, passes, lowering, runtime)}
+    for d in sorted(dirs):
+        for f in sorted(d.glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _input_meta(t: Any, storages: dict[int, int], i: int) -> tuple:
+    if not isinstance(t, torch.Tensor):
+        raise _Uncacheable(f"input {i} is a {type(t).__name__}, not a tensor (dynamic size?)")
+    sizes = (*t.shape, *t.stride(), t.storage_offset())
+    if not all(type(s) is int for s in sizes):
+        raise _Uncacheable("dynamic shapes")
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        raise _Uncacheable(f"input {i} is a tensor subclass {type(t).__name__}")
+    storage = storages.setdefault(t.untyped_storage().data_ptr(), i) if t.numel() else i
+    return (
+        isinstance(t, torch.nn.Parameter),
+        tuple(t.shape),
+        t.stride(),
+        t.storage_offset(),
+        str(t.dtype),
+        str(t.device),
+        t.requires_grad,
+        storage,
+    )
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def graph_key(
+    gm: GraphModule, example_inputs: list[Any], options: Any, lowering: str
+) -> tuple[str | None, str]:
+    """(key, "") for a cacheable graph, else (None, why not)."""
+    if not options.graph_cache:
+        return None, "graph_cache=False"
+    if options.debug:
+        return None, "debug dumps need a full compile"
+    try:
+        if torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+        ):
+            raise _Uncacheable("graph may need gradients (training)")
+        h = hashlib.sha256()
+        opts = {
+            f.name: getattr(options, f.name)
+            for f in dataclasses.fields(options)
+            if f.name not in _NOT_IN_KEY
+        }
+        for part in (FORMAT, torch.__version__, sys.version, _code_digest(), lowering, opts):
+            h.update(repr(part).encode())
+        h.update(repr((torch.is_grad_enabled(), torch.is_inference_mode_enabled())).encode())
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                raise _Uncacheable("graph calls submodules")
+            if node.op == "get_attr":
+                value = getattr(gm, node.target)
+                if not isinstance(value, torch.Tensor):
+                    raise _Uncacheable(f"graph attribute {node.target} is not a tensor")
+                if value.numel() * value.element_size() > _MAX_LITERAL_BYTES:
+                    raise _Uncacheable(f"graph attribute {node.target} is large")
+                h.update(repr((node.target, value.dtype, tuple(value.shape))).encode())
+                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        h.update(gm.code.encode())
+        storages: dict[int, int] = {}
+        for i, t in enumerate(example_inputs):
+            h.update(repr(_input_meta(t, storages, i)).encode())
+    except _Uncacheable as exc:
+        return None, str(exc)
+    return h.hexdigest()[:32], ""
+
+
+def _entry_path(options: Any, key: str) -> Path:
+    return options.cache_path / "graphs" / f"{key}.pkl"
+
+
+def aot_passthrough(gm: GraphModule, n_dynamo_inputs: int, n_dynamo_outputs: int) -> str:
+    """ "" if AOTAutograd's runtime wrapper adds nothing around this inference graph."""
+    ctx = torch._guards.TracingContext.try_get()
+    meta = getattr(ctx, "fw_metadata", None) if ctx else None
+    if meta is None:
+        return "no AOTAutograd metadata"
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != n_dynamo_inputs or len(meta.input_info) != n_dynamo_inputs:
+        return "AOTAutograd changed the inputs (duplicates, synthetic bases or tokens)"
+    if any(
+        i.mutation_type.name not in ("NOT_MUTATED", "MUTATED_IN_GRAPH") for i in meta.input_info
+    ):
+        return "an input mutation is applied outside the graph"
+    if meta.num_intermediate_bases or getattr(meta, "tokens", None):
+        return "outputs alias intermediates, or effect tokens"
+    if any(o.output_type.name != "non_alias" for o in meta.output_info):
+        return "an output aliases an input"
+    if len(meta.output_info) != n_dynamo_outputs or meta.grad_enabled_mutation is not None:
+        return "AOTAutograd changes the outputs or the grad mode"
+    if getattr(meta, "is_rng_op_functionalized", False):
+        return "functionalized RNG"
+    return ""
+
+
+def store(key: str, options: Any, ctx: Any, gm: GraphModule, n_inputs: int) -> str:
+    """Write the entry for a compiled graph; "" on success, else why it was not stored."""
+    from yirage_dynamo.passes.freezing import constant_recipe
+
+    if ctx.artifacts.get("uncacheable"):
+        return ctx.artifacts["uncacheable"]
+    wrapper = ctx.artifacts.get("wrapper")
+    if wrapper is None:
+        return "no generated wrapper"
+    constants: dict[str, Any] = {}
+    for name, spec in wrapper["specs"].items():
+        if spec is None:
+            return f"wrapper global {name} cannot be described"
+        if spec[0] == "const":
+            recipe = constant_recipe(gm, spec[1])
+            if recipe is None:
+                return f"constant {spec[1]} has no recipe"
+            constants[spec[1]] = recipe
+    r = ctx.report
+    entry = {
+        "format": FORMAT,
+        "n_inputs": n_inputs,
+        "wrapper": wrapper,
+        "cpp": ctx.artifacts.get("cpp"),
+        "constants": constants,
+        "shared_params": ctx.artifacts.get("shared_params", []),
+        "report": {
+            "patterns": dict(r.patterns),
+            "kernels": [dataclasses.asdict(k) for k in r.kernels],
+            "extern_calls": r.extern_calls,
+            "memory": r.memory,
+            "nodes_in": r.nodes_in,
+            "nodes_out": r.nodes_out,
+        },
+    }
+    try:
+        payload = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - an unpicklable piece: just do not cache
+        return f"not picklable: {type(exc).__name__}: {exc}"
+    from yirage_dynamo.runtime.cpp_build import _write_atomic
+
+    path = _entry_path(options, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    return ""
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    digest, _, payload = data.partition(b"\n")
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        log.warning("yirage: graph cache entry %s is corrupted; recompiling", path.name)
+        return None
+    try:
+        entry = pickle.loads(payload)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("yirage: graph cache entry %s unreadable (%s); recompiling", path.name, exc)
+        return None
+    return entry if entry.get("format") == FORMAT else None
+
+
+def _resolve_op(name: str) -> Any:
+    return functools.reduce(getattr, name.split("."), torch.ops)
+
+
+def load(
+    key: str, options: Any, example_inputs: list[Any], lowering: Any, report: Any
+) -> Callable | None:
+    """The boxed wrapper of a cached graph, re-armed with these inputs' weights, or None."""
+    entry = _read(_entry_path(options, key))
+    if entry is None or entry["n_inputs"] != len(example_inputs):
+        return None
+    from yirage_dynamo.runtime import cpp_build
+    from yirage_dynamo.runtime.wrapper import exec_wrapper
+
+    from yirage_dynamo.report import KernelRecord
+
+    launchers: dict[str, Callable] = {}
+    cpp = entry["cpp"]
+    if cpp is not None:
+        cxx = cpp_build.find_compiler(options.cxx or getattr(lowering, "cxx", ""))
+        if cxx is None:
+            return None
+        stats: dict[str, int] = {}
+        so = cpp_build.build_shared_object(
+            cpp["source"], cxx, options.cxx_flags, options.cache_path, stats
+        )
+        lib = cpp_build.load_library(so)
+        by_symbol = {
+            sym: cpp_build.make_launcher(lib, sym, rendered, sym, "cpu", region)
+            for sym, (rendered, region) in cpp["kernels"].items()
+        }
+        launchers = {name: by_symbol[sym] for name, sym in cpp["symbols"].items()}
+        for k in ("hits", "misses"):
+            report.cache[k] = report.cache.get(k, 0) + stats.get(k, 0)
+    memo: dict[int, Any] = {}
+    with torch.no_grad():
+        constants = {
+            name: r.evaluate(example_inputs, memo) for name, r in entry["constants"].items()
+        }
+        for index, cat_recipe, start, end in entry["shared_params"]:
+            param = example_inputs[index]
+            part = cat_recipe.evaluate(example_inputs, memo)[start:end]
+            if isinstance(param, torch.nn.Parameter) and param.shape == part.shape:
+                param.data = part
+    from yirage_dynamo.ops import direct_impls
+
+    globals_: dict[str, Any] = {}
+    for name, spec in entry["wrapper"]["specs"].items():
+        kind = spec[0]
+        if kind == "torch":
+            globals_[name] = torch
+        elif kind == "op":
+            globals_[name] = _resolve_op(spec[1])
+        elif kind == "impl":
+            globals_[name] = direct_impls()[_resolve_op(spec[1])]
+        elif kind == "kernel":
+            globals_[name] = launchers[spec[1]]
+        elif kind == "const":
+            globals_[name] = constants[spec[1]]
+        elif kind == "device":
+            globals_[name] = torch.device(spec[1])
+        elif kind == "getitem":
+            globals_[name] = operator.getitem
+        else:
+            return None
+    w = entry["wrapper"]
+    run = exec_wrapper(w["source"], globals_, w["plan"], w["stable"])
+    stored = entry["report"]
+    report.patterns.update(stored["patterns"])
+    report.kernels.extend(KernelRecord(**k) for k in stored["kernels"])
+    report.extern_calls = stored["extern_calls"]
+    report.memory = stored["memory"]
+    report.nodes_in, report.nodes_out = stored["nodes_in"], stored["nodes_out"]
+    return run
+
+
+def try_load(
+    key: str, options: Any, example_inputs: list[Any], lowering: Any, report: Any
+) -> Callable | None:
+    """`load`, but any failure (stale or foreign entry) means: compile as usual."""
+    start = time.perf_counter()
+    try:
+        fn = load(key, options, example_inputs, lowering, report)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("yirage: graph cache entry %s not usable (%s); recompiling", key, exc)
+        fn = None
+    report.stages["graph_cache"] = time.perf_counter() - start
+    return fn
+
+
+def clear(options: Any) -> int:
+    """Delete every graph entry under the cache dir; the number deleted."""
+    root = options.cache_path / "graphs"
+    n = 0
+    for f in root.glob("*.pkl") if root.exists() else []:
+        os.unlink(f)
+        n += 1
+    return n
