@@ -14,6 +14,9 @@ Why `compile_fx(dynamo_gm, inner_compile=ours)` and not Inductor's custom-pass h
     gated activation, by default (`Options.cuda_kernels="auto"`), back to their ATen
     reference so that Inductor fuses them with their neighbours (measured faster than our
     separate kernels, see benchmarks/RESULTS.md; "all" uses our kernels for those too).
+    Decode-shaped matmuls (M <= 4 rows against a frozen weight) go to our Triton GEMV
+    (`yirage_cuda::gemv`; q/k/v as one `gemv3` launch, gate/up + activation as one
+    `gemv_gated`) where it measured faster than cuBLAS on this GPU (cached per shape).
     Ops the passes inserted that Inductor expects decomposed are re-decomposed, then
     compile_fx_inner runs: Inductor's post-grad passes, scheduling, fusion, Triton codegen
     and CUDA graphs follow unchanged. Our kernels enter Inductor's graph after AOTAutograd,
@@ -251,6 +254,8 @@ class _InnerCompile:
                 "all": frozenset(),
                 "none": frozenset(cuda_ops.TRIES),
             }[self.options.cuda_kernels]
+            # Decode GEMVs first: the gated-MLP fusion consumes yirage.gated_act nodes.
+            cuda_ops.substitute_gemv(gm, ctx)
             cuda_ops.substitute(gm, ctx, inline)
             cuda_ops.decompose_for_inductor(gm, ctx)
             gm.graph.lint()

@@ -7,10 +7,14 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo(monkeypatch):
+def _no_graph_cache(monkeypatch):
     # Tests observe what compilation does, so a graph compiled by an earlier test must not
     # come back from the whole-graph cache; tests/test_graph_cache.py turns it on itself.
     monkeypatch.setenv("YIRAGE_GRAPH_CACHE", "0")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

@@ -339,6 +339,131 @@ def test_triton_decode_attention_follows_cache_position_under_cuda_graph():
         torch.testing.assert_close(out, ref, **_tol(torch.bfloat16))
 
 
+# --------------------------------------------------------------------------- GEMV
+
+
+def test_gemv_candidates_fit_the_shape():
+    from yirage_dynamo.lowering.cuda_ops import _gemv_candidates
+
+    cands = _gemv_candidates(4096, 4096)
+    assert cands[0]["impl"] == "triton" and len(cands) == len({str(c) for c in cands})
+    small = _gemv_candidates(3, 100)
+    assert all(c["block_n"] <= 4 and c["block_k"] <= 128 for c in small)
+    assert len(small) == len({str(c) for c in small})
+
+
+def test_gemv_eligibility_on_a_decode_graph(monkeypatch):
+    """Which mm/addmm nodes the GEMV substitution accepts (device-independent checks: the
+    device test is pointed at CPU here)."""
+    from yirage_dynamo.lowering import cuda_ops
+
+    aten = torch.ops.aten
+    monkeypatch.setattr(cuda_ops, "_GEMV_DEVICE", "cpu")
+    root = torch.nn.Module()
+    w = torch.randn(48, 32, dtype=torch.bfloat16)
+    root.register_buffer("w_t", w.t(), persistent=False)  # t(W): a frozen Linear weight
+    root.register_buffer("w_rowmajor", w.t().contiguous(), persistent=False)
+    g = torch.fx.Graph()
+    x, big, x32 = g.placeholder("x"), g.placeholder("big"), g.placeholder("x32")
+    wt, wr = g.get_attr("w_t"), g.get_attr("w_rowmajor")
+    vals = {
+        x: torch.randn(1, 32, dtype=torch.bfloat16),
+        big: torch.randn(16, 32, dtype=torch.bfloat16),
+        x32: torch.randn(2, 32),
+        wt: root.w_t,
+        wr: root.w_rowmajor,
+    }
+    nodes = {
+        "ok": g.call_function(aten.mm.default, (x, wt)),
+        "gemm": g.call_function(aten.mm.default, (big, wt)),
+        "fp32": g.call_function(aten.mm.default, (x32, wt)),
+        "layout": g.call_function(aten.mm.default, (x, wr)),
+        "activation_weight": g.call_function(aten.mm.default, (x, x)),
+    }
+    g.output(tuple(nodes.values()))
+    gm = torch.fx.GraphModule(root, g)
+    for n, v in vals.items():
+        n.meta["val"] = v
+    got = {k: cuda_ops._gemv_operands(gm, n) for k, n in nodes.items()}
+    assert isinstance(got["ok"], tuple) and got["ok"][:3] == (x, wt, None)
+    assert "GEMM" in got["gemm"]
+    assert "fp16/bf16" in got["fp32"]
+    assert "row-major" in got["layout"]
+    assert "frozen constant" in got["activation_weight"]
+
+
+def _gemv_inputs(m, n, k, dtype, bias):
+    x = (torch.randn(m, k, device="cuda") / math.sqrt(k)).to(dtype)
+    w = torch.randn(n, k, device="cuda").to(dtype)
+    b = torch.randn(n, device="cuda").to(dtype) if bias else None
+    return x, w, b
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "m,n,k,bias",
+    [(1, 4096, 4096, False), (1, 1000, 3000, True), (2, 37, 520, False), (2, 11008, 4096, True)]
+    + [(1, 5, 100, False), (4, 300, 1111, False), (3, 64, 64, True)],
+)
+def test_triton_gemv_matches_mm(dtype, m, n, k, bias):
+    from yirage_dynamo.lowering.cuda_ops import _gemv_candidates
+
+    kk = _ops()
+    x, w, b = _gemv_inputs(m, n, k, dtype, bias)
+    ref = torch.addmm(b, x, w.t()) if bias else torch.mm(x, w.t())
+    for c in _gemv_candidates(n, k):
+        out = kk.gemv(x, w.t(), b, c["block_n"], c["block_k"], c["num_warps"])
+        assert out.shape == ref.shape and out.dtype == ref.dtype and out.is_contiguous()
+        torch.testing.assert_close(out, ref, **_tol(torch.bfloat16))
+    # A strided input row (a view of a wider activation) is read correctly too.
+    xs = torch.cat([x, x], dim=1)[:, :k]
+    torch.testing.assert_close(kk.gemv(xs, w.t(), b, 4, 512, 4), ref, **_tol(torch.bfloat16))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("m,n,k", [(1, 11008, 4096), (2, 1000, 3000), (1, 96, 256)])
+def test_triton_gemv_gated_matches_reference(dtype, act, m, n, k):
+    kk = _ops()
+    x, wg, _ = _gemv_inputs(m, n, k, dtype, False)
+    wu = torch.randn(n, k, device="cuda").to(dtype)
+    ref = torch.ops.yirage.gated_act(x @ wg.t(), x @ wu.t(), act)
+    code = {"silu": 0, "gelu_tanh": 1}[act]
+    for bn, bk, nw in [(4, 512, 4), (2, 1024, 4), (16, 256, 4)]:
+        out = kk.gemv_gated(x, wg.t(), wu.t(), code, bn, bk, nw)
+        torch.testing.assert_close(out, ref, **_tol(torch.bfloat16))
+
+
+@needs_triton
+@pytest.mark.parametrize("m,ns,k", [(1, (4096, 1024, 1024), 4096), (2, (70, 33, 40), 300)])
+def test_triton_gemv3_matches_three_mms(m, ns, k):
+    kk = _ops()
+    x = (torch.randn(m, k, device="cuda") / math.sqrt(k)).to(torch.bfloat16)
+    ws = [torch.randn(n, k, device="cuda").to(torch.bfloat16) for n in ns]
+    for bn, bk, nw in [(4, 2048, 4), (8, 512, 4), (1, 2048, 4)]:
+        outs = kk.gemv3(x, *(w.t() for w in ws), bn, bk, nw)
+        for out, w in zip(outs, ws):
+            assert out.shape == (m, w.shape[0]) and out.is_contiguous()
+            torch.testing.assert_close(out, x @ w.t(), **_tol(torch.bfloat16))
+
+
+@needs_triton
+def test_triton_gemv_replays_under_cuda_graph():
+    kk = _ops()
+    x, w, _ = _gemv_inputs(1, 2048, 2048, torch.bfloat16, False)
+    kk.gemv(x, w.t(), None, 4, 512, 4)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kk.gemv(x, w.t(), None, 4, 512, 4)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(out, x @ w.t(), **_tol(torch.bfloat16))
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -399,6 +524,12 @@ def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(dtype, kerne
     if kernels == "all":
         assert any(r.patterns.get("triton_rms_norm_residual") for r in reports)
         assert any(r.patterns.get("triton_rotary") for r in reports)
+        # Decode GEMVs, per layer: q/k/v as one gemv3, gate/up + SiLU as one gemv_gated,
+        # o and down as gemv; plus lm_head. 2 layers: every projection substituted.
+        step = decode[-1].patterns
+        assert step.get("triton_gemv3") == 2, (step, decode[-1].rejected)
+        assert step.get("triton_gemv_gated") == 2, (step, decode[-1].rejected)
+        assert step.get("triton_gemv") == 2 * 2 + 1, (step, decode[-1].rejected)
     # Logits match eager at every step whose prefix tokens agree (bf16 greedy decoding
     # may flip a near-tie, after which the sequences legitimately differ); fp32 agrees
     # on every token.
