@@ -81,7 +81,7 @@ def weights_for(n: int, k: int, dtype, count: int | None = None) -> list[torch.T
 
 def bench_shape(m: int, n: int, k: int, dtype, configs, gated: bool) -> dict[str, Any]:
     from yirage_dynamo.lowering import triton_kernels as tk
-    from yirage_dynamo.lowering.cuda_ops import _gemv_candidates, _time_rotating
+    from yirage_dynamo.lowering.cuda_gemv import _gemv_candidates, _time_rotating
 
     ws = weights_for(n, k, dtype)
     x = (torch.randn(m, k, device="cuda")).to(dtype)
@@ -145,7 +145,7 @@ def bench_shape(m: int, n: int, k: int, dtype, configs, gated: bool) -> dict[str
 def bench_group(m: int, ns: tuple[int, ...], k: int, dtype) -> dict[str, Any]:
     """q/k/v in one launch (gemv3) vs three cuBLAS calls, the compiler's candidates."""
     from yirage_dynamo.lowering import triton_kernels as tk
-    from yirage_dynamo.lowering.cuda_ops import _gemv_candidates, _time_rotating
+    from yirage_dynamo.lowering.cuda_gemv import _gemv_candidates, _time_rotating
 
     per = sum(ns) * k * torch.finfo(dtype).bits // 8
     count = max(2, min(64, math.ceil(ROTATION_BYTES / per)))
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
-    from yirage_dynamo.lowering.cuda_ops import _gemv_candidates
+    from yirage_dynamo.lowering.cuda_gemv import _gemv_candidates
 
     dtype = torch.bfloat16
     peak = spec_bw()

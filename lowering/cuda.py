@@ -215,7 +215,7 @@ class _InnerCompile:
         from yirage_dynamo.passes import run_pipeline
         from yirage_dynamo.passes.context import PassContext, count_nodes
 
-        from . import cuda_ops
+        from . import cuda_gemv, cuda_ops
 
         inference = bool(kwargs.get("is_inference")) and not kwargs.get("is_backward")
         kind = "backward" if kwargs.get("is_backward") else "inference" if inference else "forward"
@@ -255,7 +255,7 @@ class _InnerCompile:
                 "none": frozenset(cuda_ops.TRIES),
             }[self.options.cuda_kernels]
             # Decode GEMVs first: the gated-MLP fusion consumes yirage.gated_act nodes.
-            cuda_ops.substitute_gemv(gm, ctx)
+            cuda_gemv.substitute_gemv(gm, ctx)
             cuda_ops.substitute(gm, ctx, inline)
             cuda_ops.decompose_for_inductor(gm, ctx)
             gm.graph.lint()

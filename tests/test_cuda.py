@@ -343,7 +343,7 @@ def test_triton_decode_attention_follows_cache_position_under_cuda_graph():
 
 
 def test_gemv_candidates_fit_the_shape():
-    from yirage_dynamo.lowering.cuda_ops import _gemv_candidates
+    from yirage_dynamo.lowering.cuda_gemv import _gemv_candidates
 
     cands = _gemv_candidates(4096, 4096)
     assert cands[0]["impl"] == "triton" and len(cands) == len({str(c) for c in cands})
@@ -355,10 +355,10 @@ def test_gemv_candidates_fit_the_shape():
 def test_gemv_eligibility_on_a_decode_graph(monkeypatch):
     """Which mm/addmm nodes the GEMV substitution accepts (device-independent checks: the
     device test is pointed at CPU here)."""
-    from yirage_dynamo.lowering import cuda_ops
+    from yirage_dynamo.lowering import cuda_gemv
 
     aten = torch.ops.aten
-    monkeypatch.setattr(cuda_ops, "_GEMV_DEVICE", "cpu")
+    monkeypatch.setattr(cuda_gemv, "_GEMV_DEVICE", "cpu")
     root = torch.nn.Module()
     w = torch.randn(48, 32, dtype=torch.bfloat16)
     root.register_buffer("w_t", w.t(), persistent=False)  # t(W): a frozen Linear weight
@@ -384,7 +384,7 @@ def test_gemv_eligibility_on_a_decode_graph(monkeypatch):
     gm = torch.fx.GraphModule(root, g)
     for n, v in vals.items():
         n.meta["val"] = v
-    got = {k: cuda_ops._gemv_operands(gm, n) for k, n in nodes.items()}
+    got = {k: cuda_gemv._gemv_operands(gm, n) for k, n in nodes.items()}
     assert isinstance(got["ok"], tuple) and got["ok"][:3] == (x, wt, None)
     assert "GEMM" in got["gemm"]
     assert "fp16/bf16" in got["fp32"]
@@ -407,7 +407,7 @@ def _gemv_inputs(m, n, k, dtype, bias):
     + [(1, 5, 100, False), (4, 300, 1111, False), (3, 64, 64, True)],
 )
 def test_triton_gemv_matches_mm(dtype, m, n, k, bias):
-    from yirage_dynamo.lowering.cuda_ops import _gemv_candidates
+    from yirage_dynamo.lowering.cuda_gemv import _gemv_candidates
 
     kk = _ops()
     x, w, b = _gemv_inputs(m, n, k, dtype, bias)

@@ -37,9 +37,10 @@ class Options:
     memory_planning: bool = True
     # None: decided by mode and device (CUDA inference graphs with static shapes).
     cudagraphs: bool | None = None
-    # CUDA lowering: which yirage ops run as our Triton kernels. "auto": decode attention;
-    # the pointwise/norm ops go back to ATen for Inductor to fuse. "all": every op with a
-    # kernel. "none": no Triton kernels (ops are inlined for Inductor).
+    # CUDA lowering: which yirage ops run as our Triton kernels. "auto": decode attention,
+    # and decode GEMVs where measured faster than cuBLAS on this GPU; the pointwise/norm ops
+    # go back to ATen for Inductor to fuse. "all": every op with a kernel. "none": no Triton
+    # kernels (ops are inlined for Inductor).
     cuda_kernels: str = "auto"
     cache_dir: str = ""
     # Reuse a whole compiled graph (wrapper + kernels + weight recipes) from cache_dir when

@@ -1,0 +1,397 @@
+"""Decode GEMVs on CUDA: `yirage_cuda::gemv` / `gemv3` / `gemv_gated` for decode-shaped
+projections (part of the CUDA lowering's op substitution, lowering/cuda_ops.py).
+
+before:                                          after:
+    y = aten.mm(x, t(W))     x [M <= 4, K]           y = yirage_cuda.gemv(x, W^T, None, bn, bk, w)
+    q, k, v = mm(x, t(Wq)), mm(x, t(Wk)), ...        q, k, v = yirage_cuda.gemv3(x, ...)  (1 launch)
+    a = gated_act(mm(x, t(Wg)), mm(x, t(Wu)))        a = yirage_cuda.gemv_gated(x, ...)  (1 launch)
+
+W must be a frozen nn.Linear weight (a get_attr constant), fp16/bf16; each shape is
+measured against cuBLAS on this GPU's own weights (`cuda_kernels="auto"`) and cached.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from yirage_dynamo.passes.context import PassContext, set_fake_val
+
+from .cuda_ops import _ACTS, _args, _kernels, _rand, _static, _time, _Tuner, _val
+
+# Decode-shaped matmuls: mm(x[M, K], t(W)) / addmm(b, x, t(W)) with M (batch x 1 token) at
+# most this, W a frozen nn.Linear weight [N, K]. Larger M is a GEMM: cuBLAS's job.
+GEMV_MAX_M = 4
+_GEMV_DTYPES = (torch.float16, torch.bfloat16)
+# Benchmark/debug override of the GEMV decision: "on" (always where eligible, as with
+# cuda_kernels="all"), "off" (never), unset or "auto": what Options.cuda_kernels says.
+GEMV_ENV = "YIRAGE_CUDA_GEMV"
+_VIEWS = ("view.default", "_unsafe_view.default", "reshape.default")
+_GEMV_MAX_WEIGHTS = 16
+_GEMV_DEVICE = "cuda"
+
+
+# (block_n, block_k, num_warps). Measured on an H200 (benchmarks/bench_gemv.py, a sweep of
+# 27 configs over the Llama-7B/1B shapes): 4x2048/w4 is within 3.5% of the best everywhere
+# but the gated kernel, whose two accumulators want shorter K tiles.
+_GEMV_CONFIGS = ((4, 2048, 4), (4, 512, 4), (8, 512, 4), (1, 2048, 4), (2, 2048, 4), (8, 2048, 8))
+_GEMV_GATED_CONFIGS = ((4, 512, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8))
+
+
+def _gemv_candidates(n: int, k: int, gated: bool = False) -> list[dict[str, Any]]:
+    """Configs to measure; the first is the unmeasured default. Each distinct config costs
+    one Triton compile (~0.3 s) shared by all shapes."""
+    bn_max = 1 << max(0, math.ceil(math.log2(max(n, 1))))
+    bk_max = max(64, 1 << max(0, math.ceil(math.log2(max(k, 1)))))
+    out: list[dict[str, Any]] = []
+    for bn, bk, nw in _GEMV_GATED_CONFIGS if gated else _GEMV_CONFIGS:
+        c = {"block_n": min(bn, bn_max), "block_k": min(bk, bk_max), "num_warps": nw}
+        if c not in out:
+            out.append(c)
+    return [{"impl": "triton", **c} for c in out]
+
+
+def _strip_views(node: Any) -> Any:
+    while (
+        isinstance(node, Node)
+        and node.op == "call_function"
+        and isinstance(node.target, torch._ops.OpOverload)
+        and node.target.namespace == "aten"
+        and f"{node.target._opname}.{node.target._overloadname}" in _VIEWS
+        and len(node.users) == 1
+    ):
+        node = node.args[0]
+    return node
+
+
+def _gemv_operands(gm: GraphModule, node: Node) -> tuple[Node, Node, Any, torch.Tensor] | str:
+    """(x, w_t, bias, real w_t) of an eligible decode-shaped mm/addmm node, or why not."""
+    aten = torch.ops.aten
+    if node.target is aten.mm.default and len(node.args) == 2 and not node.kwargs:
+        bias, (x, w) = None, node.args
+    elif node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
+        bias, x, w = node.args
+    else:
+        return "not a plain mm/addmm"
+    xv = _val(x)
+    if not isinstance(xv, torch.Tensor) or xv.device.type != _GEMV_DEVICE:
+        return "input is not a CUDA tensor"
+    if xv.dtype not in _GEMV_DTYPES:
+        return "input is not fp16/bf16"
+    if xv.dim() != 2 or not _static(*xv.shape):
+        return "input is not a static 2-D tensor"
+    m, k = xv.shape
+    if m > GEMV_MAX_M:
+        return f"M={m} > {GEMV_MAX_M} (a GEMM)"
+    if not isinstance(w, Node) or w.op != "get_attr":
+        return "weight is not a frozen constant"
+    real = getattr(gm, w.target, None)
+    if not isinstance(real, torch.Tensor) or real.device.type != _GEMV_DEVICE or real.dim() != 2:
+        return "weight is not a 2-D CUDA constant"
+    if real.dtype != xv.dtype or real.shape[0] != k:
+        return "weight dtype/shape differs"
+    if real.stride(0) != 1:
+        return "weight is not the transpose of a row-major [N, K] matrix"
+    if bias is not None:
+        bv = _val(bias)
+        n = real.shape[1]
+        if not (isinstance(bv, torch.Tensor) and bv.dtype == xv.dtype and tuple(bv.shape) == (n,)):
+            return "bias is not a 1-D [N] tensor of the input dtype"
+        if bv.stride(0) != 1:
+            return "bias is not contiguous"
+    return x, w, bias, real
+
+
+def _time_rotating(fns: list[Callable[[], Any]], reps: int = 5) -> float:
+    """GPU ms per call of `fns`, each reading a different weight: a rotation larger than
+    L2 so every call streams its weight from HBM, as in the model (one read per step)."""
+    return _time(lambda: [f() for f in fns], reps=reps) / len(fns)
+
+
+def _rotation(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Enough of the graph's own weights of one shape to exceed 2x L2 (no new memory)."""
+    l2 = getattr(torch.cuda.get_device_properties(), "L2_cache_size", 50 << 20) or (50 << 20)
+    out, total = [], 0
+    for w in weights[:_GEMV_MAX_WEIGHTS]:
+        out.append(w)
+        total += w.numel() * w.element_size()
+        if total >= 2 * l2 and len(out) >= 2:
+            break
+    return out
+
+
+def _gemv_mode(ctx: PassContext) -> str:
+    import os
+
+    env = os.environ.get(GEMV_ENV, "").strip().lower()
+    if env in ("on", "all", "1"):
+        return "all"
+    if env in ("off", "none", "0"):
+        return "none"
+    return ctx.options.cuda_kernels
+
+
+def _pick_gemv(
+    tuner: _Tuner,
+    mode: str,
+    kernel: str,
+    dims: dict[str, Any],
+    n: int,
+    k: int,
+    baseline: Callable[[], Callable[[], Any]] | None,
+    ours: Callable[[Mapping[str, Any]], Callable[[], Any]],
+) -> dict[str, Any]:
+    """The config for one GEMV shape: measured triton configs, plus (in "auto") the ATen
+    baseline as a candidate that wins when it is faster."""
+    cands = _gemv_candidates(n, k, gated=kernel == "gemv_gated")
+    if mode == "auto":
+        cands = [{"impl": "aten"}, *cands]
+
+    def make_bench():
+        def bench(cfg: Mapping[str, Any]) -> float:
+            fns = baseline() if cfg["impl"] == "aten" else ours(cfg)
+            return _time_rotating(fns)
+
+        return bench
+
+    return tuner.pick(kernel, {**dims, "vs": "aten" if mode == "auto" else "-"}, cands, make_bench)
+
+
+def _gemv_dims(m: int, n: int, k: int, dtype: torch.dtype, **extra: Any) -> dict[str, Any]:
+    return {"m": m, "n": n, "k": k, "dt": str(dtype)[6:], **extra}
+
+
+def _replace(
+    gm: GraphModule, old: Node, op: Any, args: tuple, origin: list[str]
+) -> tuple[Node, Any]:
+    from yirage_dynamo.report import KernelRecord
+
+    with gm.graph.inserting_before(old):
+        new = gm.graph.call_function(op, args)
+    set_fake_val(gm, new)
+    new.meta["yirage_origin"] = origin[0]
+    return new, KernelRecord(op._opname, "cuda", None, origin)
+
+
+def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
+    """Swap decode-shaped mm/addmm nodes for `yirage_cuda::gemv`, and a gated activation of
+    two such GEMVs sharing their input for `yirage_cuda::gemv_gated` (one pass over both
+    weights, activation in the epilogue: no intermediate tensors, two fewer launches).
+
+    before:  g = mm(x, _view_0); u = mm(x, _view_1); a = yirage.gated_act(view(g), view(u))
+             o = mm(view(a), _view_2)
+    after:   a = view(yirage_cuda.gemv_gated(x, _view_0, _view_1, 0, 4, 512, 4))
+             o = yirage_cuda.gemv(view(a), _view_2, None, 4, 512, 4)
+
+    Options.cuda_kernels "all": wherever eligible; "auto": where it measured faster than
+    the ATen ops it replaces (cuBLAS), per (M, N, K, dtype) on this GPU, cached; "none": never.
+    """
+    mode = _gemv_mode(ctx)
+    if mode == "none" or not torch.cuda.is_available():
+        return 0
+    aten = torch.ops.aten
+    mms = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in (aten.mm.default, aten.addmm.default)
+    ]
+    if not mms:
+        return 0
+    k_ = _kernels()
+    tuner = _Tuner(ctx)
+    report = ctx.report
+    swapped = 0
+    # Same-shape weights of this graph: what the measurements rotate through.
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    ops: dict[Node, tuple] = {}
+    for node in mms:
+        got = _gemv_operands(gm, node)
+        if isinstance(got, str):
+            if "GEMM" not in got:
+                report.reject("triton_gemv", f"{node.name}: {got}; ATen runs")
+            continue
+        ops[node] = got
+        by_shape.setdefault((tuple(got[3].shape), got[3].dtype), []).append(got[3])
+
+    # Gated MLP: act(mm(x, Wg)) * mm(x, Wu) -> one kernel.
+    gated = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and isinstance(n.target, torch._ops.OpOverload)
+        and n.target.namespace == "yirage"
+        and n.target._opname == "gated_act"
+    ]
+    for node in gated:
+        a = _args(node)
+        act = a["act"] or "silu"
+        g_mm, u_mm = _strip_views(a["gate"]), _strip_views(a["up"])
+        if act not in _ACTS or g_mm is u_mm or g_mm not in ops or u_mm not in ops:
+            continue
+        (xg, wg, bg, rg), (xu, wu, bu, ru) = ops[g_mm], ops[u_mm]
+        gv = _val(a["gate"])
+        if xg is not xu or bg is not None or bu is not None or rg.shape != ru.shape:
+            continue
+        if len(g_mm.users) != 1 or len(u_mm.users) != 1 or gv.dtype != rg.dtype:
+            continue
+        if tuple(_val(a["up"]).shape) != tuple(gv.shape) or not _static(*gv.shape):
+            continue
+        m, kk = _val(xg).shape
+        n = rg.shape[1]
+        dtype = rg.dtype
+        weights = by_shape[(tuple(rg.shape), dtype)]
+
+        def pairs(weights=weights):
+            rot = _rotation(weights)
+            return list(zip(rot[::2], rot[1::2])) or [(rot[0], rot[0])]
+
+        def ours(cfg, m=m, kk=kk, dtype=dtype, pairs=pairs, code=_ACTS[act]):
+            xs = _rand((m, kk), dtype)
+            return [(lambda p=p: k_.gemv_gated(xs, p[0], p[1], code, *_cfg(cfg))) for p in pairs()]
+
+        def baseline(m=m, kk=kk, dtype=dtype, pairs=pairs, code=_ACTS[act]):
+            # The unfused graph: two cuBLAS GEMVs and one fused activation kernel.
+            xs = _rand((m, kk), dtype)
+            return [
+                (lambda p=p: k_.gated_act(torch.mm(xs, p[0]), torch.mm(xs, p[1]), code, 1024, 4))
+                for p in pairs()
+            ]
+
+        dims = _gemv_dims(m, n, kk, dtype, act=act)
+        cfg = _pick_gemv(tuner, mode, "gemv_gated", dims, n, kk, baseline, ours)
+        if cfg["impl"] != "triton":
+            report.reject("triton_gemv_gated", f"{node.name}: ATen measured faster")
+            continue
+        op = torch.ops.yirage_cuda.gemv_gated.default
+        new, rec = _replace(gm, node, op, (xg, wg, wu, _ACTS[act], *_cfg(cfg)), [node.name])
+        with gm.graph.inserting_before(node):
+            view = gm.graph.call_function(aten.view.default, (new, list(gv.shape)))
+        set_fake_val(gm, view)
+        node.replace_all_uses_with(view)
+        gm.graph.erase_node(node)
+        for chain in (a["gate"], a["up"]):
+            _erase_dead_chain(gm, chain)
+        ops.pop(g_mm)
+        ops.pop(u_mm)
+        report.count_pattern("triton_gemv_gated")
+        report.kernels.append(rec)
+        swapped += 1
+
+    swapped += _substitute_gemv3(gm, ops, tuner, mode, report)
+
+    for node, (x, w, bias, real) in ops.items():
+        m, kk = _val(x).shape
+        n = real.shape[1]
+        dtype = real.dtype
+        weights = by_shape[(tuple(real.shape), dtype)]
+        has_bias = bias is not None
+
+        def ours(cfg, m=m, kk=kk, n=n, dtype=dtype, weights=weights, has_bias=has_bias):
+            xs = _rand((m, kk), dtype)
+            b = _rand((n,), dtype) if has_bias else None
+            return [(lambda w=w: k_.gemv(xs, w, b, *_cfg(cfg))) for w in _rotation(weights)]
+
+        def baseline(m=m, kk=kk, n=n, dtype=dtype, weights=weights, has_bias=has_bias):
+            xs = _rand((m, kk), dtype)
+            if has_bias:
+                b = _rand((n,), dtype)
+                return [(lambda w=w: torch.addmm(b, xs, w)) for w in _rotation(weights)]
+            return [(lambda w=w: torch.mm(xs, w)) for w in _rotation(weights)]
+
+        dims = _gemv_dims(m, n, kk, dtype, bias=int(has_bias))
+        cfg = _pick_gemv(tuner, mode, "gemv", dims, n, kk, baseline, ours)
+        if cfg["impl"] != "triton":
+            report.reject("triton_gemv", f"{node.name}: ATen (cuBLAS) measured faster")
+            continue
+        op = torch.ops.yirage_cuda.gemv.default
+        new, rec = _replace(gm, node, op, (x, w, bias, *_cfg(cfg)), [node.name])
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        report.count_pattern("triton_gemv")
+        report.kernels.append(rec)
+        swapped += 1
+    gm.graph.lint()
+    gm.recompile()
+    return swapped
+
+
+def _substitute_gemv3(
+    gm: GraphModule, ops: dict[Node, tuple], tuner: _Tuner, mode: str, report: Any
+) -> int:
+    """Three GEMVs of one input (q/k/v) -> one `yirage_cuda::gemv3` launch (pops them
+    from `ops`). Exactly three bias-free siblings, every N and K >= 16."""
+    k_ = _kernels()
+    siblings: dict[Node, list[Node]] = {}
+    for node, (x, _w, bias, real) in ops.items():
+        if bias is None and min(real.shape) >= 16:
+            siblings.setdefault(x, []).append(node)
+    groups = [nodes for nodes in siblings.values() if len(nodes) == 3]
+    by_sig: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+    for nodes in groups:
+        reals = tuple(ops[n][3] for n in nodes)
+        by_sig.setdefault(tuple((tuple(r.shape), r.dtype) for r in reals), []).append(reals)
+    count = 0
+    for nodes in groups:
+        x = ops[nodes[0]][0]
+        reals = tuple(ops[n][3] for n in nodes)
+        sig = tuple((tuple(r.shape), r.dtype) for r in reals)
+        m, kk = _val(x).shape
+        dtype = reals[0].dtype
+        triples = by_sig[sig]
+
+        def rotation(triples=triples):
+            flat = _rotation([w for t in triples for w in t])
+            return [tuple(flat[i : i + 3]) for i in range(0, len(flat) - 2, 3)] or triples[:1]
+
+        def ours(cfg, m=m, kk=kk, dtype=dtype, rotation=rotation):
+            xs = _rand((m, kk), dtype)
+            return [(lambda t=t: k_.gemv3(xs, *t, *_cfg(cfg))) for t in rotation()]
+
+        def baseline(m=m, kk=kk, dtype=dtype, rotation=rotation):
+            xs = _rand((m, kk), dtype)
+            return [
+                (lambda t=t: [torch.mm(xs, t[0]), torch.mm(xs, t[1]), torch.mm(xs, t[2])])
+                for t in rotation()
+            ]
+
+        ns = "-".join(str(r.shape[1]) for r in reals)
+        dims = _gemv_dims(m, ns, kk, dtype)
+        n_max = max(r.shape[1] for r in reals)
+        cfg = _pick_gemv(tuner, mode, "gemv3", dims, n_max, kk, baseline, ours)
+        if cfg["impl"] != "triton":
+            report.reject("triton_gemv3", f"{nodes[0].name}: ATen measured faster")
+            continue
+        op = torch.ops.yirage_cuda.gemv3.default
+        ws = [ops[n][1] for n in nodes]
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        first = min(nodes, key=order.__getitem__)
+        for w in ws:  # weight views may be defined just before their own mm: hoist them
+            if order[w] > order[first]:
+                first.prepend(w)
+        new, rec = _replace(gm, first, op, (x, *ws, *_cfg(cfg)), [n.name for n in nodes])
+        for i, node in enumerate(nodes):
+            with gm.graph.inserting_after(new):
+                item = gm.graph.call_function(operator.getitem, (new, i))
+            item.meta["val"] = new.meta["val"][i]
+            node.replace_all_uses_with(item)
+            gm.graph.erase_node(node)
+            ops.pop(node)
+        report.count_pattern("triton_gemv3")
+        report.kernels.append(rec)
+        count += 1
+    return count
+
+
+def _cfg(cfg: Mapping[str, Any]) -> tuple[int, int, int]:
+    return cfg["block_n"], cfg["block_k"], cfg["num_warps"]
+
+
+def _erase_dead_chain(gm: GraphModule, node: Any) -> None:
+    while isinstance(node, Node) and node.op == "call_function" and not node.users:
+        nxt = node.args[0] if node.args else None
+        gm.graph.erase_node(node)
+        node = nxt

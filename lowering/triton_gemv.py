@@ -1,0 +1,259 @@
+"""Triton GEMV kernels for decode-shaped matmuls, registered as `torch.library.triton_op`s.
+
+x[M, K] @ W^T with W an nn.Linear weight [N, K] and M tiny (batch x 1 token):
+  gemv(x, w_t, bias?, block_n, block_k, num_warps) -> y[M, N]
+  gemv_gated(x, wg_t, wu_t, act, block_n, block_k, num_warps) -> act(x @ Wg^T) * (x @ Wu^T)
+  gemv3(x, wq_t, wk_t, wv_t, block_n, block_k, num_warps) -> (q, k, v), one launch
+Imported only through lowering/triton_kernels.py (Triton at the top: never on a CPU import).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+
+@triton.jit
+def _gemv_kernel(
+    X,
+    W,
+    W2,
+    B,
+    Y,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_w2n,
+    stride_ym,
+    WB,
+    WC,
+    YB,
+    YC,
+    NB,
+    NC,
+    stride_wbn,
+    stride_wcn,
+    stride_ybm,
+    stride_ycm,
+    HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    GROUP3: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), fp32 accumulation, one rounding.
+
+    One program owns BLOCK_N output rows (all M inputs) and streams their weight rows in
+    [BLOCK_N, BLOCK_K] tiles: K is contiguous, so each thread issues 16-byte loads, marked
+    evict_first (each weight byte is read once per step; x stays in L1/L2). Products are
+    accumulated element-wise and reduced across K once, after the loop (no per-tile
+    shuffles). GATED: W2 is the up-projection; y = act(x @ W^T) * (x @ W2^T), each GEMV
+    result rounded to the output dtype first, as the unfused graph would. GROUP3: three
+    GEMVs of one input (q/k/v projections) in one launch: programs past W's blocks take
+    WB's rows (into YB), then WC's (into YC).
+    """
+    pid = tl.program_id(0)
+    if GROUP3:
+        nb_a = tl.cdiv(N, BLOCK_N)
+        nb_b = tl.cdiv(NB, BLOCK_N)
+        if pid >= nb_a + nb_b:
+            pid = pid - nb_a - nb_b
+            W = WC
+            Y = YC
+            N = NC
+            stride_wn = stride_wcn
+            stride_ym = stride_ycm
+        elif pid >= nb_a:
+            pid = pid - nb_a
+            W = WB
+            Y = YB
+            N = NB
+            stride_wn = stride_wbn
+            stride_ym = stride_ybm
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    nm = rn < N
+    mm = rm < M
+    w_ptrs = W + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    w2_ptrs = W2 + rn.to(tl.int64)[:, None] * stride_w2n + rk[None, :]
+    if BLOCK_M == 1:
+        # Batch-1 decode: 2-D tiles, the accumulator is [BLOCK_N, BLOCK_K].
+        x_ptrs = X + rk
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN:
+                x = tl.load(x_ptrs)
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                if GATED:
+                    w2 = tl.load(w2_ptrs, eviction_policy="evict_first")
+            else:
+                km = (rk + k0) < K
+                wmask = nm[:, None] & km[None, :]
+                x = tl.load(x_ptrs, mask=km, other=0.0)
+                w = tl.load(w_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
+                if GATED:
+                    w2 = tl.load(w2_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
+            xf = x.to(tl.float32)[None, :]
+            acc += w.to(tl.float32) * xf
+            if GATED:
+                acc2 += w2.to(tl.float32) * xf
+            w_ptrs += BLOCK_K
+            w2_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+        up = tl.sum(acc2, axis=1)[None, :]
+    else:
+        # A few rows (batched decode): [BLOCK_M, BLOCK_N, BLOCK_K] accumulator.
+        x_ptrs = X + rm[:, None] * stride_xm + rk[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN:
+                x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                if GATED:
+                    w2 = tl.load(w2_ptrs, eviction_policy="evict_first")
+            else:
+                km = (rk + k0) < K
+                wmask = nm[:, None] & km[None, :]
+                x = tl.load(x_ptrs, mask=mm[:, None] & km[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
+                if GATED:
+                    w2 = tl.load(w2_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
+            xf = x.to(tl.float32)[:, None, :]
+            acc += w.to(tl.float32)[None, :, :] * xf
+            if GATED:
+                acc2 += w2.to(tl.float32)[None, :, :] * xf
+            w_ptrs += BLOCK_K
+            w2_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+        up = tl.sum(acc2, axis=2)
+    dt = Y.dtype.element_ty
+    if HAS_BIAS:
+        out += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        g = out.to(dt).to(tl.float32)
+        u = up.to(dt).to(tl.float32)
+        if ACT == 0:
+            a = g * tl.sigmoid(g)
+        else:
+            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            a = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+        out = a.to(dt).to(tl.float32) * u
+    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], out.to(dt), mask=mm[:, None] & nm[None, :])
+
+
+def _weight_rows(w_t: torch.Tensor) -> torch.Tensor:
+    """The [N, K] weight (K contiguous) behind mm's [K, N] operand `w_t` (= W.t())."""
+    w = w_t.t()
+    return w if w.stride(-1) == 1 else w.contiguous()
+
+
+def _launch_gemv(x, w_t, w2_t, bias, act, block_n, block_k, num_warps, group=()):
+    """One launch: y = x @ w_t (+ bias), or the gated form with w2_t, or with `group` two
+    more weights (w_b, w_c) whose outputs follow y: returns the list of outputs."""
+    m, k = x.shape
+    n = w_t.shape[1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w = _weight_rows(w_t)
+    w2 = _weight_rows(w2_t) if w2_t is not None else w
+    ws = [_weight_rows(g) for g in group] or [w, w]
+    ns = [g.shape[1] for g in group] or [0, 0]
+    ys = [torch.empty((m, nn), dtype=x.dtype, device=x.device) for nn in [n, *ns[: len(group)]]]
+    yb, yc = (ys[1], ys[2]) if group else (ys[0], ys[0])
+    block_m = triton.next_power_of_2(m)
+    # The accumulator is [BLOCK_M, BLOCK_N, BLOCK_K] per program: keep it in registers.
+    bk = max(32, block_k // block_m)
+    blocks = sum(triton.cdiv(nn, block_n) for nn in [n, *ns[: len(group)]])
+    even = k % bk == 0 and all(nn % block_n == 0 for nn in [n, *ns])
+    wrap_triton(_gemv_kernel)[(blocks,)](
+        x,
+        w,
+        w2,
+        bias if bias is not None else x,
+        ys[0],
+        m,
+        n,
+        k,
+        x.stride(0),
+        w.stride(0),
+        w2.stride(0),
+        ys[0].stride(0),
+        ws[0],
+        ws[1],
+        yb,
+        yc,
+        ns[0],
+        ns[1],
+        ws[0].stride(0),
+        ws[1].stride(0),
+        yb.stride(0),
+        yc.stride(0),
+        HAS_BIAS=bias is not None,
+        GATED=w2_t is not None,
+        GROUP3=bool(group),
+        ACT=act,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=bk,
+        EVEN=even,
+        num_warps=num_warps,
+    )
+    return ys
+
+
+@triton_op("yirage_cuda::gemv", mutates_args=())
+def gemv(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+) -> torch.Tensor:
+    """`aten.mm(x, w_t)` / `aten.addmm(bias, x, w_t)` for x [M, K] with M tiny and w_t the
+    transposed view [K, N] of an nn.Linear weight [N, K]."""
+    return _launch_gemv(x, w_t, None, bias, 0, block_n, block_k, num_warps)[0]
+
+
+@triton_op("yirage_cuda::gemv_gated", mutates_args=())
+def gemv_gated(
+    x: torch.Tensor,
+    wg_t: torch.Tensor,
+    wu_t: torch.Tensor,
+    act: int,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+) -> torch.Tensor:
+    """act(x @ wg_t) * (x @ wu_t) in one pass over both weights (gated MLP of decode)."""
+    return _launch_gemv(x, wg_t, wu_t, None, act, block_n, block_k, num_warps)[0]
+
+
+@triton_op("yirage_cuda::gemv3", mutates_args=())
+def gemv3(
+    x: torch.Tensor,
+    wa_t: torch.Tensor,
+    wb_t: torch.Tensor,
+    wc_t: torch.Tensor,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x @ wa_t, x @ wb_t, x @ wc_t) in one launch: the q/k/v projections of decode
+    without concatenating their weights (no extra weight memory)."""
+    ya, yb, yc = _launch_gemv(x, wa_t, None, None, 0, block_n, block_k, num_warps, (wb_t, wc_t))
+    return ya, yb, yc
+
+
+__all__ = ["gemv", "gemv3", "gemv_gated"]
