@@ -128,6 +128,7 @@ def child(backend: str, prompt: int, new: int, threads: int) -> dict:
         reps_ = yirage_dynamo.reports()
         out["yirage_kernels"] = sum(len(r.kernels) for r in reps_)
         out["yirage_cache"] = [r.cache for r in reps_]
+        out["yirage_graph_cache"] = [r.graph_cache for r in reps_]
         out["yirage_fallbacks"] = [str(f) for r in reps_ for f in r.fallbacks]
     return out
 
@@ -177,14 +178,16 @@ def main() -> None:
         cold["warm_compile_s"] = warm.get("compile_s")
         if warm and "decode_tok_s" in warm:
             cold["decode_tok_s_warm_run"] = warm["decode_tok_s"]
+            cold["warm_graph_cache"] = warm.get("yirage_graph_cache")
         rows.append(cold)
         print(json.dumps({k: v for k, v in cold.items() if k != "tokens"}), flush=True)
     ref = rows[0].get("tokens")
     print(
         "\n| backend | decode tok/s | GB/s | prefill ms | cold compile s | warm compile s "
-        "| peak RSS MB | host µs/step (30 layers, width 64) | same tokens as eager |"
+        "| peak RSS MB | host µs/step (30 layers, width 64) | same tokens as eager "
+        "| decode tok/s, warm process |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['backend']} | error: {r['error'][-200:]!r} |")
@@ -194,7 +197,8 @@ def main() -> None:
             f"| {r['backend']} | {r['decode_tok_s']:.1f} | {r['gb_s']:.1f} | "
             f"{r['prefill_ms']:.0f} | {r['compile_s']:.1f} | "
             f"{'-' if warm is None else f'{warm:.1f}'} | {r['peak_rss_mb']:.0f} | "
-            f"{r['host_us_per_step']:.0f} | {r.get('tokens') == ref} |"
+            f"{r['host_us_per_step']:.0f} | {r.get('tokens') == ref} | "
+            f"{r.get('decode_tok_s_warm_run', float('nan')):.1f} |"
         )
 
 
