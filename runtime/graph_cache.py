@@ -184,6 +184,7 @@ def store(key: str, options: Any, ctx: Any, gm: GraphModule, n_inputs: int) -> s
         "cpp": ctx.artifacts.get("cpp"),
         "constants": constants,
         "shared_params": ctx.artifacts.get("shared_params", []),
+        "mutated": sorted(ctx.mutated_inputs),
         "report": {
             "patterns": dict(r.patterns),
             "kernels": [dataclasses.asdict(k) for k in r.kernels],
@@ -289,6 +290,7 @@ def load(
             return None
     w = entry["wrapper"]
     run = exec_wrapper(w["source"], globals_, w["plan"], w["stable"])
+    run.mutated_inputs = frozenset(entry["mutated"])
     stored = entry["report"]
     report.patterns.update(stored["patterns"])
     report.kernels.extend(KernelRecord(**k) for k in stored["kernels"])

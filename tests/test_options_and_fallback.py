@@ -142,3 +142,29 @@ def test_debug_dumps_graph_after_each_pass_and_wrapper(tmp_path):
     assert any(f.endswith("_dce.txt") for f in files)
     wrappers = [p for p in tmp_path.rglob("wrapper_*.py")]
     assert wrappers and "def call(args)" in wrappers[0].read_text()
+
+
+def test_failure_on_first_call_restores_written_inputs_before_running_eagerly(monkeypatch):
+    from yirage_dynamo.lowering.cpu import CppLowering
+
+    def broken_lower(self, gm, ctx):
+        def run(args):
+            args[0].add_(100)  # a write lands, then the program fails half-way
+            raise RuntimeError("kernel crashed")
+
+        return run
+
+    monkeypatch.setattr(CppLowering, "lower", broken_lower)
+
+    def fn(x, y):
+        x.add_(1)
+        return x * y
+
+    x, y = torch.randn(4), torch.randn(4)
+    expected_x = x + 1
+    compiled = torch.compile(fn, backend="yirage", options={"fallback": "eager"})
+    with torch.no_grad():
+        out = compiled(x, y)
+    torch.testing.assert_close(x, expected_x)  # written once, not 1 + 100 + 1
+    torch.testing.assert_close(out, expected_x * y)
+    assert yirage_dynamo.last_report().fallbacks[-1].stage == "runtime"

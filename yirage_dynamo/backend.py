@@ -88,7 +88,8 @@ def compile_dynamo_graph(gm: GraphModule, example_inputs: list[Any], options: Op
                 )
                 _finish(report, options)
                 # A failing first call falls back to the Dynamo graph itself (eager).
-                return _FirstCallGuard(cached, gm, report, options)
+                mutated = getattr(cached, "mutated_inputs", frozenset())
+                return _FirstCallGuard(cached, gm, report, options, mutated)
         compiler = _AotCompiler(options, lowering, report, example_inputs, start)
         compiler.cache_key = key
         compiler.dynamo_outputs = _output_count(gm)
@@ -264,7 +265,7 @@ class _AotCompiler:
             time.perf_counter() - began
         )
         _finish(report, self.options)
-        return _FirstCallGuard(fn, pristine, report, self.options)
+        return _FirstCallGuard(fn, pristine, report, self.options, ctx.mutated_inputs)
 
 
 def _store_in_graph_cache(
@@ -313,6 +314,19 @@ def _mutates(node: torch.fx.Node) -> bool:
     return bool(schema and schema.is_mutable and node.args)
 
 
+# Inputs larger than this in total are not snapshotted before a first call (a fallback
+# after a failure half-way may then see some of its writes already applied).
+_SNAPSHOT_BYTES = 256 << 20
+
+
+def _snapshot(args: list[Any], mutated: frozenset[int]) -> dict[int, torch.Tensor]:
+    tensors = {i: args[i] for i in mutated if i < len(args) and isinstance(args[i], torch.Tensor)}
+    if sum(t.numel() * t.element_size() for t in tensors.values()) > _SNAPSHOT_BYTES:
+        return {}
+    with torch.no_grad():
+        return {i: t.clone() for i, t in tensors.items()}
+
+
 def _boxed(gm: GraphModule) -> Callable:
     from torch._functorch.aot_autograd import make_boxed_func
 
@@ -326,9 +340,17 @@ class _FirstCallGuard:
     _boxed_call = True
 
     def __init__(
-        self, fn: Callable, pristine: GraphModule, report: CompileReport, options: Options
+        self,
+        fn: Callable,
+        pristine: GraphModule,
+        report: CompileReport,
+        options: Options,
+        mutated: frozenset[int] = frozenset(),
     ):
         self.fn = fn
+        # Inputs the graph writes (e.g. a KV cache, a position counter): restored before the
+        # fallback re-runs the call, so a failure half-way does not apply a write twice.
+        self.mutated = mutated
         # An instance attribute, so functools.wraps (dynamo's disable) carries it along.
         self._boxed_call = True
         self.pristine: GraphModule | None = pristine
@@ -342,12 +364,16 @@ class _FirstCallGuard:
         if self.pristine is None:
             return self.fn(args)
         saved = list(args)
+        snapshot = _snapshot(saved, self.mutated)
         try:
             out = self.fn(args)
         except Exception as exc:  # noqa: BLE001
             if self.options.fallback == "error":
                 raise
             log.warning("yirage: compiled graph failed at run time (%s); running eagerly", exc)
+            with torch.no_grad():
+                for i, value in snapshot.items():
+                    saved[i].copy_(value)
             self.report.fallback("runtime", f"{type(exc).__name__}: {exc}", "eager")
             if self.options.report:
                 self.report.write(self.options.report)  # the JSON written at compile is stale
