@@ -147,6 +147,11 @@ class RenderedKernel:
     origins: list[str]
     # (placeholder index, dim, Python stride expression) the generated code assumes.
     stride_checks: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)
+    # C type of each parameter, in call order (for the packed entry point, cpp_build.py).
+    c_types: list[str] = dataclasses.field(default_factory=list)
+    # Placeholders whose checked strides are exactly the contiguous ones: the launcher
+    # checks them with one `is_contiguous()` (the same condition, half the cost).
+    contiguous_inputs: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def digest(self) -> str:

@@ -56,6 +56,7 @@ from .c_ops import (
     op_key,
 )
 from .c_reductions import ReductionMixin
+from .c_views import ViewMixin
 from .cpp_lang import CPP, CPP_PRELUDE
 
 __all__ = [
@@ -71,7 +72,7 @@ __all__ = [
 ]
 
 
-class CRenderer(ReductionMixin):
+class CRenderer(ReductionMixin, ViewMixin):
     """Renders one region GraphModule as one C-like function (see module docstring)."""
 
     def __init__(self, lang: CLanguage = CPP) -> None:
@@ -109,6 +110,16 @@ class CRenderer(ReductionMixin):
     def is_one(s: Any) -> bool:
         return not isinstance(s, torch.SymInt) and int(s) == 1
 
+    def is_contiguous(self, v: torch.Tensor) -> bool:
+        """Tensor.is_contiguous() of the fake value (strides of size-1 dims do not count)."""
+        expected = sympy.Integer(1)
+        for size, stride in reversed(list(zip(v.shape, v.stride()))):
+            if not self.is_one(size):
+                if sympy.expand(self.expr(stride) - expected) != 0:
+                    return False
+                expected = expected * self.expr(size)
+        return True
+
     def numel(self, shape: Any) -> sympy.Expr:
         out = sympy.Integer(1)
         for s in shape:
@@ -129,40 +140,6 @@ class CRenderer(ReductionMixin):
     def level_of(self, idx: tuple[str, ...]) -> int:
         text = " ".join(idx)
         return 1 if self.inner_vars and re.search(self.inner_re, text) else 0
-
-    # -- index mapping -------------------------------------------------------------------
-    def bcast(self, idx: tuple[str, ...], out_shape: Any, in_shape: Any) -> tuple[str, ...]:
-        lead = len(out_shape) - len(in_shape)
-        if lead < 0:
-            raise Unsupported("broadcast to fewer dims")
-        res = []
-        for k, s in enumerate(in_shape):
-            o = out_shape[lead + k]
-            if self.is_one(s) and not self.is_one(o):
-                res.append("0")
-            elif self.same(s, o):
-                res.append(idx[lead + k])
-            else:
-                raise Unsupported(f"cannot broadcast {tuple(in_shape)} to {tuple(out_shape)}")
-        return tuple(res)
-
-    def reshape(self, idx: tuple[str, ...], shape: Any, src: Any) -> tuple[str, ...]:
-        """Index into `src` of element `idx` of reshape(src, shape) (row-major semantics)."""
-        a = [(i, s) for i, s in zip(idx, shape) if not self.is_one(s)]
-        b = [k for k, s in enumerate(src) if not self.is_one(s)]
-        res = ["0"] * len(src)
-        if len(a) == len(b) and all(self.same(s, src[k]) for (_, s), k in zip(a, b)):
-            for (i, _), k in zip(a, b):
-                res[k] = i
-            return tuple(res)
-        lin = "0"
-        for i, s in a:
-            lin = f"({lin} * {self.size(s)} + {i})"
-        rem = "1"
-        for k in reversed(b):
-            res[k] = f"(({lin} / {rem}) % {self.size(src[k])})"
-            rem = f"({rem} * {self.size(src[k])})"
-        return tuple(res)
 
     # -- values --------------------------------------------------------------------------
     def cast(self, v: tuple[str, str, int], ctype: str) -> str:
@@ -253,66 +230,6 @@ class CRenderer(ReductionMixin):
         else:
             expr = raw
         return self.emit(_ctype_of(v.dtype, self.lang), expr, self.level_of(idx))
-
-    def view_index(self, node: Node, key: str, idx: tuple[str, ...]) -> tuple[str, ...]:
-        src = _val(node.args[0]).shape
-        shape = _val(node).shape
-        if key in ("alias", "clone", "prims.view_of"):
-            return idx
-        if key in ("view", "reshape", "_unsafe_view", "prims.reshape"):
-            return self.reshape(idx, shape, src)
-        if key == "unsqueeze":
-            d = node.args[1] % (len(shape))
-            return idx[:d] + idx[d + 1 :]
-        if key in ("squeeze", "prims.squeeze"):
-            return self.reshape(idx, shape, src)
-        if key == "permute":
-            perm = [p % len(shape) for p in node.args[1]]
-            res = ["0"] * len(src)
-            for i, p in enumerate(perm):
-                res[p] = idx[i]
-            return tuple(res)
-        if key in ("transpose", "t"):
-            if key == "t" or len(node.args) < 3:
-                a, b = (0, 1) if len(src) == 2 else (0, 0)
-            else:
-                a, b = node.args[1] % len(src), node.args[2] % len(src)
-            res = list(idx)
-            res[a], res[b] = idx[b], idx[a]
-            return tuple(res)
-        if key == "expand":
-            return self.bcast(idx, shape, src)
-        if key == "prims.broadcast_in_dim":
-            bdims = node.args[2]
-            return tuple(
-                "0" if self.is_one(src[k]) and not self.is_one(shape[d]) else idx[d]
-                for k, d in enumerate(bdims)
-            )
-        if key == "slice":
-            dim = (node.args[1] if len(node.args) > 1 else 0) % len(src)
-            start = node.args[2] if len(node.args) > 2 else 0
-            step = node.args[4] if len(node.args) > 4 else 1
-            start = 0 if start is None else start
-            if not isinstance(start, int) or not isinstance(step, int):
-                raise Unsupported("symbolic slice bounds")
-            if start < 0:
-                if isinstance(src[dim], torch.SymInt):
-                    raise Unsupported("negative slice start on a symbolic dim")
-                start = max(start + int(src[dim]), 0)
-            res = list(idx)
-            res[dim] = f"({idx[dim]} * {step} + {start})"
-            return tuple(res)
-        if key == "select":
-            dim = node.args[1] % len(src)
-            index = node.args[2]
-            if not isinstance(index, int):
-                raise Unsupported("symbolic select index")
-            if index < 0:
-                if isinstance(src[dim], torch.SymInt):
-                    raise Unsupported("negative select on a symbolic dim")
-                index += int(src[dim])
-            return idx[:dim] + (str(index),) + idx[dim:]
-        raise Unsupported(f"view {key}")
 
     def gen_pointwise(
         self, node: Node, key: str, idx: tuple[str, ...], ctype: str
@@ -439,40 +356,6 @@ class CRenderer(ReductionMixin):
             return self.gen_cat(node, idx, ctype)
         raise Unsupported(f"op {node.target}")
 
-    def gen_cat(self, node: Node, idx: tuple[str, ...], ctype: str) -> tuple[str, str, int]:
-        def legacy_empty(t: Node) -> bool:  # cat ignores 1-D empty inputs; static check only
-            n = _val(t).numel()
-            return not isinstance(n, torch.SymInt) and n == 0 and _val(t).dim() == 1
-
-        tensors = [t for t in node.args[0] if not legacy_empty(t)]
-        shape = _val(node).shape
-        dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
-        name = self.tmp()
-        level = self.level_of(idx)
-        outer_branch = self.branch
-        target = outer_branch if outer_branch is not None else self.scopes[level]
-        target.lines.append(f"{ctype} {name};")
-        offset = "0"
-        saved = dict(self.memo)
-        for k, t in enumerate(tensors):
-            size = self.size(_val(t).shape[dim])
-            block = _Scope()
-            self.branch = block
-            sub = list(idx)
-            sub[dim] = f"({idx[dim]} - {offset})"
-            v = self.gen(t, tuple(sub))
-            self.branch = outer_branch
-            self.memo = dict(saved)
-            end = f"({offset} + {size})"
-            head = "" if k == 0 else "else "
-            cond = f"if ({idx[dim]} < {end}) " if k < len(tensors) - 1 else ""
-            target.lines.append(f"{head}{cond}{{")
-            target.lines.extend("  " + ln for ln in block.lines)
-            target.lines.append(f"  {name} = {self.cast(v, ctype)};")
-            target.lines.append("}")
-            offset = end
-        return name, ctype, level
-
     def gen_getitem(self, node: Node, idx: tuple[str, ...]) -> tuple[str, str, int]:
         raise Unsupported("multi-output op inside a region")
 
@@ -585,6 +468,7 @@ class CRenderer(ReductionMixin):
         params: list[KernelParam] = []
         sig: list[str] = []
         stride_checks: list[tuple[int, int, str]] = []
+        contiguous: list[int] = []
         for n, i in self.placeholder_index.items():
             v = _val(n)
             if isinstance(v, torch.Tensor):
@@ -596,6 +480,8 @@ class CRenderer(ReductionMixin):
                 for k, (size, stride) in enumerate(zip(v.shape, v.stride())):
                     if not self.is_one(size):
                         stride_checks.append((i, k, self.py_size(stride)))
+                if self.is_contiguous(v):
+                    contiguous.append(i)
             elif isinstance(v, torch.SymFloat | float):
                 sig.append(f"double p{i}")
                 params.append(KernelParam("float", i))
@@ -643,6 +529,8 @@ class CRenderer(ReductionMixin):
             multi_output=multi,
             origins=origins,
             stride_checks=stride_checks,
+            c_types=[" ".join(w for w in d.split()[:-1] if w != "__restrict__") for d in sig],
+            contiguous_inputs=contiguous,
         )
 
     def reshape_inverse(self, oshape: Any, dshape: Any, reduced: bool = False) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -134,17 +135,30 @@ class CppLowering(Lowering):
         for s in sources:
             unique.setdefault(s.symbol, s)  # identical regions (one per layer) share code
         source = CPP_PRELUDE + "\n" + "\n".join(s.source for s in unique.values())
+        # Packed twins (one exact signature for all kernels) for the fast-call trampoline.
+        source += "\n" + "".join(
+            cpp_build.packed_entry(s.symbol, s.rendered.c_types) for s in unique.values()
+        )
         stats: dict[str, int] = {}
-        with ctx.report.stage("cpp_build"):
+        with ctx.report.stage("cpp_build"), ThreadPoolExecutor(1) as pool:
+            # The fast-call trampoline (built once per machine) compiles alongside.
+            trampoline = pool.submit(cpp_build.fast_caller, cxx, ctx.options.cache_path)
             so = cpp_build.build_shared_object(
                 source, cxx, ctx.options.cxx_flags, ctx.options.cache_path, stats
             )
             lib = cpp_build.load_library(so)
+            fast_call = trampoline.result()
         for k in ("hits", "misses"):
             ctx.report.cache[k] = ctx.report.cache.get(k, 0) + stats.get(k, 0)
         launchers = {
-            sym: cpp_build.make_launcher(lib, sym, s.rendered, sym, "cpu", s.region)
+            sym: cpp_build.make_launcher(lib, sym, s.rendered, sym, "cpu", s.region, fast_call)
             for sym, s in unique.items()
+        }
+        # What runtime/graph_cache.py needs to rebuild these launchers in another process.
+        ctx.artifacts["cpp"] = {
+            "source": source,
+            "symbols": {s.name: s.symbol for s in sources},
+            "kernels": {sym: (s.rendered, s.region) for sym, s in unique.items()},
         }
         dumped: dict[str, str] = {}
         for s in sources:

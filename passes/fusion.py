@@ -18,14 +18,21 @@ into ATen by tracing their reference implementation, so they fuse with their nei
 Region rules (what a renderer can turn into one loop nest):
   * region outputs have numel F (the domain) or, with reductions, the row size; all
     reductions share input shape (numel F) and reduced dims, and pointwise nodes after them
-    may work on row values ("epilogue"); views/cat of other sizes may sit inside (e.g. the
-    halves of rotate-half), since the renderer indexes every node in its own coordinates;
+    may work on row values ("epilogue"); values of other sizes may sit inside (e.g. the
+    halves of rotate-half), since the renderer indexes every node in its own coordinates.
+    A compute node or `cat` of another size moves the domain to its size while no value of
+    the old size is needed outside (rotate-half: neg on half rows, cat and x*cos + r*sin on
+    full rows: one kernel);
   * GEMM/conv/SDPA/embedding/index/mutating ops are never fused (not in fusible_ops);
   * the region runs where its last node was: every outside user of a region node must come
     after that point (this also rules out cycles), and no mutating op may lie between the
     region's first and last node (a moved read would see the mutation);
   * a view whose result is needed outside the region stays an (extern, free) view of the
-    region's output instead of being materialised; regions that only move data are undone.
+    region's output instead of being materialised, unless the viewed value is needed
+    nowhere else: then the kernel writes the view's layout (no view call after the kernel,
+    e.g. RMSNorm -> view -> GEMM); regions that only move data are undone;
+  * views of non-fused values (GEMM outputs, inputs) are copied per fusible user first, so
+    that q's and k's RoPE reading one fused-QKV output do not share a region.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any
 import sympy
 import torch
 from torch.fx import Graph, GraphModule, Node
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .context import PassContext
 
@@ -65,6 +73,23 @@ VIEW_OPS = {
     "alias",
     "clone",
     "prims.broadcast_in_dim",
+    "prims.reshape",
+    "prims.squeeze",
+    "prims.view_of",
+}
+# Views whose result covers exactly the memory of their input (a permutation of the same
+# elements): such a view may be written by a kernel instead of its input.
+_DENSE_VIEWS = {
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "unsqueeze",
+    "squeeze",
+    "permute",
+    "transpose",
+    "t",
+    "alias",
+    "clone",
     "prims.reshape",
     "prims.squeeze",
     "prims.view_of",
@@ -138,7 +163,9 @@ def _signature(node: Node, caps: Any) -> tuple | None:
         return ("red", tuple(src.shape), dims, _numel(val.shape))
     if not any(isinstance(v, torch.Tensor) for v in _tensors(node)):
         return None  # creation ops: nothing to fuse with
-    return ("pw", _numel(val.shape), key in VIEW_OPS or key == "cat")
+    # Views only remap indices (any size may join); `cat` materialises a value, so like a
+    # compute node it may move the domain to its size (rotate-half: half -> full rows).
+    return ("pw", _numel(val.shape), key in VIEW_OPS)
 
 
 class _Region:
@@ -164,26 +191,50 @@ class _Region:
                 return n, red, row
             if gather or _eq(n, full) or (red is not None and _eq(n, row)):
                 return full, red, row
-            if red is not None or self.computes_escape(node):
+            if red is not None or self.computes_escape(node, n):
                 return None
             return n, None, None
         _, shape, dims, out = sig
         if red is not None:
             return (full, red, row) if _same_red(red, (shape, dims)) else None
         n = _numel(shape)
-        if full is not None and not _eq(n, full) and self.computes_escape(node):
+        if full is not None and not _eq(n, full) and self.computes_escape(node, n):
             return None
         return n, (shape, dims), out
 
-    def computes_escape(self, joining: Node) -> bool:
+    def computes_escape(self, joining: Node, size: Any) -> bool:
+        """Whether a computed value of another size than `size` is needed outside.
+
+        Such a value could not be a region output once the domain is `size`; one of that
+        size can (e.g. the rotate-half `cat`, whose halves were computed on a half domain).
+        A view used outside needs the value it views (through a chain of views) unless
+        that is a region input.
+        """
         inside = set(self.nodes)
-        return any(
-            _op_key(m.target) not in VIEW_OPS
-            and any(u not in inside and u is not joining for u in m.users)
-            for m in self.nodes
-        )
+        for m in self.nodes:
+            if not any(u not in inside and u is not joining for u in m.users):
+                continue
+            root = m
+            while _op_key(root.target) in VIEW_OPS:
+                base = root.args[0] if root.args else None
+                if not isinstance(base, Node) or base not in inside:
+                    break
+                root = base
+            if _op_key(root.target) in VIEW_OPS:
+                continue  # a view of a region input: recreated outside for free
+            if not _eq(_numel(root.meta["val"].shape), size):
+                return True
+        return False
+
+    def views_only(self) -> bool:
+        return all(_op_key(n.target) in VIEW_OPS for n in self.nodes)
 
     def merged_domain(self, other: _Region) -> tuple | None:
+        # Views fit any domain (they only remap indices).
+        if other.views_only():
+            return self.full, self.red, self.row
+        if self.views_only():
+            return other.full, other.red, other.row
         a, b = (self, other) if self.red is not None else (other, self)
         if b.red is not None:
             return (a.full, a.red, a.row) if _same_red(a.red, b.red) else None
@@ -202,6 +253,36 @@ class _Region:
 def _same_red(x: tuple, y: tuple) -> bool:
     (sa, da), (sb, db) = x, y
     return da == db and len(sa) == len(sb) and all(_eq(_expr(p), _expr(q)) for p, q in zip(sa, sb))
+
+
+def _split_shared_views(gm: GraphModule, caps: Any) -> None:
+    """Each fusible user of a view of a non-fused value gets its own copy of the view chain.
+
+    before:  u = _unsafe_view(mm); q = slice(u, 0:64) ...; k = slice(u, 64:96) ...
+    after:   u1 = _unsafe_view(mm); u2 = _unsafe_view(mm); q = slice(u1) ...; k = slice(u2)
+    Views cost nothing inside a kernel, but a shared one would put every consumer into
+    the region the view starts (q's and k's RoPE, of different sizes, in one region).
+    """
+    for node in reversed(list(gm.graph.nodes)):
+        if not node.users and _signature(node, caps) is not None:
+            gm.graph.erase_node(node)  # dead (e.g. the empty pass-through of full RoPE)
+            continue
+        if len(node.users) < 2 or _op_key(node.target) not in VIEW_OPS:
+            continue
+        if _signature(node, caps) is None:
+            continue
+        root = node
+        while _op_key(root.target) in VIEW_OPS and root.args and isinstance(root.args[0], Node):
+            root = root.args[0]
+        if _op_key(root.target) in VIEW_OPS or _signature(root, caps) is not None:
+            continue  # views of fused values join the value's region anyway
+        fusible = [u for u in node.users if _signature(u, caps) is not None]
+        if len(fusible) == len(node.users):
+            fusible = fusible[1:]  # the first keeps the original
+        for u in fusible:
+            with gm.graph.inserting_after(node):
+                copy = gm.graph.node_copy(node)
+            u.replace_input_with(node, copy)
 
 
 class _Partitioner:
@@ -258,13 +339,40 @@ class _Partitioner:
         return [r for r in self.regions if r.nodes]
 
 
+def _writes_view(v: Node, inside: set[Node], sizes: tuple) -> bool:
+    """Whether the kernel should write the escaping view `v` instead of its input.
+
+    True when `v` (through a chain of element-permuting views) re-arranges a value the
+    region computes and that is used nowhere else outside: the kernel writes the same
+    elements in `v`'s layout, and the extern view call after the kernel (one per
+    RMSNorm -> GEMM in a decode step) disappears. Views of region inputs stay views.
+    """
+    numel = _numel(v.meta["val"].shape)
+    if not any(_eq(numel, z) for z in sizes):
+        return False
+    node = v
+    while _op_key(node.target) in VIEW_OPS:
+        base = node.args[0] if node.args else None
+        if (
+            _op_key(node.target) not in _DENSE_VIEWS
+            or not isinstance(base, Node)
+            or base not in inside
+            or any(u not in inside for u in base.users)
+            or not _eq(_numel(base.meta["val"].shape), numel)
+        ):
+            return False
+        node = base
+    return True
+
+
 def _detach_escaping(gm: GraphModule, region: _Region, order: dict[Node, float]) -> None:
     """Values that may not leave the region get an outside copy for their outside users.
 
-    Views (an extern view of a region output is free, materialising it is not) and values
-    whose size is not one the loop nest writes (e.g. the halves of a rotary `cat`): the
-    copy is an extern ATen op placed before its first user; the region keeps the node only
-    if it still has users inside.
+    Views (an extern view of a region output is free, materialising it is not; unless the
+    view's input is not needed outside, see `_writes_view`) and values whose size is not
+    one the loop nest writes (e.g. the halves of a rotary `cat`): the copy is an extern
+    ATen op placed before its first user; the region keeps the node only if it still has
+    users inside.
     """
     region.nodes.sort(key=order.__getitem__)
     sizes = region.output_sizes()
@@ -276,15 +384,23 @@ def _detach_escaping(gm: GraphModule, region: _Region, order: dict[Node, float])
             numel = _numel(v.meta["val"].shape)
             if _op_key(v.target) not in VIEW_OPS and any(_eq(numel, z) for z in sizes):
                 continue
+            if _writes_view(v, inside, sizes):
+                continue
             outside = [u for u in v.users if u not in inside]
             if not outside:
                 continue
-            # Positions from the live graph: earlier copies have no meaningful `order`.
-            pos = {n: i for i, n in enumerate(gm.graph.nodes)}
-            first = min(outside, key=pos.__getitem__)
+            # The first outside user in the live graph (earlier copies have no meaningful
+            # `order`): users come after `v`, usually shortly after.
+            targets = set(outside)
+            first = v.next
+            while first not in targets and first.op != "root":
+                first = first.next
+            if first.op == "root":  # (a user before `v`: not expected) graph positions
+                pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+                first = min(outside, key=pos.__getitem__)
             with gm.graph.inserting_before(first):
                 copy = gm.graph.node_copy(v)
-            order[copy] = order.get(first, pos[first]) - 0.5
+            order[copy] = order[first] - 0.5
             for u in outside:
                 u.replace_input_with(v, copy)
             if not v.users:
@@ -315,7 +431,9 @@ def _build_module(gm: GraphModule, region: _Region, name: str, order: dict[Node,
     for n in members:
         env[n] = sub.node_copy(n, lambda x: env[x])
     sub.output(tuple(env[o] for o in outputs) if len(outputs) > 1 else env[outputs[0]])
-    gm.add_submodule(name, GraphModule(gm, sub, class_name=name))
+    # Lazy: the region's Python code is generated only if the ATen reference ever runs
+    # (rendering reads the graph); eager codegen was half of this pass's time.
+    gm.add_submodule(name, _LazyGraphModule(gm, sub, class_name=name))
     with gm.graph.inserting_after(members[-1]):
         call = gm.graph.call_module(name, tuple(inputs))
     order[call] = order[members[-1]] + 0.25
@@ -445,6 +563,7 @@ def fuse_regions(gm: GraphModule, ctx: PassContext) -> int:
     if not caps.generates_kernels or not caps.fusible_ops:
         return 0
     _inline_custom_ops(gm, caps)
+    _split_shared_views(gm, caps)
     part = _Partitioner(gm, caps)
     regions = part.run()
     order: dict[Node, float] = dict(part.order)

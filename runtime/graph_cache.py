@@ -250,8 +250,9 @@ def load(
             cpp["source"], cxx, options.cxx_flags, options.cache_path, stats
         )
         lib = cpp_build.load_library(so)
+        fast = cpp_build.fast_caller(cxx, options.cache_path)
         by_symbol = {
-            sym: cpp_build.make_launcher(lib, sym, rendered, sym, "cpu", region)
+            sym: cpp_build.make_launcher(lib, sym, rendered, sym, "cpu", region, fast)
             for sym, (rendered, region) in cpp["kernels"].items()
         }
         launchers = {name: by_symbol[sym] for name, sym in cpp["symbols"].items()}
