@@ -79,21 +79,7 @@ VIEW_OPS = {
 }
 # Views whose result covers exactly the memory of their input (a permutation of the same
 # elements): such a view may be written by a kernel instead of its input.
-_DENSE_VIEWS = {
-    "view",
-    "reshape",
-    "_unsafe_view",
-    "unsqueeze",
-    "squeeze",
-    "permute",
-    "transpose",
-    "t",
-    "alias",
-    "clone",
-    "prims.reshape",
-    "prims.squeeze",
-    "prims.view_of",
-}
+_DENSE_VIEWS = VIEW_OPS - {"expand", "slice", "select", "prims.broadcast_in_dim"}
 
 
 def _op_key(target: Any) -> str:
