@@ -121,10 +121,6 @@ class CppLowering(Lowering):
         )
 
     def render(self, region: GraphModule, name: str) -> CKernelSource:
-        from .c_attention import is_attention_region, render_attention
-
-        if is_attention_region(region):  # yirage::attention outlined by lower()
-            return CKernelSource(name, render_attention(region), region)
         return CKernelSource(name, CRenderer(CPP).render(region), region)
 
     def compile(self, sources: list[KernelSource], ctx: Any) -> dict[str, Callable]:
@@ -178,10 +174,6 @@ class CppLowering(Lowering):
         from yirage_dynamo.runtime.wrapper import build_wrapper
 
         self.check_graph(gm)
-        from .c_attention import outline_attention
-
-        # Attention nodes become one-node regions with our C++ kernel (c_attention.py).
-        outline_attention(gm, ctx)
         sources: list[KernelSource] = []
         for node in gm.graph.nodes:
             if node.op != "call_module":
