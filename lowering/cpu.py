@@ -3,8 +3,10 @@
 passes/fusion.py groups pointwise ops, reductions and views into `call_module` regions;
 here every region is rendered by the C-style renderer (lowering/c_renderer.py), all
 kernels of the graph are compiled in one C++ translation unit (runtime/cpp_build.py) and
-the generated wrapper calls them through small Python launchers. GEMMs, attention,
-embedding and index ops stay extern ATen calls. A region the renderer cannot handle runs
+the generated wrapper calls them through small Python launchers. `yirage::attention` gets
+its own C++ kernel (lowering/c_attention.py: GQA without repeat_kv, masked-off cache slots
+never read) where it can compute it exactly; GEMMs, embedding and index ops stay extern
+ATen calls. A region the renderer cannot handle runs
 its ATen reference (the region submodule) and is noted in the report; no C++ compiler at
 all means this lowering reports itself unavailable and the ATen lowering runs instead.
 """
@@ -121,6 +123,10 @@ class CppLowering(Lowering):
         )
 
     def render(self, region: GraphModule, name: str) -> CKernelSource:
+        from .c_attention import is_attention_region, render_attention
+
+        if is_attention_region(region):  # yirage::attention outlined by lower()
+            return CKernelSource(name, render_attention(region), region)
         return CKernelSource(name, CRenderer(CPP).render(region), region)
 
     def compile(self, sources: list[KernelSource], ctx: Any) -> dict[str, Callable]:
@@ -174,6 +180,10 @@ class CppLowering(Lowering):
         from yirage_dynamo.runtime.wrapper import build_wrapper
 
         self.check_graph(gm)
+        from .c_attention import outline_attention
+
+        # Attention nodes become one-node regions with our C++ kernel (c_attention.py).
+        outline_attention(gm, ctx)
         sources: list[KernelSource] = []
         for node in gm.graph.nodes:
             if node.op != "call_module":

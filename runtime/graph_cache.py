@@ -107,8 +107,11 @@ def graph_key(
             for f in dataclasses.fields(options)
             if f.name not in _NOT_IN_KEY
         }
+        # YIRAGE_CPU_ATTENTION=0 (lowering/c_attention.py) changes the generated program.
+        cpu_attn = os.environ.get("YIRAGE_CPU_ATTENTION", "1")
         for part in (FORMAT, torch.__version__, sys.version, _code_digest(), lowering, opts):
             h.update(repr(part).encode())
+        h.update(cpu_attn.encode())
         h.update(repr((torch.is_grad_enabled(), torch.is_inference_mode_enabled())).encode())
         for node in gm.graph.nodes:
             if node.op == "call_module":

@@ -1,0 +1,218 @@
+"""CPU lowering: yirage::attention as a C++ kernel (lowering/c_attention.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import yirage_dynamo
+from yirage_dynamo import ops  # noqa: F401 - registers torch.ops.yirage
+
+OPTS = {"fallback": "error", "graph_cache": False, "device": "cpu"}
+
+
+def _attn(q, k, v, mask=None, scale=None, is_causal=False, cache_position=None):
+    return torch.ops.yirage.attention(q, k, v, mask, scale, is_causal, cache_position)
+
+
+def _eager_sdpa(q, k, v, mask=None, scale=None, is_causal=False, cache_position=None):
+    """Plain SDPA with repeated K/V and the visibility folded into a bool/float mask."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s, t = q.shape[2], k.shape[2]
+    vis = None
+    if cache_position is not None:
+        vis = torch.arange(t) <= cache_position.reshape(-1, 1).long()
+    elif is_causal:
+        vis = torch.arange(t) <= torch.arange(s).reshape(-1, 1)
+    if vis is not None:
+        if mask is None:
+            mask = vis
+        elif mask.dtype == torch.bool:
+            mask = mask & vis
+        else:
+            mask = mask.masked_fill(~vis, float("-inf"))
+    scores = (q.float() @ k.float().transpose(-1, -2)) * (scale or 1 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = (
+            scores.masked_fill(~mask, float("-inf"))
+            if mask.dtype == torch.bool
+            else (scores + mask.float())
+        )
+    # Rows with no visible key give zeros (what ATen's CPU kernels do).
+    p = torch.softmax(scores, -1).nan_to_num(0.0)
+    return (p @ v.float()).to(q.dtype)
+
+
+def _run(args: tuple, kwargs: dict | None = None, dtype=torch.float32, expect_kernel=True):
+    kwargs = kwargs or {}
+    torch._dynamo.reset()
+    yirage_dynamo.clear_reports()
+    compiled = torch.compile(_attn, backend="yirage", options=OPTS, dynamic=False)
+    out = compiled(*args, **kwargs)
+    ref = _attn(*args, **kwargs)
+    eager = _eager_sdpa(*args, **kwargs)
+    tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(out, eager, **tol)
+    assert out.transpose(1, 2).is_contiguous()  # the pinned [B, S, H, D] layout
+    report = yirage_dynamo.last_report()
+    used = [k for k in report.kernels if any("yirage.attention" in o for o in k.origins)]
+    assert bool(used) == expect_kernel, (report.kernels, report.notes)
+    return out, report
+
+
+def _qkv(b, hq, hkv, s, t, d, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, hq, s, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, t, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, t, d, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("mask_kind", ["none", "float", "bool"])
+def test_decode_matches_reference(dtype, heads, mask_kind):
+    hq, hkv = heads
+    q, k, v = _qkv(2, hq, hkv, 1, 37, 64, dtype)  # T = 37: no block size divides it
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 1, 37, generator=torch.Generator().manual_seed(1)) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "float":
+        # HF static cache: written slots 0, unwritten ones finfo.min.
+        mask = torch.zeros(2, 1, 1, 37, dtype=dtype)
+        mask[0, ..., 20:] = torch.finfo(dtype).min
+        mask[1, ..., 30:] = float("-inf")
+    _run((q, k, v, mask), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_causal_and_float_mask(dtype):
+    q, k, v = _qkv(1, 6, 2, 5, 5, 32, dtype)
+    _run((q, k, v, None, None, True), dtype=dtype)
+    mask = torch.randn(1, 1, 5, 5).to(dtype)
+    _run((q, k, v, mask, 0.3, True), dtype=dtype)
+
+
+def test_cache_position_and_per_head_bool_mask():
+    q, k, v = _qkv(1, 4, 2, 3, 19, 16)
+    cp = torch.tensor([4, 5, 6])
+    _run((q, k, v, None, None, False, cp))
+    mask = torch.rand(1, 4, 3, 19, generator=torch.Generator().manual_seed(2)) > 0.5
+    _run((q, k, v, mask, None, False, cp))
+    _run((q, k, v, None, None, False, cp.to(torch.int32)))
+
+
+def test_non_contiguous_query_and_broadcast_mask():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 6, 32, generator=g).transpose(1, 2)  # [B, H, S, D] view of BSHD
+    k = torch.randn(2, 3, 11, 32, generator=g)
+    v = torch.randn(2, 3, 11, 32, generator=g)
+    assert not q.is_contiguous()
+    mask = torch.randn(3, 11, generator=g)  # [S, T]: broadcast over batch and heads
+    _run((q, k, v, mask))
+
+
+def test_fully_masked_rows():
+    q, k, v = _qkv(1, 4, 2, 2, 9, 16)
+    bool_mask = torch.ones(1, 1, 2, 9, dtype=torch.bool)
+    bool_mask[..., 0, :] = False
+    out, _ = _run((q, k, v, bool_mask))
+    assert out[:, :, 0].abs().max() == 0
+    inf_mask = torch.zeros(1, 1, 2, 9).masked_fill(~bool_mask, float("-inf"))
+    _run((q, k, v, inf_mask))
+    # A row of finfo.min only is not hidden: softmax of equal scores (the deferred path).
+    huge = torch.zeros(1, 1, 2, 9).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    out, _ = _run((q, k, v, huge))
+    assert out[:, :, 0].abs().max() > 0
+    _run((q, k, v, None, None, False, torch.tensor([-1, 3])))
+
+
+def test_unsupported_case_keeps_reference_with_note():
+    q, k, v = _qkv(1, 4, 2, 2, 9, 16)
+    cp = torch.tensor([3, 4], dtype=torch.int16)
+    _, report = _run((q, k, v, None, None, False, cp), expect_kernel=False)
+    assert any("left to its ATen reference" in n and "cache_position" in n for n in report.notes)
+
+
+def test_dynamic_sizes():
+    torch._dynamo.reset()
+    yirage_dynamo.clear_reports()
+
+    # A symbolic key length (and query length); head counts stay static (dynamic=True
+    # makes them symbolic too, and that case keeps the reference).
+    # k and v come from one tensor so that their lengths are one symbol (separate inputs
+    # get separate symbols, and that case keeps the reference).
+    def fn(q, kv, bias):
+        return _attn(q, kv[0], kv[1], bias[..., : kv.shape[3]])
+
+    compiled = torch.compile(fn, backend="yirage", options=OPTS)
+    bias = torch.randn(1, 1, 1, 32)
+    for s, t in ((3, 7), (4, 12)):
+        q, k, v = _qkv(1, 4, 2, s, t, 16)
+        kv = torch.stack([k, v])
+        torch._dynamo.mark_dynamic(q, 2)
+        torch._dynamo.mark_dynamic(kv, 3)
+        expected = _attn(q, k, v, bias[..., :t])
+        torch.testing.assert_close(compiled(q, kv, bias), expected)
+    kernels = [k for r in yirage_dynamo.reports() for k in r.kernels]
+    assert any(any("yirage.attention" in o for o in k.origins) for k in kernels)
+
+
+def test_whole_graph_cache_restores_the_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("YIRAGE_CACHE_DIR", str(tmp_path / "cache"))
+    q, k, v = _qkv(1, 6, 2, 1, 21, 16)
+    mask = torch.zeros(1, 1, 1, 21)
+    mask[..., 15:] = torch.finfo(torch.float32).min
+    opts = {**OPTS, "graph_cache": True}
+    states = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        compiled = torch.compile(_attn, backend="yirage", options=opts, dynamic=False)
+        torch.testing.assert_close(compiled(q, k, v, mask), _attn(q, k, v, mask))
+        report = yirage_dynamo.last_report()
+        states.append(report.graph_cache)
+        assert any(any("yirage.attention" in o for o in k.origins) for k in report.kernels)
+    assert states == ["stored", "hit"]
+
+
+def test_hf_static_cache_generate_matches_eager(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from transformers.generation import CompileConfig
+
+    monkeypatch.setenv("YIRAGE_FALLBACK", "error")
+    config = transformers.LlamaConfig(
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (1, 7))
+    kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(ids, **kw)
+        cc = CompileConfig(backend="yirage")
+        cc._compile_all_devices = True
+        yirage_dynamo.clear_reports()
+        actual = model.generate(ids, compile_config=cc, **kw)
+    assert torch.equal(actual, expected)
+    kernels = [k for r in yirage_dynamo.reports() for k in r.kernels]
+    assert any(any("yirage.attention" in o for o in k.origins) for k in kernels)
+
+
+def test_sdpa_gqa_reference_semantics():
+    # The reference is SDPA with enable_gqa; the eager helper above is the plain math.
+    q, k, v = _qkv(1, 6, 2, 1, 10, 16)
+    torch.testing.assert_close(
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True), _eager_sdpa(q, k, v)
+    )
