@@ -210,6 +210,10 @@ def store(key: str, options: Any, ctx: Any, gm: GraphModule, n_inputs: int) -> s
 
 
 def _read(path: Path) -> dict | None:
+    # Entries pickle region graphs that call yirage ops: register them before unpickling
+    # (a new process may not have imported them yet).
+    import yirage_dynamo.ops  # noqa: F401
+
     try:
         data = path.read_bytes()
     except OSError:

@@ -104,12 +104,15 @@ _CHILD = textwrap.dedent(
     cpp_build.run_compiler = lambda argv: calls.append(argv) or real(argv)
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.LayerNorm(32))
-    x = torch.randn(4, 16)
+    def fn(x, q, k, v):  # SDPA becomes yirage::attention: entries must load in a new process
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return m(x), o
+    x, q, k, v = torch.randn(4, 16), torch.randn(1, 4, 1, 8), *torch.randn(2, 1, 2, 5, 8)
     with torch.no_grad():
-        got = torch.compile(m, backend="yirage", options={"fallback": "error"})(x)
-        torch.testing.assert_close(got, m(x))
+        got = torch.compile(fn, backend="yirage", options={"fallback": "error"})(x, q, k, v)
+        torch.testing.assert_close(got, fn(x, q, k, v))
     r = yirage_dynamo.last_report()
-    print(json.dumps({"calls": len(calls), "graph_cache": r.graph_cache,
+    print(json.dumps({"calls": len(calls), "graph_cache": r.graph_cache, "patterns": r.patterns,
                       "stages": sorted(r.stages), "kernels": len(r.kernels)}))
     """
 )
@@ -126,6 +129,7 @@ def test_new_process_reuses_the_graph_without_tracing_or_compiling(tmp_path):
 
     first = child()
     assert first["graph_cache"] == "stored" and first["calls"] >= 1
+    assert first["patterns"].get("attention") == 1
     second = child()
     assert second["graph_cache"] == "hit" and second["calls"] == 0
     assert "aot_autograd" not in second["stages"] and "graph_cache" in second["stages"]
