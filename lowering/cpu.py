@@ -80,7 +80,8 @@ class CppLowering(Lowering):
         dtypes=frozenset(
             {torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.bool}
         ),
-        native_custom_ops=frozenset(_NATIVE_YIRAGE),
+        # attention: its own C++ kernel (c_attention.py), not expanded for fusion.
+        native_custom_ops=frozenset({*_NATIVE_YIRAGE, "attention"}),
         generates_kernels=True,
     )
 
