@@ -93,6 +93,11 @@ class Lowering:
         """Decomposition table handed to AOTAutograd for graphs this lowering compiles."""
         return {}
 
+    def cache_salt(self) -> str:
+        """Run-time switches (not options) that change the generated program; part of the
+        whole-graph cache key (runtime/graph_cache.py)."""
+        return ""
+
     def unsupported(self, node: Node) -> str | None:
         """Why `node` cannot be lowered, or None."""
         if node.op in ("placeholder", "output", "get_attr", "call_module"):

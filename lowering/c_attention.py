@@ -369,11 +369,15 @@ def why_not(node: Node) -> str | None:
     return None
 
 
+# Benchmark/debug switch: "0" keeps yirage::attention on its ATen reference.
+ENABLE_ENV = "YIRAGE_CPU_ATTENTION"
+
+
 def outline_attention(gm: GraphModule, ctx: Any) -> int:
     """Replace each eligible yirage::attention node by a call_module one-node region.
 
     YIRAGE_CPU_ATTENTION=0 turns this off (every node keeps its ATen reference)."""
-    if os.environ.get("YIRAGE_CPU_ATTENTION", "1") == "0":
+    if os.environ.get(ENABLE_ENV, "1") == "0":
         return 0
     count = 0
     for node in list(gm.graph.nodes):

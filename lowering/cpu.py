@@ -99,6 +99,11 @@ class CppLowering(Lowering):
             )
         return None
 
+    def cache_salt(self) -> str:
+        from .c_attention import ENABLE_ENV
+
+        return f"{ENABLE_ENV}={os.environ.get(ENABLE_ENV, '1')}"
+
     def decompositions(self) -> dict[Any, Callable]:
         # Composite norms/softmax decompose into reductions + pointwise ops that fuse;
         # GEMMs, SDPA and embedding stay whole (extern ATen calls).

@@ -96,8 +96,9 @@ def recipes(gm: GraphModule) -> dict[str, Recipe | None]:
     return gm.meta.setdefault("yirage_recipes", {})
 
 
-# A graph's own (lifted) tensor constants up to this size are recorded by value.
-_MAX_LITERAL_BYTES = 1 << 20
+# A graph's own (lifted) tensor constants up to this size are recorded by value (and
+# hashed into the whole-graph cache key).
+MAX_LITERAL_BYTES = 1 << 20
 
 
 def constant_recipe(gm: GraphModule, target: str) -> Recipe | None:
@@ -109,20 +110,29 @@ def constant_recipe(gm: GraphModule, target: str) -> Recipe | None:
     value = getattr(gm, target, None)
     if not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor):
         return None
-    if value.numel() * value.element_size() > _MAX_LITERAL_BYTES:
+    if value.numel() * value.element_size() > MAX_LITERAL_BYTES:
         return None
     table[target] = Recipe("literal", value.detach().clone())
     return table[target]
 
 
-def recipe_of(gm: GraphModule, arg: Any) -> Any:
-    """The recipe-level value of a node argument: constants become their Recipes; other
-    nodes (runtime values) and unrecorded constants become _UNKNOWN; literals stay."""
+def recipe_of(gm: GraphModule, arg: Any, folded: set[Node] = frozenset()) -> Any:
+    """The recipe-level value of a node argument: constants become their Recipes, as do
+    nodes in `folded` (computed from constants: their op over their inputs' recipes);
+    other nodes (runtime values) and unrecorded constants become _UNKNOWN; literals stay."""
     if isinstance(arg, Node):
-        r = constant_recipe(gm, arg.target) if arg.op == "get_attr" else None
+        if arg.op == "get_attr":
+            r = constant_recipe(gm, arg.target)
+        elif arg in folded:
+            args, kwargs = recipe_of(gm, (arg.args, dict(arg.kwargs)), folded)
+            r = Recipe.call(arg.target, args, kwargs)
+        else:
+            r = None
         return _UNKNOWN if r is None else r
     if isinstance(arg, list | tuple):
-        return type(arg)(recipe_of(gm, a) for a in arg)
+        return type(arg)(recipe_of(gm, a, folded) for a in arg)
+    if isinstance(arg, dict):
+        return {k: recipe_of(gm, v, folded) for k, v in arg.items()}
     return arg
 
 
@@ -245,30 +255,12 @@ def constant_fold(gm: GraphModule, ctx: PassContext) -> int:
             result = value(node)
             if not isinstance(result, torch.Tensor):
                 continue
-            new = add_constant(
-                gm, "_folded_", result, node, ctx.fake_mode, recipe_of_node(gm, node, constant)
-            )
+            recipe = recipe_of(gm, node, constant)
+            recipe = recipe if isinstance(recipe, Recipe) else None
+            new = add_constant(gm, "_folded_", result, node, ctx.fake_mode, recipe)
             node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in constant)
             folded += 1
     return folded
-
-
-def recipe_of_node(gm: GraphModule, node: Node, constant: set[Node]) -> Recipe | None:
-    """The recipe of a folded node: its op over the recipes of its (constant) inputs."""
-    if node.op == "get_attr":
-        r = constant_recipe(gm, node.target)
-        return _UNKNOWN if r is None else r
-
-    def arg(a: Any) -> Any:
-        if isinstance(a, Node):
-            r = recipe_of_node(gm, a, constant) if a in constant else None
-            return _UNKNOWN if r is None else r
-        if isinstance(a, list | tuple):
-            return type(a)(arg(x) for x in a)
-        return a
-
-    kwargs = {k: arg(v) for k, v in node.kwargs.items()}
-    return Recipe.call(node.target, tuple(arg(a) for a in node.args), kwargs)
 
 
 def fold_weight_views(gm: GraphModule, ctx: PassContext) -> int:

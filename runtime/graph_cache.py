@@ -28,7 +28,6 @@ import functools
 import hashlib
 import logging
 import operator
-import os
 import pickle
 import sys
 import time
@@ -38,12 +37,11 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule
+from yirage_dynamo.passes.freezing import MAX_LITERAL_BYTES, constant_recipe
 
 log = logging.getLogger("yirage_dynamo")
 
 FORMAT = 1
-# Lifted tensor constants of the Dynamo graph up to this size are hashed into the key.
-_MAX_LITERAL_BYTES = 1 << 20
 # Options that do not change the compiled program.
 _NOT_IN_KEY = {"debug", "debug_dir", "report", "cache_dir", "fallback", "verify"}
 
@@ -89,7 +87,7 @@ class _Uncacheable(Exception):
 
 
 def graph_key(
-    gm: GraphModule, example_inputs: list[Any], options: Any, lowering: str
+    gm: GraphModule, example_inputs: list[Any], options: Any, lowering: Any
 ) -> tuple[str | None, str]:
     """(key, "") for a cacheable graph, else (None, why not)."""
     if not options.graph_cache:
@@ -107,11 +105,9 @@ def graph_key(
             for f in dataclasses.fields(options)
             if f.name not in _NOT_IN_KEY
         }
-        # YIRAGE_CPU_ATTENTION=0 (lowering/c_attention.py) changes the generated program.
-        cpu_attn = os.environ.get("YIRAGE_CPU_ATTENTION", "1")
-        for part in (FORMAT, torch.__version__, sys.version, _code_digest(), lowering, opts):
+        lowering_id = (lowering.name, lowering.cache_salt())
+        for part in (FORMAT, torch.__version__, sys.version, _code_digest(), lowering_id, opts):
             h.update(repr(part).encode())
-        h.update(cpu_attn.encode())
         h.update(repr((torch.is_grad_enabled(), torch.is_inference_mode_enabled())).encode())
         for node in gm.graph.nodes:
             if node.op == "call_module":
@@ -120,7 +116,7 @@ def graph_key(
                 value = getattr(gm, node.target)
                 if not isinstance(value, torch.Tensor):
                     raise _Uncacheable(f"graph attribute {node.target} is not a tensor")
-                if value.numel() * value.element_size() > _MAX_LITERAL_BYTES:
+                if value.numel() * value.element_size() > MAX_LITERAL_BYTES:
                     raise _Uncacheable(f"graph attribute {node.target} is large")
                 h.update(repr((node.target, value.dtype, tuple(value.shape))).encode())
                 h.update(value.detach().cpu().contiguous().numpy().tobytes())
@@ -163,8 +159,6 @@ def aot_passthrough(gm: GraphModule, n_dynamo_inputs: int, n_dynamo_outputs: int
 
 def store(key: str, options: Any, ctx: Any, gm: GraphModule, n_inputs: int) -> str:
     """Write the entry for a compiled graph; "" on success, else why it was not stored."""
-    from yirage_dynamo.passes.freezing import constant_recipe
-
     if ctx.artifacts.get("uncacheable"):
         return ctx.artifacts["uncacheable"]
     wrapper = ctx.artifacts.get("wrapper")
@@ -320,13 +314,3 @@ def try_load(
         fn = None
     report.stages["graph_cache"] = time.perf_counter() - start
     return fn
-
-
-def clear(options: Any) -> int:
-    """Delete every graph entry under the cache dir; the number deleted."""
-    root = options.cache_path / "graphs"
-    n = 0
-    for f in root.glob("*.pkl") if root.exists() else []:
-        os.unlink(f)
-        n += 1
-    return n

@@ -315,7 +315,6 @@ def build_wrapper(gm: GraphModule, ctx: Any, kernels: dict[str, Callable]) -> Ca
         ctx.report.extern_calls = sum(
             1 for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
         )
-        ctx.artifacts["wrapper_source"] = source
         if ctx.options.debug:
             from yirage_dynamo.debug import dump_text
 

@@ -182,22 +182,13 @@ def test_whole_graph_cache_restores_the_kernel(tmp_path, monkeypatch):
 
 
 def test_hf_static_cache_generate_matches_eager(monkeypatch):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from llm_models import VOCAB, build
     from transformers.generation import CompileConfig
 
     monkeypatch.setenv("YIRAGE_FALLBACK", "error")
-    config = transformers.LlamaConfig(
-        hidden_size=96,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 256, (1, 7))
+    model = build("llama")  # GQA: 4 query heads over 2 KV heads
+    ids = torch.randint(0, VOCAB, (1, 7))
     kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
     with torch.no_grad():
         expected = model.generate(ids, **kw)

@@ -77,7 +77,7 @@ def compile_dynamo_graph(gm: GraphModule, example_inputs: list[Any], options: Op
             return whole
         from yirage_dynamo.runtime import graph_cache
 
-        key, why = graph_cache.graph_key(gm, example_inputs, options, lowering.name)
+        key, why = graph_cache.graph_key(gm, example_inputs, options, lowering)
         report.graph_cache = f"not used: {why}" if key is None else "miss"
         if key is not None:
             cached = graph_cache.try_load(key, options, example_inputs, lowering, report)
@@ -225,7 +225,17 @@ class _AotCompiler:
         return report
 
     def _store(self, gm: GraphModule, ctx: PassContext, report: CompileReport) -> None:
-        _store_in_graph_cache(self, gm, ctx, report)
+        """Write this inference graph to the whole-graph cache, if AOTAutograd adds nothing."""
+        from yirage_dynamo.runtime import graph_cache
+
+        with report.stage("graph_cache"):
+            why = graph_cache.aot_passthrough(gm, self.n_inputs, self.dynamo_outputs)
+            if not why:
+                try:
+                    why = graph_cache.store(self.cache_key, self.options, ctx, gm, self.n_inputs)
+                except OSError as exc:
+                    why = f"cache dir not writable: {exc}"
+        report.graph_cache = f"not stored: {why}" if why else "stored"
 
     def compile_aot_graph(self, gm: GraphModule, example_inputs: list[Any], kind: str) -> Callable:
         graph_start = time.perf_counter()
@@ -266,23 +276,6 @@ class _AotCompiler:
         )
         _finish(report, self.options)
         return _FirstCallGuard(fn, pristine, report, self.options, ctx.mutated_inputs)
-
-
-def _store_in_graph_cache(
-    compiler: _AotCompiler, gm: GraphModule, ctx: PassContext, report: CompileReport
-) -> None:
-    from yirage_dynamo.runtime import graph_cache
-
-    with report.stage("graph_cache"):
-        why = graph_cache.aot_passthrough(gm, compiler.n_inputs, compiler.dynamo_outputs)
-        if not why:
-            try:
-                why = graph_cache.store(
-                    compiler.cache_key, compiler.options, ctx, gm, compiler.n_inputs
-                )
-            except OSError as exc:
-                why = f"cache dir not writable: {exc}"
-    report.graph_cache = f"not stored: {why}" if why else "stored"
 
 
 def _output_count(gm: GraphModule) -> int:
