@@ -10,6 +10,8 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
   yirage_gemv    yirage with the Triton decode GEMV forced on (YIRAGE_CUDA_GEMV=on) for
                  every eligible projection, whatever the cuBLAS comparison says
   yirage_nogemv  yirage with the GEMV off (YIRAGE_CUDA_GEMV=off): cuBLAS for every matmul
+  yirage_fuse    yirage with the RMSNorm prologues / skip-add epilogues in the GEMVs
+                 (YIRAGE_CUDA_GEMV_FUSE=on; off by default, lowering/cuda_gemv_fusion.py)
 
 HF compiles only the decode step (prefill runs eagerly in every variant). Reported per
 variant: decode tok/s and ms/token (from the difference between a full and a 1-token
@@ -66,6 +68,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 ENV_VARIANTS = {
     "yirage_gemv": {"YIRAGE_CUDA_GEMV": "on"},
     "yirage_nogemv": {"YIRAGE_CUDA_GEMV": "off"},
+    "yirage_fuse": {"YIRAGE_CUDA_GEMV_FUSE": "on"},
 }
 
 

@@ -215,7 +215,7 @@ class _InnerCompile:
         from yirage_dynamo.passes import run_pipeline
         from yirage_dynamo.passes.context import PassContext, count_nodes
 
-        from . import cuda_gemv, cuda_ops
+        from . import cuda_gemv, cuda_gemv_fusion, cuda_ops
 
         inference = bool(kwargs.get("is_inference")) and not kwargs.get("is_backward")
         kind = "backward" if kwargs.get("is_backward") else "inference" if inference else "forward"
@@ -256,6 +256,9 @@ class _InnerCompile:
             }[self.options.cuda_kernels]
             # Decode GEMVs first: the gated-MLP fusion consumes yirage.gated_act nodes.
             cuda_gemv.substitute_gemv(gm, ctx)
+            # RMSNorm prologues and skip-add epilogues into those GEMVs ("all" only: not
+            # faster end to end, see the module) before the norms reach Inductor.
+            cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
             cuda_ops.substitute(gm, ctx, inline)
             cuda_ops.decompose_for_inductor(gm, ctx)
             gm.graph.lint()

@@ -55,15 +55,18 @@ def _gemv_candidates(n: int, k: int, gated: bool = False) -> list[dict[str, Any]
     return [{"impl": "triton", **c} for c in out]
 
 
-def _strip_views(node: Any) -> Any:
-    while (
+def _is_view(node: Any) -> bool:
+    return (
         isinstance(node, Node)
         and node.op == "call_function"
         and isinstance(node.target, torch._ops.OpOverload)
         and node.target.namespace == "aten"
         and f"{node.target._opname}.{node.target._overloadname}" in _VIEWS
-        and len(node.users) == 1
-    ):
+    )
+
+
+def _strip_views(node: Any) -> Any:
+    while _is_view(node) and len(node.users) == 1:
         node = node.args[0]
     return node
 

@@ -4,6 +4,11 @@ x[M, K] @ W^T with W an nn.Linear weight [N, K] and M tiny (batch x 1 token):
   gemv(x, w_t, bias?, block_n, block_k, num_warps) -> y[M, N]
   gemv_gated(x, wg_t, wu_t, act, block_n, block_k, num_warps) -> act(x @ Wg^T) * (x @ Wu^T)
   gemv3(x, wq_t, wk_t, wv_t, block_n, block_k, num_warps) -> (q, k, v), one launch
+Optional fusions (lowering/cuda_gemv_fusion.py inserts them):
+  norm_weight, eps: x is first RMS-normalised, rms_norm(x, norm_weight, eps) @ W^T
+    (prologue: every program accumulates sum(x^2) while it streams K, and applies the
+    row's 1/rms once to its dot products, since it is a per-row scalar)
+  residual: gemv only, y = residual + x @ W^T (epilogue: the decoder layer's skip add)
 Imported only through lowering/triton_kernels.py (Triton at the top: never on a CPU import).
 """
 
@@ -39,7 +44,13 @@ def _gemv_kernel(
     stride_wcn,
     stride_ybm,
     stride_ycm,
+    NW,
+    R,
+    stride_rm,
+    eps,
     HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    RES: tl.constexpr,
     GATED: tl.constexpr,
     GROUP3: tl.constexpr,
     ACT: tl.constexpr,
@@ -58,6 +69,11 @@ def _gemv_kernel(
     result rounded to the output dtype first, as the unfused graph would. GROUP3: three
     GEMVs of one input (q/k/v projections) in one launch: programs past W's blocks take
     WB's rows (into YB), then WC's (into YC).
+    NORM: the input row is RMS-normalised with weight NW first. x_k * NW_k enters the dot
+    products and sum(x_k^2) is accumulated alongside; out *= rsqrt(mean + eps) at the end.
+    The normalised row is not rounded to the input dtype before the products (one
+    rounding, at the output), as in Inductor's fused kernels.
+    RES: y = R + round(x @ W^T): the skip connection, rounded as the unfused add would.
     """
     pid = tl.program_id(0)
     if GROUP3:
@@ -87,14 +103,18 @@ def _gemv_kernel(
     if BLOCK_M == 1:
         # Batch-1 decode: 2-D tiles, the accumulator is [BLOCK_N, BLOCK_K].
         x_ptrs = X + rk
+        nw_ptrs = NW + rk
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        ss = tl.zeros((1,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN:
                 x = tl.load(x_ptrs)
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
                 if GATED:
                     w2 = tl.load(w2_ptrs, eviction_policy="evict_first")
+                if NORM:
+                    nw = tl.load(nw_ptrs)
             else:
                 km = (rk + k0) < K
                 wmask = nm[:, None] & km[None, :]
@@ -102,26 +122,42 @@ def _gemv_kernel(
                 w = tl.load(w_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
                 if GATED:
                     w2 = tl.load(w2_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
-            xf = x.to(tl.float32)[None, :]
+                if NORM:
+                    nw = tl.load(nw_ptrs, mask=km, other=0.0)
+            x1 = x.to(tl.float32)
+            if NORM:
+                # reduced per tile: a [BLOCK_K] accumulator would cost registers
+                ss += tl.sum(x1 * x1, axis=0, keep_dims=True)
+                x1 = x1 * nw.to(tl.float32)
+            xf = x1[None, :]
             acc += w.to(tl.float32) * xf
             if GATED:
                 acc2 += w2.to(tl.float32) * xf
             w_ptrs += BLOCK_K
             w2_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            nw_ptrs += BLOCK_K
         out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
         up = tl.sum(acc2, axis=1)[None, :]
+        if NORM:
+            r = tl.rsqrt(ss / K + eps)
+            out = out * r
+            up = up * r
     else:
         # A few rows (batched decode): [BLOCK_M, BLOCK_N, BLOCK_K] accumulator.
         x_ptrs = X + rm[:, None] * stride_xm + rk[None, :]
+        nw_ptrs = NW + rk
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+        ss = tl.zeros((BLOCK_M,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN:
                 x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
                 if GATED:
                     w2 = tl.load(w2_ptrs, eviction_policy="evict_first")
+                if NORM:
+                    nw = tl.load(nw_ptrs)
             else:
                 km = (rk + k0) < K
                 wmask = nm[:, None] & km[None, :]
@@ -129,15 +165,26 @@ def _gemv_kernel(
                 w = tl.load(w_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
                 if GATED:
                     w2 = tl.load(w2_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
-            xf = x.to(tl.float32)[:, None, :]
+                if NORM:
+                    nw = tl.load(nw_ptrs, mask=km, other=0.0)
+            x1 = x.to(tl.float32)
+            if NORM:
+                ss += tl.sum(x1 * x1, axis=1)
+                x1 = x1 * nw.to(tl.float32)[None, :]
+            xf = x1[:, None, :]
             acc += w.to(tl.float32)[None, :, :] * xf
             if GATED:
                 acc2 += w2.to(tl.float32)[None, :, :] * xf
             w_ptrs += BLOCK_K
             w2_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            nw_ptrs += BLOCK_K
         out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
         up = tl.sum(acc2, axis=2)
+        if NORM:
+            r = tl.rsqrt(ss / K + eps)[:, None]
+            out = out * r
+            up = up * r
     dt = Y.dtype.element_ty
     if HAS_BIAS:
         out += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
@@ -150,7 +197,11 @@ def _gemv_kernel(
             inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
             a = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
         out = a.to(dt).to(tl.float32) * u
-    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], out.to(dt), mask=mm[:, None] & nm[None, :])
+    omask = mm[:, None] & nm[None, :]
+    if RES:
+        res = tl.load(R + rm[:, None] * stride_rm + rn[None, :], mask=omask, other=0.0)
+        out = out.to(dt).to(tl.float32) + res.to(tl.float32)
+    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], out.to(dt), mask=omask)
 
 
 def _weight_rows(w_t: torch.Tensor) -> torch.Tensor:
@@ -159,9 +210,12 @@ def _weight_rows(w_t: torch.Tensor) -> torch.Tensor:
     return w if w.stride(-1) == 1 else w.contiguous()
 
 
-def _launch_gemv(x, w_t, w2_t, bias, act, block_n, block_k, num_warps, group=()):
+def _launch_gemv(
+    x, w_t, w2_t, bias, act, block_n, block_k, num_warps, group=(), norm=None, residual=None
+):
     """One launch: y = x @ w_t (+ bias), or the gated form with w2_t, or with `group` two
-    more weights (w_b, w_c) whose outputs follow y: returns the list of outputs."""
+    more weights (w_b, w_c) whose outputs follow y: returns the list of outputs.
+    `norm` = (weight, eps) RMS-normalises x first; `residual` [M, N] is added to y."""
     m, k = x.shape
     n = w_t.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -176,6 +230,10 @@ def _launch_gemv(x, w_t, w2_t, bias, act, block_n, block_k, num_warps, group=())
     bk = max(32, block_k // block_m)
     blocks = sum(triton.cdiv(nn, block_n) for nn in [n, *ns[: len(group)]])
     even = k % bk == 0 and all(nn % block_n == 0 for nn in [n, *ns])
+    nw, eps = norm if norm is not None else (x, 0.0)
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
+    res = residual if residual is not None else ys[0]
     wrap_triton(_gemv_kernel)[(blocks,)](
         x,
         w,
@@ -199,7 +257,13 @@ def _launch_gemv(x, w_t, w2_t, bias, act, block_n, block_k, num_warps, group=())
         ws[1].stride(0),
         yb.stride(0),
         yc.stride(0),
+        nw,
+        res,
+        res.stride(0),
+        eps,
         HAS_BIAS=bias is not None,
+        NORM=norm is not None,
+        RES=residual is not None,
         GATED=w2_t is not None,
         GROUP3=bool(group),
         ACT=act,
@@ -220,10 +284,17 @@ def gemv(
     block_n: int,
     block_k: int,
     num_warps: int,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`aten.mm(x, w_t)` / `aten.addmm(bias, x, w_t)` for x [M, K] with M tiny and w_t the
-    transposed view [K, N] of an nn.Linear weight [N, K]."""
-    return _launch_gemv(x, w_t, None, bias, 0, block_n, block_k, num_warps)[0]
+    transposed view [K, N] of an nn.Linear weight [N, K]; with `norm_weight`,
+    rms_norm(x, norm_weight, eps) @ w_t; with `residual` [M, N], residual + that."""
+    norm = (norm_weight, eps) if norm_weight is not None else None
+    return _launch_gemv(
+        x, w_t, None, bias, 0, block_n, block_k, num_warps, norm=norm, residual=residual
+    )[0]
 
 
 @triton_op("yirage_cuda::gemv_gated", mutates_args=())
@@ -235,9 +306,13 @@ def gemv_gated(
     block_n: int,
     block_k: int,
     num_warps: int,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
-    """act(x @ wg_t) * (x @ wu_t) in one pass over both weights (gated MLP of decode)."""
-    return _launch_gemv(x, wg_t, wu_t, None, act, block_n, block_k, num_warps)[0]
+    """act(x @ wg_t) * (x @ wu_t) in one pass over both weights (gated MLP of decode);
+    with `norm_weight`, of rms_norm(x, norm_weight, eps)."""
+    norm = (norm_weight, eps) if norm_weight is not None else None
+    return _launch_gemv(x, wg_t, wu_t, None, act, block_n, block_k, num_warps, norm=norm)[0]
 
 
 @triton_op("yirage_cuda::gemv3", mutates_args=())
@@ -249,10 +324,16 @@ def gemv3(
     block_n: int,
     block_k: int,
     num_warps: int,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x @ wa_t, x @ wb_t, x @ wc_t) in one launch: the q/k/v projections of decode
-    without concatenating their weights (no extra weight memory)."""
-    ya, yb, yc = _launch_gemv(x, wa_t, None, None, 0, block_n, block_k, num_warps, (wb_t, wc_t))
+    without concatenating their weights (no extra weight memory); with `norm_weight`,
+    of rms_norm(x, norm_weight, eps)."""
+    norm = (norm_weight, eps) if norm_weight is not None else None
+    ya, yb, yc = _launch_gemv(
+        x, wa_t, None, None, 0, block_n, block_k, num_warps, (wb_t, wc_t), norm=norm
+    )
     return ya, yb, yc
 
 

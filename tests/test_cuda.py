@@ -449,6 +449,50 @@ def test_triton_gemv3_matches_three_mms(m, ns, k):
             torch.testing.assert_close(out, x @ w.t(), **_tol(torch.bfloat16))
 
 
+def _rms(x, w, eps=1e-6):
+    return torch.ops.yirage.rms_norm(x, w, eps)
+
+
+@needs_triton
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (2, 300, 1111), (3, 64, 96)])
+def test_triton_gemvs_with_rms_norm_prologue_match_norm_then_matmul(m, n, k):
+    """norm_weight=w: the GEMV reads the un-normalised row and applies RMSNorm itself."""
+    kk = _ops()
+    dt = torch.bfloat16
+    x = (torch.randn(m, k, device="cuda") * 3 + 1).to(dt)
+    wn = (torch.rand(k, device="cuda") + 0.5).to(dt)
+    ws = [(torch.randn(n, k, device="cuda") / math.sqrt(k)).to(dt) for _ in range(3)]
+    y = _rms(x, wn)
+    tol = _tol(dt)
+    for bn, bk, nw in [(4, 512, 4), (1, 2048, 4), (8, 256, 4)]:
+        out = kk.gemv(x, ws[0].t(), None, bn, bk, nw, norm_weight=wn, eps=1e-6)
+        torch.testing.assert_close(out, y @ ws[0].t(), **tol)
+        outs = kk.gemv3(x, *(w.t() for w in ws), bn, bk, nw, norm_weight=wn, eps=1e-6)
+        for o, w in zip(outs, ws):
+            torch.testing.assert_close(o, y @ w.t(), **tol)
+        g = kk.gemv_gated(x, ws[0].t(), ws[1].t(), 0, bn, bk, nw, norm_weight=wn, eps=1e-6)
+        ref = torch.ops.yirage.gated_act(y @ ws[0].t(), y @ ws[1].t(), "silu")
+        torch.testing.assert_close(g, ref, **tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("m,n,k,bias", [(1, 4096, 11008, False), (2, 100, 300, True)])
+def test_triton_gemv_with_residual_epilogue_matches_add(m, n, k, bias):
+    kk = _ops()
+    dt = torch.bfloat16
+    x, w, b = _gemv_inputs(m, n, k, dt, bias)
+    r = torch.randn(m, n, device="cuda").to(dt)
+    mm = torch.addmm(b, x, w.t()) if bias else torch.mm(x, w.t())
+    out = kk.gemv(x, w.t(), b, 4, 512, 4, residual=r)
+    # The same two roundings as the unfused graph (mm, then the add): equal up to the
+    # accumulation order inside the dot products.
+    torch.testing.assert_close(out, r + mm, **_tol(dt))
+    wide = torch.randn(m, 2 * n, device="cuda").to(dt)[:, ::2]  # strided residual rows
+    torch.testing.assert_close(
+        kk.gemv(x, w.t(), b, 4, 512, 4, residual=wide), wide + mm, **_tol(dt)
+    )
+
+
 @needs_triton
 def test_triton_gemv_replays_under_cuda_graph():
     kk = _ops()
@@ -522,7 +566,6 @@ def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(dtype, kerne
     assert decode, [(r.patterns, r.rejected) for r in reports]
     assert any("triton.cudagraphs=True" in n for r in reports for n in r.notes)
     if kernels == "all":
-        assert any(r.patterns.get("triton_rms_norm_residual") for r in reports)
         assert any(r.patterns.get("triton_rotary") for r in reports)
         # Decode GEMVs, per layer: q/k/v as one gemv3, gate/up + SiLU as one gemv_gated,
         # o and down as gemv; plus lm_head. 2 layers: every projection substituted.
@@ -530,6 +573,11 @@ def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(dtype, kerne
         assert step.get("triton_gemv3") == 2, (step, decode[-1].rejected)
         assert step.get("triton_gemv_gated") == 2, (step, decode[-1].rejected)
         assert step.get("triton_gemv") == 2 * 2 + 1, (step, decode[-1].rejected)
+        # Both norms of each layer and the final one run as GEMV prologues; the o and
+        # down projections add the skip connection in their epilogue.
+        assert step.get("gemv_norm_prologue") == 2 * 2 + 1, (step, decode[-1].rejected)
+        assert step.get("gemv_residual_epilogue") == 2 * 2, (step, decode[-1].rejected)
+        assert not step.get("triton_rms_norm_residual") and not step.get("triton_rms_norm")
     # Logits match eager at every step whose prefix tokens agree (bf16 greedy decoding
     # may flip a near-tie, after which the sequences legitimately differ); fp32 agrees
     # on every token.

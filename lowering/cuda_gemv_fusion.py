@@ -1,0 +1,236 @@
+"""RMSNorm prologues and residual-add epilogues into the decode GEMVs (CUDA lowering).
+
+A Llama decoder layer at decode time is, after lowering/cuda_gemv.py:
+
+before:
+    y1, h1 = yirage.rms_norm_residual(d0, h0, w_in, eps)     # Inductor: 1 kernel
+    q, k, v = yirage_cuda.gemv3(view(y1), Wq, Wk, Wv, ...)
+    ... rotary, KV-cache write, attention ...
+    o = yirage_cuda.gemv(view(attn), Wo, None, ...)
+    y2, h2 = yirage.rms_norm_residual(view(o), h1, w_post, eps)  # Inductor: 1 kernel
+    a = yirage_cuda.gemv_gated(view(y2), Wg, Wu, ...)
+    d1 = yirage_cuda.gemv(a, Wd, None, ...)                  # next layer's d0
+after:
+    q, k, v = yirage_cuda.gemv3(view(h1), Wq, Wk, Wv, ..., norm_weight=w_in, eps=eps)
+    ...
+    h2 = view(yirage_cuda.gemv(view(attn), Wo, None, ..., residual=view(h1)))
+    a = yirage_cuda.gemv_gated(view(h2), Wg, Wu, ..., norm_weight=w_post, eps=eps)
+    h3 = view(yirage_cuda.gemv(a, Wd, None, ..., residual=view(h2)))
+
+Two launches fewer per layer (the norm kernels): in a decode step on a GPU each small
+kernel costs a few microseconds of launch ramp and tail inside the CUDA graph, more than
+its work. The GEMV prologue costs nothing extra: the normalised row is a per-row scalar
+(1/rms) times x * w_norm, so the scalar is applied once to the finished dot products and
+sum(x^2) is accumulated from the x tiles the kernel loads anyway.
+
+Numerics: the unfused graph rounds the normalised row to bf16/fp16 before the GEMV; the
+fused kernel does not (one rounding, at the output), like Inductor's own fused kernels.
+The skip add is rounded exactly as the unfused graph rounds it.
+
+When: with `Options.cuda_kernels="all"` (every yirage kernel), or `YIRAGE_CUDA_GEMV_FUSE=on`;
+not by default ("auto" uses what measured faster). Measured on an H100 (Llama-7B decode,
+benchmarks/RESULTS.md): the fused GEMVs alone are within 1-3% of the plain ones at their
+best configs (benchmarks/bench_gemv_fusion.py), but at the configs measured for the plain
+kernels the model's GEMV time grew 4.40 -> 4.84 ms/token, more than the two norm kernels
+per layer cost (~0.14 ms/token). `YIRAGE_CUDA_GEMV_FUSE=off` disables it everywhere.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+
+import torch
+from torch.fx import GraphModule, Node
+from yirage_dynamo.passes.context import PassContext, set_fake_val
+
+from .cuda_gemv import _erase_dead_chain, _is_view
+from .cuda_ops import _val
+
+FUSE_ENV = "YIRAGE_CUDA_GEMV_FUSE"
+
+
+def _is_op(node: object, namespace: str, name: str) -> bool:
+    return (
+        isinstance(node, Node)
+        and node.op == "call_function"
+        and isinstance(node.target, torch._ops.OpOverload)
+        and node.target.namespace == namespace
+        and node.target._opname == name
+    )
+
+
+def _is_full_slice(node: object) -> bool:
+    """aten.slice that keeps every element (HF's `h[:, -1:]` of a one-token step)."""
+    if not (_is_op(node, "aten", "slice") and node.target._overloadname == "Tensor"):
+        return False
+    a, out = _val(node.args[0]), _val(node)
+    step = node.args[4] if len(node.args) > 4 else 1
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(out, torch.Tensor)
+        and step == 1
+        and tuple(a.shape) == tuple(out.shape)
+    )
+
+
+def _source(node: Node) -> tuple[Node, list[Node]]:
+    """Walk up single-user reshapes and full slices: (the tensor they view, the views)."""
+    views = []
+    while (_is_view(node) or _is_full_slice(node)) and len(node.users) == 1:
+        views.append(node)
+        node = node.args[0]
+    return node, views
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous()
+
+
+def _norm_of(src: Node) -> tuple[Node, Node | None, object, float] | None:
+    """(rms node, residual-norm node or None, norm weight, eps) if `src` is the normalised
+    output of yirage.rms_norm / rms_norm_residual."""
+    if _is_op(src, "yirage", "rms_norm"):
+        a = dict(zip(("x", "weight", "eps", "weight_fp32"), src.args))
+        return src, None, a.get("weight", src.kwargs.get("weight")), a.get("eps", 1e-6)
+    if src.op == "call_function" and src.target is operator.getitem and src.args[1] == 0:
+        r = src.args[0]
+        if _is_op(r, "yirage", "rms_norm_residual"):
+            a = dict(zip(("x", "residual", "weight", "eps", "weight_fp32"), r.args))
+            return r, r, a.get("weight", r.kwargs.get("weight")), a.get("eps", 1e-6)
+    return None
+
+
+def _stream_val(rn: Node) -> torch.Tensor | None:
+    """Value of h = residual + x of a rms_norm_residual node when it is a plain add of two
+    tensors of one dtype and shape (what the prologue form needs)."""
+    xv, rv = _val(rn.args[0]), _val(rn.args[1])
+    if not (isinstance(xv, torch.Tensor) and isinstance(rv, torch.Tensor)):
+        return None
+    if xv.dtype != rv.dtype or tuple(xv.shape) != tuple(rv.shape) or not _dense(xv):
+        return None
+    return xv
+
+
+def _residual_stream(gm: GraphModule, rn: Node) -> Node:
+    """h = residual + x of a rms_norm_residual node as a plain add (inserted after it),
+    the users of its residual output re-pointed there."""
+    x, res = rn.args[0], rn.args[1]
+    with gm.graph.inserting_after(rn):
+        h = gm.graph.call_function(torch.ops.aten.add.Tensor, (res, x))
+    set_fake_val(gm, h)
+    for user in list(rn.users):
+        if user.target is operator.getitem and user.args[1] == 1:
+            user.replace_all_uses_with(h)
+            gm.graph.erase_node(user)
+    return h
+
+
+_GEMV_OPS = ("gemv", "gemv3", "gemv_gated")
+
+
+def fuse_norm_prologues(gm: GraphModule, ctx: PassContext) -> int:
+    """gemv*(view(rms_norm(h, w, eps))) -> gemv*(view(h), norm_weight=w, eps=eps)."""
+    count = 0
+    streams: dict[Node, Node] = {}
+    for g in list(gm.graph.nodes):
+        if not any(_is_op(g, "yirage_cuda", op) for op in _GEMV_OPS) or "norm_weight" in g.kwargs:
+            continue
+        src, _ = _source(g.args[0])
+        found = _norm_of(src)
+        if found is None:
+            continue
+        rn, with_residual, w, eps = found
+        xv = _val(g.args[0])
+        wv = _val(w) if isinstance(w, Node) else w
+        hv = _val(rn.args[0]) if with_residual is None else _stream_val(rn)
+        why = None
+        if len(src.users) != 1:
+            why = "the normalised row has other users"
+        elif not isinstance(wv, torch.Tensor) or tuple(wv.shape) != (xv.shape[-1],):
+            why = "norm weight is not a [K] tensor"
+        elif wv.stride(0) != 1 or not isinstance(eps, float):
+            why = "norm weight is strided or eps is not a float"
+        elif not isinstance(hv, torch.Tensor) or hv.dtype != xv.dtype:
+            why = "norm input is not of the GEMV's dtype"
+        elif hv.numel() != xv.numel() or not _dense(hv):
+            why = "norm input is not a dense [M, K] row block"
+        if why is not None:
+            ctx.report.reject("gemv_norm_prologue", f"{g.name}: {why}")
+            continue
+        if with_residual is None:
+            h = rn.args[0]
+        else:
+            if rn not in streams:
+                streams[rn] = _residual_stream(gm, rn)
+            h = streams[rn]
+        with gm.graph.inserting_before(g):
+            x2 = gm.graph.call_function(torch.ops.aten.view.default, (h, list(xv.shape)))
+        set_fake_val(gm, x2)
+        old_x = g.args[0]
+        g.args = (x2, *g.args[1:])
+        g.kwargs = {**g.kwargs, "norm_weight": w, "eps": eps}
+        g.meta["yirage_fused"] = [*g.meta.get("yirage_fused", []), f"rms_norm:{rn.name}"]
+        _erase_dead_chain(gm, old_x)  # the views, the normalised output and the norm itself
+        count += 1
+    if count:
+        ctx.report.count_pattern("gemv_norm_prologue", count)
+    return count
+
+
+def fuse_residual_epilogues(gm: GraphModule, ctx: PassContext) -> int:
+    """add(r, view(gemv(x, W))) -> view(gemv(x, W, residual=view(r)))."""
+    count = 0
+    aten = torch.ops.aten
+    for add in list(gm.graph.nodes):
+        if add.op != "call_function" or add.target is not aten.add.Tensor or add.kwargs:
+            continue
+        if len(add.args) != 2 or not all(isinstance(a, Node) for a in add.args):
+            continue
+        for gi in (1, 0):
+            src, views = _source(add.args[gi])
+            r = add.args[1 - gi]
+            if _is_op(src, "yirage_cuda", "gemv") and len(src.users) == 1:
+                break
+        else:
+            continue
+        g = src
+        if "residual" in g.kwargs:
+            continue
+        yv, rv, av = _val(g), _val(r), _val(add)
+        if not all(isinstance(t, torch.Tensor) for t in (yv, rv, av)):
+            continue
+        if not (rv.dtype == yv.dtype == av.dtype and rv.numel() == yv.numel() == av.numel()):
+            continue
+        if tuple(rv.shape) != tuple(av.shape) or not _dense(rv):
+            continue
+        with gm.graph.inserting_before(add):
+            r2 = gm.graph.call_function(aten.view.default, (r, list(yv.shape)))
+            new = gm.graph.call_function(g.target, g.args, {**g.kwargs, "residual": r2})
+            out = gm.graph.call_function(aten.view.default, (new, list(av.shape)))
+        for n in (r2, new, out):
+            set_fake_val(gm, n)
+        new.meta.update({k: v for k, v in g.meta.items() if k != "val"})
+        new.meta["yirage_fused"] = [*g.meta.get("yirage_fused", []), f"add:{add.name}"]
+        old = add.args[gi]
+        add.replace_all_uses_with(out)
+        gm.graph.erase_node(add)
+        _erase_dead_chain(gm, old)  # the views and the unfused gemv
+        count += 1
+    if count:
+        ctx.report.count_pattern("gemv_residual_epilogue", count)
+    return count
+
+
+def fuse_gemv_neighbours(gm: GraphModule, ctx: PassContext) -> int:
+    """Both rewrites, prologues first (they turn norms into the adds the epilogues take)."""
+    env = os.environ.get(FUSE_ENV, "").strip().lower()
+    if env in ("off", "0", "none") or (
+        env not in ("on", "1", "all") and ctx.options.cuda_kernels != "all"
+    ):
+        return 0
+    n = fuse_norm_prologues(gm, ctx) + fuse_residual_epilogues(gm, ctx)
+    if n:
+        gm.graph.lint()
+        gm.recompile()
+    return n
