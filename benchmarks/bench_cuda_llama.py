@@ -12,6 +12,8 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
   yirage_nogemv  yirage with the GEMV off (YIRAGE_CUDA_GEMV=off): cuBLAS for every matmul
   yirage_fuse    yirage with the RMSNorm prologues / skip-add epilogues in the GEMVs
                  (YIRAGE_CUDA_GEMV_FUSE=on; off by default, lowering/cuda_gemv_fusion.py)
+  yirage_combo   yirage with Inductor's horizontal "combo kernels" on (off by default:
+                 not faster beyond noise; YIRAGE_INDUCTOR_CONFIG='{"combo_kernels": true}')
 
 HF compiles only the decode step (prefill runs eagerly in every variant). Reported per
 variant: decode tok/s and ms/token (from the difference between a full and a 1-token
@@ -69,6 +71,7 @@ ENV_VARIANTS = {
     "yirage_gemv": {"YIRAGE_CUDA_GEMV": "on"},
     "yirage_nogemv": {"YIRAGE_CUDA_GEMV": "off"},
     "yirage_fuse": {"YIRAGE_CUDA_GEMV_FUSE": "on"},
+    "yirage_combo": {"YIRAGE_INDUCTOR_CONFIG": '{"combo_kernels": true}'},
 }
 
 

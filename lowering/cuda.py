@@ -48,7 +48,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 from unittest import mock
@@ -62,6 +64,8 @@ log = logging.getLogger("yirage_dynamo")
 
 # yirage ops our Triton kernels implement (for the shapes `cuda_ops.substitute` accepts).
 TRITON_OPS = frozenset({"rms_norm", "rms_norm_residual", "gated_act", "rotary", "attention"})
+
+INDUCTOR_CONFIG_ENV = "YIRAGE_INDUCTOR_CONFIG"
 
 # Mode -> whether CUDA graphs are on when Options.cudagraphs is None (auto).
 _CUDAGRAPH_MODES = {
@@ -116,13 +120,17 @@ def wants_cudagraphs(options: Any, example_inputs: list[Any]) -> tuple[bool, str
         return bool(options.cudagraphs), "set by options.cudagraphs"
     if not _CUDAGRAPH_MODES.get(options.mode, True):
         return False, f"mode {options.mode!r} has no CUDA graphs"
-    if torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
-    ):
+    if _training(example_inputs):
         return False, "training graph (grad enabled)"
     if _has_symbolic_sizes(example_inputs):
         return False, "dynamic shapes (one CUDA graph per shape would be recorded)"
     return True, "static-shape inference graph"
+
+
+def _training(example_inputs: list[Any]) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    )
 
 
 def inductor_config_patches(options: Any, example_inputs: list[Any]) -> dict[str, Any]:
@@ -138,6 +146,12 @@ def inductor_config_patches(options: Any, example_inputs: list[Any]) -> dict[str
     patches["freezing"] = False
     # The FX graph cache would hash our frozen weights by value (tolist() of every weight).
     patches["fx_graph_cache"] = False
+    # Benchmark/debug override: extra Inductor config as JSON, e.g. '{"combo_kernels": true}'
+    # (horizontal fusion: merged each layer's rotary and V-cache write on 7B decode, 31
+    # fewer kernels per token, but not faster beyond noise; RESULTS.md).
+    extra = os.environ.get(INDUCTOR_CONFIG_ENV)
+    if extra:
+        patches.update(json.loads(extra))
     return patches
 
 

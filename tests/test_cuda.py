@@ -61,6 +61,17 @@ def test_cudagraphs_auto_for_static_inference_and_opt_out():
     assert patches["fx_graph_cache"] is False
 
 
+def test_inductor_config_env_override_is_merged_last(monkeypatch):
+    from yirage_dynamo.lowering.cuda import INDUCTOR_CONFIG_ENV, inductor_config_patches
+
+    x = torch.randn(2, 3)
+    monkeypatch.setenv(INDUCTOR_CONFIG_ENV, '{"combo_kernels": true, "fx_graph_cache": true}')
+    with torch.no_grad():
+        patches = inductor_config_patches(parse_options({}), [x])
+    assert patches["combo_kernels"] is True and patches["fx_graph_cache"] is True
+    assert patches["triton.cudagraphs"] is True
+
+
 def test_config_search_measures_once_then_hits_cache(tmp_path):
     calls = []
 
