@@ -11,6 +11,7 @@ constant_fold, before:                     after:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 from typing import Any
@@ -63,6 +64,28 @@ class Recipe:
             out = op(*args, **dict(zip([k for k, _ in self.kwargs], kwargs)))
         memo[id(self)] = out
         return out
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError, TypeError):  # no such symbol, or no dlopen(NULL)
+        return None
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS.
+
+    Weights freed at compile time (re-pointed at their concatenation by horizontal GEMM
+    fusion, or replaced by folded constants) and compile-time buffers are chunks below
+    glibc's dynamic mmap threshold: freed, they stay resident, as holes a later weight-sized
+    allocation rarely fits (+65 MB peak, +60 MB steady RSS for a 135M Llama). One
+    malloc_trim costs about a millisecond; elsewhere than glibc this does nothing.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 # A node argument that is not a recorded constant (a runtime value, or unrecorded).

@@ -23,7 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .context import PassContext
-from .freezing import Recipe, add_constant, recipe_of, recipes
+from .freezing import Recipe, add_constant, recipe_of, recipes, release_free_heap
 from .pattern_utils import (
     erase_dead,
     insert_call,
@@ -110,6 +110,8 @@ def _share_storage(gm: GraphModule, ctx: PassContext, members: list, w_node: Nod
                 aten.slice.Tensor, (cat_recipe, 0, offset - n, offset)
             )
             saved += part.numel() * part.element_size()
+    if saved:
+        release_free_heap()  # the originals' pages, before the next group allocates
     return saved
 
 
