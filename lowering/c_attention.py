@@ -33,6 +33,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from yirage_dynamo import ops
 
+from .c_attention_graph import output_views, strip_repeat_kv
 from .c_ops import KernelParam, RenderedKernel, Unsupported
 from .c_renderer import CRenderer
 
@@ -337,7 +338,10 @@ def why_not(node: Node) -> str | None:
     b, hq, _, d = q.shape
     if not (r.same(k.shape[0], b) and r.same(v.shape[0], b) and r.same(k.shape[3], d)):
         return "k/v batch or head dim differ from q"
-    if not (r.same(k.shape[1], v.shape[1]) and r.same(k.shape[2], v.shape[2])):
+    # Key and value lengths may be different size symbols (Dynamo gives a static cache's
+    # K and V their own): the launcher then checks that they are equal at run time.
+    symbolic_t = isinstance(k.shape[2], torch.SymInt) and isinstance(v.shape[2], torch.SymInt)
+    if not (r.same(k.shape[1], v.shape[1]) and (symbolic_t or r.same(k.shape[2], v.shape[2]))):
         return "k and v shapes differ"
     if isinstance(hq, torch.SymInt) or isinstance(k.shape[1], torch.SymInt):
         return "symbolic head counts"
@@ -383,6 +387,7 @@ def outline_attention(gm: GraphModule, ctx: Any) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not ATTENTION:
             continue
+        strip_repeat_kv(gm, node)
         why = why_not(node)
         if why is not None:
             ctx.report.notes.append(f"attention {node.name} left to its ATen reference: {why}")
@@ -395,8 +400,11 @@ def outline_attention(gm: GraphModule, ctx: Any) -> int:
         for x in inputs:
             env[x] = sub.placeholder(x.name)
             env[x].meta = dict(x.meta)
-        call = sub.node_copy(node, env.__getitem__)
-        sub.output(call)
+        env[node] = sub.node_copy(node, env.__getitem__)
+        chain = output_views(node)
+        for v in chain:
+            env[v] = sub.node_copy(v, env.__getitem__)
+        sub.output(env[chain[-1] if chain else node])
         name, i = f"attention_{count}", count
         while hasattr(gm, name):
             i += 1
@@ -411,9 +419,11 @@ def outline_attention(gm: GraphModule, ctx: Any) -> int:
         gm.add_submodule(name, region)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, tuple(inputs))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        end = chain[-1] if chain else node
+        new.meta = dict(end.meta)
+        end.replace_all_uses_with(new)
+        for n in [*reversed(chain), node]:
+            gm.graph.erase_node(n)
         count += 1
     if count:
         gm.recompile()
@@ -427,6 +437,9 @@ def render_attention(region: GraphModule) -> RenderedKernel:
     nodes = list(region.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     node = next(n for n in nodes if n.op == "call_function")
+    # The region's result: the attention output itself, or a contiguous view chain of it
+    # (`output_views`): the kernel writes with the attention strides either way.
+    final = next(n for n in nodes if n.op == "output").args[0]
     a = _args(node)
     q, k, v = _val(a["q"]), _val(a["k"]), _val(a["v"])
     mask, cp, out = _val(a["attn_mask"]), _val(a["cache_position"]), _val(node)
@@ -476,6 +489,9 @@ def render_attention(region: GraphModule) -> RenderedKernel:
     sig.append(f"{_STORAGE[out.dtype]}* __restrict__ o0")
     c_types.append(f"{_STORAGE[out.dtype]}*")
     params.append(KernelParam("out", 0))
+    guards = []
+    if not r.same(t, v.shape[2]):  # the kernel reads V over K's length (see why_not)
+        guards.append(f"{r.py_size(t)} == {r.py_size(v.shape[2])}")
     symbol_sources = r.find_symbols(placeholders)
     for sym in sorted(r.symbols):
         sig.append(f"int64_t {sym}")
@@ -499,8 +515,9 @@ def render_attention(region: GraphModule) -> RenderedKernel:
             "",
         ]
     )
-    shape = "(" + "".join(r.py_size(x) + ", " for x in out.shape) + ")"
-    stride = "(" + "".join(r.py_size(x) + ", " for x in out.stride()) + ")"
+    fv = _val(final)
+    shape = "(" + "".join(r.py_size(x) + ", " for x in fv.shape) + ")"
+    stride = "(" + "".join(r.py_size(x) + ", " for x in fv.stride()) + ")"
     return RenderedKernel(
         body=body,
         params=params,
@@ -508,8 +525,9 @@ def render_attention(region: GraphModule) -> RenderedKernel:
         symbol_sources=symbol_sources,
         n_placeholders=len(placeholders),
         multi_output=False,
-        origins=[f"{node.name}: {node.target}"],
+        origins=[f"{n.name}: {n.target}" for n in nodes if n.op == "call_function"],
         stride_checks=stride_checks,
         c_types=c_types,
         contiguous_inputs=contiguous,
+        guards=guards,
     )

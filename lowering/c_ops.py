@@ -152,11 +152,17 @@ class RenderedKernel:
     # Placeholders whose checked strides are exactly the contiguous ones: the launcher
     # checks them with one `is_contiguous()` (the same condition, half the cost).
     contiguous_inputs: list[int] = dataclasses.field(default_factory=list)
+    # The function returns int64_t: nonzero means an index was out of range (the launcher
+    # raises IndexError); such kernels have no outputs of their own (they write inputs).
+    returns_status: bool = False
+    # Python conditions on the size symbols the kernel assumes (else the reference runs).
+    guards: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def digest(self) -> str:
         key = self.body + repr([(p.kind, p.index, p.ndim, p.symbol) for p in self.params])
         key += repr(self.stride_checks) + repr(self.outputs) + repr(self.symbol_sources)
+        key += repr(getattr(self, "guards", []))
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

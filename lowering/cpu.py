@@ -100,9 +100,10 @@ class CppLowering(Lowering):
         return None
 
     def cache_salt(self) -> str:
-        from .c_attention import ENABLE_ENV
+        from . import c_attention, c_kv_write
 
-        return f"{ENABLE_ENV}={os.environ.get(ENABLE_ENV, '1')}"
+        envs = (c_attention.ENABLE_ENV, c_kv_write.ENABLE_ENV)
+        return ",".join(f"{e}={os.environ.get(e, '1')}" for e in envs)
 
     def decompositions(self) -> dict[Any, Callable]:
         # Composite norms/softmax decompose into reductions + pointwise ops that fuse;
@@ -130,9 +131,12 @@ class CppLowering(Lowering):
 
     def render(self, region: GraphModule, name: str) -> CKernelSource:
         from .c_attention import is_attention_region, render_attention
+        from .c_kv_write import is_kv_write_region, render_kv_write
 
         if is_attention_region(region):  # yirage::attention outlined by lower()
             return CKernelSource(name, render_attention(region), region)
+        if is_kv_write_region(region):  # static-cache index_copy_s outlined by lower()
+            return CKernelSource(name, render_kv_write(region), region)
         return CKernelSource(name, CRenderer(CPP).render(region), region)
 
     def compile(self, sources: list[KernelSource], ctx: Any) -> dict[str, Callable]:
@@ -149,7 +153,8 @@ class CppLowering(Lowering):
         source = CPP_PRELUDE + "\n" + "\n".join(s.source for s in unique.values())
         # Packed twins (one exact signature for all kernels) for the fast-call trampoline.
         source += "\n" + "".join(
-            cpp_build.packed_entry(s.symbol, s.rendered.c_types) for s in unique.values()
+            cpp_build.packed_entry(s.symbol, s.rendered.c_types, s.rendered.returns_status)
+            for s in unique.values()
         )
         stats: dict[str, int] = {}
         with ctx.report.stage("cpp_build"), ThreadPoolExecutor(1) as pool:
@@ -190,6 +195,10 @@ class CppLowering(Lowering):
 
         # Attention nodes become one-node regions with our C++ kernel (c_attention.py).
         outline_attention(gm, ctx)
+        # A layer's static-cache writes (+ its position counter) become one kernel.
+        from .c_kv_write import outline_kv_writes
+
+        outline_kv_writes(gm, ctx)
         sources: list[KernelSource] = []
         for node in gm.graph.nodes:
             if node.op != "call_module":

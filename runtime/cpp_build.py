@@ -157,9 +157,11 @@ _TRAMPOLINE_SOURCE = r"""// yirage fast-call trampoline (%(python)s)
 #include <cstring>
 
 typedef void (*y_packed_fn)(const int64_t*);
+// Kernels that return a status (nonzero: an index was out of range, nothing written).
+typedef int64_t (*y_status_fn)(const int64_t*);
 
-static PyObject* y_call(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  int64_t slots[256];
+// args = (fn address, *slots): floats are passed as their bits, everything else as int64.
+static void* y_pack(PyObject* const* args, Py_ssize_t n, int64_t* slots) {
   if (n < 1 || n > 257) {
     PyErr_SetString(PyExc_TypeError, "call(fn, *slots): 0 to 256 slots");
     return NULL;
@@ -180,14 +182,38 @@ static PyObject* y_call(PyObject*, PyObject* const* args, Py_ssize_t n) {
     if (v == -1 && PyErr_Occurred()) return NULL;
     slots[i - 1] = (int64_t)v;
   }
+  return fn;
+}
+
+static PyObject* y_call(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  int64_t slots[256];
+  void* fn = y_pack(args, n, slots);
+  if (fn == NULL) return NULL;
   Py_BEGIN_ALLOW_THREADS
   ((y_packed_fn)fn)(slots);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
 
+static PyObject* y_call_checked(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  int64_t slots[256];
+  void* fn = y_pack(args, n, slots);
+  if (fn == NULL) return NULL;
+  int64_t status;
+  Py_BEGIN_ALLOW_THREADS
+  status = ((y_status_fn)fn)(slots);
+  Py_END_ALLOW_THREADS
+  if (status != 0) {
+    PyErr_SetString(PyExc_IndexError, "index out of range in a yirage kernel");
+    return NULL;
+  }
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef y_methods[] = {
     {"call", (PyCFunction)(void (*)(void))y_call, METH_FASTCALL, "call(fn, *slots)"},
+    {"call_checked", (PyCFunction)(void (*)(void))y_call_checked, METH_FASTCALL,
+     "call_checked(fn, *slots): IndexError if fn returns nonzero"},
     {NULL, NULL, 0, NULL}};
 static struct PyModuleDef y_module = {PyModuleDef_HEAD_INIT, "yirage_fastcall", NULL, -1,
                                       y_methods};
@@ -197,8 +223,9 @@ _MAX_SLOTS = 256
 _trampolines: dict[str, Callable[..., Any] | None] = {}  # by compiler path
 
 
-def packed_entry(symbol: str, c_types: Sequence[str]) -> str:
-    """C++ of `symbol_p(const int64_t* a)`, which unpacks the slots and calls `symbol`."""
+def packed_entry(symbol: str, c_types: Sequence[str], returns_status: bool = False) -> str:
+    """C++ of `symbol_p(const int64_t* a)`, which unpacks the slots and calls `symbol`
+    (returning its int64_t status for kernels that have one)."""
     pre: list[str] = []
     args: list[str] = []
     for i, ct in enumerate(c_types):
@@ -209,8 +236,9 @@ def packed_entry(symbol: str, c_types: Sequence[str]) -> str:
             args.append(f"({ct})(intptr_t)a[{i}]")
         else:
             args.append(f"({ct})a[{i}]")
-    body = " ".join([*pre, f"{symbol}({', '.join(args)});"])
-    return f'extern "C" void {symbol}{PACKED_SUFFIX}(const int64_t* a) {{ {body} }}\n'
+    ret, rtype = ("return ", "int64_t") if returns_status else ("", "void")
+    body = " ".join([*pre, f"{ret}{symbol}({', '.join(args)});"])
+    return f'extern "C" {rtype} {symbol}{PACKED_SUFFIX}(const int64_t* a) {{ {body} }}\n'
 
 
 def fast_caller(cxx: str, cache_root: Path) -> Callable[..., Any] | None:
@@ -272,6 +300,9 @@ def make_launcher(
     fn = getattr(lib, symbol)
     if fast_call is None:  # e.g. launchers rebuilt from a cache
         fast_call = _default_fast_caller(lib)
+    status = getattr(kernel, "returns_status", False)
+    if status and fast_call is not None:  # its twin raises IndexError on a nonzero status
+        fast_call = getattr(getattr(fast_call, "__self__", None), "call_checked", None)
     packed = None
     if fast_call is not None and len(kernel.params) <= _MAX_SLOTS:
         try:
@@ -289,11 +320,13 @@ def make_launcher(
         else:
             by_input.setdefault(i, []).append(f"_st{i}[{dim}] != {expr}")
     # Single-output kernels take `out=` (an arena view from the memory plan, laid out as
-    # the fake value says); multi-output ones allocate their results.
-    single = not kernel.multi_output
-    if by_input:
+    # the fake value says); multi-output ones allocate their results; kernels without
+    # outputs (they write their inputs, e.g. KV-cache writes) return None.
+    single = not kernel.multi_output and bool(kernel.outputs)
+    guards = [f"not ({g})" for g in getattr(kernel, "guards", ())]
+    if by_input or guards:
         pre += [f"_st{i} = a{i}.stride()" for i in by_input if i not in contiguous]
-        cond = " or ".join(c for cs in by_input.values() for c in cs)
+        cond = " or ".join([*guards, *(c for cs in by_input.values() for c in cs)])
         args = ", ".join(f"a{i}" for i in range(kernel.n_placeholders))
         ret = f"_ref({args})"
         if single:
@@ -320,10 +353,12 @@ def make_launcher(
             argtypes.append(ctypes.c_int64)
             call.append(p.symbol)
     fn.argtypes = argtypes
-    fn.restype = None
+    fn.restype = ctypes.c_int64 if status else None
     args = ", ".join([f"a{i}" for i in range(kernel.n_placeholders)] + ["out=None"] * single)
-    ret = f"({', '.join(outs)},)" if kernel.multi_output else outs[0]
+    ret = f"({', '.join(outs)},)" if kernel.multi_output else (outs[0] if outs else "None")
     invoke = f"_call(_fp, {', '.join(call)})" if packed else f"_fn({', '.join(call)})"
+    if status and not packed:
+        invoke = f"if {invoke}:\n        raise IndexError('index out of range in a yirage kernel')"
     body = [*pre, invoke, f"return {ret}"]
     src = f"def {name}({args}):\n" + "".join(f"    {line}\n" for line in body)
     ns: dict[str, Any] = {

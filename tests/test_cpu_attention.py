@@ -164,6 +164,62 @@ def test_dynamic_sizes():
     assert any(any("yirage.attention" in o for o in k.origins) for k in kernels)
 
 
+def test_separate_key_and_value_length_symbols_use_the_kernel_with_a_guard():
+    """K and V as separate inputs get separate length symbols (as Dynamo gives HF's static
+    cache after a recompile): the kernel runs, guarded by their equality at run time."""
+    torch._dynamo.reset()
+    yirage_dynamo.clear_reports()
+
+    def fn(q, k, v):
+        return _attn(q, k, v)
+
+    compiled = torch.compile(fn, backend="yirage", options=OPTS)
+    for t in (7, 12):
+        q, k, v = _qkv(1, 4, 2, 1, t, 16)
+        for x in (k, v):
+            torch._dynamo.mark_dynamic(x, 2)
+        torch.testing.assert_close(compiled(q, k, v), _attn(q, k, v))
+    kernels = [k for r in yirage_dynamo.reports() for k in r.kernels]
+    assert any(any("yirage.attention" in o for o in k.origins) for k in kernels)
+    # Different lengths break the kernel's assumption: the launcher runs the reference.
+    q, k, v = _qkv(1, 4, 2, 1, 9, 16)
+    v = v[:, :, :5].contiguous()
+    torch.testing.assert_close(compiled(q, k, v), _attn(q, k, v))
+
+
+def _repeat_kv(x, n):
+    b, h, t, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, t, d).reshape(b, h * n, t, d)
+
+
+def test_repeat_kv_with_symbolic_lengths_reads_unrepeated_kv(tmp_path):
+    """HF's repeat_kv traced with a symbolic cache length keeps a full slice that hides it
+    from pattern_attention; the CPU lowering still reads K/V once (no clone per call)."""
+    torch._dynamo.reset()
+    yirage_dynamo.clear_reports()
+
+    def fn(q, k, v):
+        k, v = _repeat_kv(k, 2), _repeat_kv(v, 2)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return o.transpose(1, 2).reshape(1, 1, -1)
+
+    dbg = tmp_path / "dbg"
+    opts = {**OPTS, "debug": True, "debug_dir": str(dbg)}
+    compiled = torch.compile(fn, backend="yirage", options=opts)
+    for t in (7, 12):
+        q, k, v = _qkv(1, 4, 2, 1, t, 16)
+        for x in (k, v):
+            torch._dynamo.mark_dynamic(x, 2)
+        torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+    kernels = [k for r in yirage_dynamo.reports() for k in r.kernels]
+    assert any(any("yirage.attention" in o for o in k.origins) for k in kernels)
+    wrappers = list(dbg.rglob("wrapper_*.py"))
+    assert wrappers
+    for w in wrappers:
+        call = w.read_text().split("def call(args):")[1].split("def call_profiled")[0]
+        assert "clone" not in call and "expand" not in call, call
+
+
 def test_whole_graph_cache_restores_the_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("YIRAGE_CACHE_DIR", str(tmp_path / "cache"))
     q, k, v = _qkv(1, 6, 2, 1, 21, 16)
