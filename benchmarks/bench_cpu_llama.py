@@ -115,7 +115,10 @@ def child(backend: str, prompt: int, new: int, threads: int) -> dict:
         out["weight_mb"] = weights / 1e6
         out["gb_s"] = weights * out["decode_tok_s"] / 1e9
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        # host overhead: a 30-layer model of width 64 (its compute is negligible)
+        # host overhead: a 30-layer model of width 64 (its compute is negligible). Dynamo
+        # reset first: otherwise its second model's shapes are made dynamic (automatic
+        # dynamic shapes) and this would time a dynamic graph, not the static decode step.
+        torch._dynamo.reset()
         tiny = _model(TINY)
         tids = torch.randint(0, TINY["vocab_size"], (1, 8))
         _generate(tiny, tids, 34, name)
