@@ -1,6 +1,6 @@
 """CPU decode benchmark: eager vs Inductor vs yirage, HF Llama in the SmolLM-135M shape.
 
-    .venv/bin/python benchmarks/bench_cpu_llama.py [--new-tokens 128] [--prompt 128]
+    .venv/bin/python benchmarks/bench_cpu_llama.py [--new-tokens 128] [--prompt 128] [--rounds 5]
 
 One invocation measures all three backends, each in fresh subprocesses (so caches, RSS
 and compile state do not leak between them): a "cold" process with empty Inductor and
@@ -9,6 +9,10 @@ tok/s, achieved GB/s (weight bytes streamed per token x tok/s), prefill ms, cold
 compile seconds (first short generate() minus the same call once compiled), peak RSS, and
 host time per decode step of a 30-layer model of width 64 (compute ~0: the per-step
 Python/dispatch overhead). Random weights (no download); fp32; static cache; greedy.
+Then (`--rounds`, default 5) an interleaved comparison in one process: every backend's
+decode tok/s measured round by round, generate() calls alternating between backends, so
+that this shared VM's slow spells hit every backend alike; it reports the median per
+backend and of the per-round yirage / Inductor ratio.
 """
 
 from __future__ import annotations
@@ -136,10 +140,37 @@ def child(backend: str, prompt: int, new: int, threads: int) -> dict:
     return out
 
 
+def interleaved(backends: list[str], prompt: int, new: int, threads: int, rounds: int) -> dict:
+    """Decode tok/s of every backend in ONE process, generate() calls alternating between
+    backends round by round (the first backend rotates each round): a slow spell of this
+    shared VM hits all backends alike, unlike rows measured minutes apart. Each backend has
+    its own model with the same weights (same seed) and its own compiled decode step."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out: dict = {"rounds": rounds, "tok_s": {b: [] for b in backends}}
+    with torch.no_grad():
+        ids = torch.randint(0, SMOL["vocab_size"], (1, prompt))
+        models = {b: _model(SMOL) for b in backends}
+        for b in backends:  # compile (not timed here) and warm up
+            _generate(models[b], ids, 4, None if b == "eager" else b)
+        for r in range(rounds):
+            order = backends[r % len(backends) :] + backends[: r % len(backends)]
+            for b in order:
+                stamps = _Stamps()
+                _generate(models[b], ids, new, None if b == "eager" else b, stamps)
+                out["tok_s"][b].append(1.0 / stamps.median_step())
+    return out
+
+
 def run_child(backend: str, env: dict, args) -> dict:
     cmd = [
         sys.executable,
         __file__,
+        "--backends",
+        args.backends,
+        "--rounds",
+        str(args.rounds),
         "--child",
         backend,
         "--prompt",
@@ -162,12 +193,22 @@ def main() -> None:
     # 2 = the machine's cores; on a shared, oversubscribed machine 2 OpenMP threads stall
     # each other at every barrier (10-100x slower), so recorded runs there use 1.
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="interleaved decode rounds (0: skip that part)"
+    )
+    ap.add_argument("--interleaved-only", action="store_true", help="skip the per-backend rows")
     args = ap.parse_args()
+    if args.child == "interleaved":
+        out = interleaved(
+            args.backends.split(","), args.prompt, args.new_tokens, args.threads, args.rounds
+        )
+        print(json.dumps(out))
+        return
     if args.child:
         print(json.dumps(child(args.child, args.prompt, args.new_tokens, args.threads)))
         return
     rows = []
-    for backend in args.backends.split(","):
+    for backend in [] if args.interleaved_only else args.backends.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(
                 os.environ,
@@ -184,7 +225,14 @@ def main() -> None:
             cold["warm_graph_cache"] = warm.get("yirage_graph_cache")
         rows.append(cold)
         print(json.dumps({k: v for k, v in cold.items() if k != "tokens"}), flush=True)
-    ref = rows[0].get("tokens")
+    ref = rows[0].get("tokens") if rows else None
+    if rows:
+        _print_rows(rows, ref)
+    if args.rounds > 0:
+        _print_interleaved(args)
+
+
+def _print_rows(rows: list[dict], ref) -> None:
     print(
         "\n| backend | decode tok/s | GB/s | prefill ms | cold compile s | warm compile s "
         "| peak RSS MB | host µs/step (30 layers, width 64) | same tokens as eager "
@@ -202,6 +250,32 @@ def main() -> None:
             f"{'-' if warm is None else f'{warm:.1f}'} | {r['peak_rss_mb']:.0f} | "
             f"{r['host_us_per_step']:.0f} | {r.get('tokens') == ref} | "
             f"{r.get('decode_tok_s_warm_run', float('nan')):.1f} |"
+        )
+
+
+def _print_interleaved(args) -> None:
+    """The interleaved comparison (see the module docstring), in its own process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="2",
+            TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
+            YIRAGE_CACHE_DIR=os.path.join(tmp, "yirage"),
+        )
+        res = run_child("interleaved", env, args)
+    if "error" in res:
+        print(f"\ninterleaved run failed: {res['error'][-500:]}")
+        return
+    tok = res["tok_s"]
+    print(f"\nInterleaved decode, one process, {res['rounds']} rounds (tok/s per round):")
+    for b, vals in tok.items():
+        med = sorted(vals)[len(vals) // 2]
+        print(f"  {b:9s} median {med:6.1f}   " + " ".join(f"{v:.1f}" for v in vals))
+    if "yirage" in tok and "inductor" in tok:
+        ratios = sorted(y / i for y, i in zip(tok["yirage"], tok["inductor"]))
+        print(
+            f"  yirage / inductor per round: median {ratios[len(ratios) // 2]:.3f}, "
+            f"range {ratios[0]:.3f}-{ratios[-1]:.3f}"
         )
 
 
