@@ -163,6 +163,17 @@ def interleaved(backends: list[str], prompt: int, new: int, threads: int, rounds
     return out
 
 
+def _fresh_cache_env(tmp: str) -> dict:
+    """Child environment with empty compile caches under `tmp`."""
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="2",
+        TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
+        YIRAGE_CACHE_DIR=os.path.join(tmp, "yirage"),
+        TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
+    )
+
+
 def run_child(backend: str, env: dict, args) -> dict:
     cmd = [
         sys.executable,
@@ -210,13 +221,7 @@ def main() -> None:
     rows = []
     for backend in [] if args.interleaved_only else args.backends.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            env = dict(
-                os.environ,
-                OMP_NUM_THREADS="2",
-                TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
-                YIRAGE_CACHE_DIR=os.path.join(tmp, "yirage"),
-                TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
-            )
+            env = _fresh_cache_env(tmp)
             cold = run_child(backend, env, args)
             warm = run_child(backend, env, args) if backend != "eager" else {}
         cold["warm_compile_s"] = warm.get("compile_s")
@@ -256,13 +261,7 @@ def _print_rows(rows: list[dict], ref) -> None:
 def _print_interleaved(args) -> None:
     """The interleaved comparison (see the module docstring), in its own process."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS="2",
-            TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
-            YIRAGE_CACHE_DIR=os.path.join(tmp, "yirage"),
-        )
-        res = run_child("interleaved", env, args)
+        res = run_child("interleaved", _fresh_cache_env(tmp), args)
     if "error" in res:
         print(f"\ninterleaved run failed: {res['error'][-500:]}")
         return
