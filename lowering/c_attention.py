@@ -481,11 +481,7 @@ def render_attention(region: GraphModule) -> RenderedKernel:
         c_types.append(ct)
         params.append(KernelParam("tensor", i))
         ptr[ph] = f"p{i}"
-        for dim, (size, stride) in enumerate(zip(pv.shape, pv.stride())):
-            if not r.is_one(size):
-                stride_checks.append((i, dim, r.py_size(stride)))
-        if r.is_contiguous(pv):
-            contiguous.append(i)
+        r.note_layout(i, pv, stride_checks, contiguous)
     sig.append(f"{_STORAGE[out.dtype]}* __restrict__ o0")
     c_types.append(f"{_STORAGE[out.dtype]}*")
     params.append(KernelParam("out", 0))
@@ -493,10 +489,10 @@ def render_attention(region: GraphModule) -> RenderedKernel:
     if not r.same(t, v.shape[2]):  # the kernel reads V over K's length (see why_not)
         guards.append(f"{r.py_size(t)} == {r.py_size(v.shape[2])}")
     symbol_sources = r.find_symbols(placeholders)
-    for sym in sorted(r.symbols):
-        sig.append(f"int64_t {sym}")
+    for c_param, param in r.symbol_params():
+        sig.append(c_param)
         c_types.append("int64_t")
-        params.append(KernelParam("sym", -1, symbol=sym))
+        params.append(param)
 
     def p(x: Any) -> str:
         return ptr[x] if isinstance(x, Node) else "nullptr"

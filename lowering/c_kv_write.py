@@ -287,11 +287,7 @@ def render_kv_write(region: GraphModule) -> RenderedKernel:
         sig.append(f"{ct} p{i}")  # no __restrict__: a source may view a cache
         c_types.append(ct)
         params.append(KernelParam("tensor", i))
-        for dim, (size, stride) in enumerate(zip(pv.shape, pv.stride())):
-            if not r.is_one(size):
-                stride_checks.append((i, dim, r.py_size(stride)))
-        if r.is_contiguous(pv):
-            contiguous.append(i)
+        r.note_layout(i, pv, stride_checks, contiguous)
 
     index = copies[0].args[2]
     n_idx = r.size(_val(index).shape[0])
@@ -338,10 +334,10 @@ def render_kv_write(region: GraphModule) -> RenderedKernel:
         body.append(bump_line)
     body.append("return 0;")
     symbol_sources = r.find_symbols(placeholders)
-    for sym in sorted(r.symbols):
-        sig.append(f"int64_t {sym}")
+    for c_param, param in r.symbol_params():
+        sig.append(c_param)
         c_types.append("int64_t")
-        params.append(KernelParam("sym", -1, symbol=sym))
+        params.append(param)
     src = [f'extern "C" int64_t FUNC({", ".join(sig)}) {{']
     src += ["  " + ln for ln in body] + ["}", ""]
     return RenderedKernel(

@@ -120,6 +120,25 @@ class CRenderer(ReductionMixin, ViewMixin):
                 expected = expected * self.expr(size)
         return True
 
+    def note_layout(
+        self,
+        i: int,
+        v: torch.Tensor,
+        stride_checks: list[tuple[int, int, str]],
+        contiguous: list[int],
+    ) -> None:
+        """Record input p{i}'s run-time stride checks (dims of size != 1) and whether it is
+        contiguous (the launcher then skips reading its strides)."""
+        for k, (size, stride) in enumerate(zip(v.shape, v.stride())):
+            if not self.is_one(size):
+                stride_checks.append((i, k, self.py_size(stride)))
+        if self.is_contiguous(v):
+            contiguous.append(i)
+
+    def symbol_params(self) -> list[tuple[str, KernelParam]]:
+        """(C parameter, launcher parameter) of every size symbol the kernel reads."""
+        return [(f"int64_t {s}", KernelParam("sym", -1, symbol=s)) for s in sorted(self.symbols)]
+
     def numel(self, shape: Any) -> sympy.Expr:
         out = sympy.Integer(1)
         for s in shape:
@@ -477,11 +496,7 @@ class CRenderer(ReductionMixin, ViewMixin):
                     raise Unsupported(f"input dtype {v.dtype}")
                 sig.append(f"const {st}* __restrict__ p{i}")
                 params.append(KernelParam("tensor", i))
-                for k, (size, stride) in enumerate(zip(v.shape, v.stride())):
-                    if not self.is_one(size):
-                        stride_checks.append((i, k, self.py_size(stride)))
-                if self.is_contiguous(v):
-                    contiguous.append(i)
+                self.note_layout(i, v, stride_checks, contiguous)
             elif isinstance(v, torch.SymFloat | float):
                 sig.append(f"double p{i}")
                 params.append(KernelParam("float", i))
@@ -496,9 +511,9 @@ class CRenderer(ReductionMixin, ViewMixin):
             sig.append(f"{st}* __restrict__ o{j}")
             params.append(KernelParam("out", j))
         symbol_sources = self.find_symbols(placeholders)
-        for s in sorted(self.symbols):
-            sig.append(f"int64_t {s}")
-            params.append(KernelParam("sym", -1, symbol=s))
+        for c_param, param in self.symbol_params():
+            sig.append(c_param)
+            params.append(param)
         lines = [f'extern "C" void FUNC({", ".join(sig)}) {{']
         if outer:
             # The row body is a lambda so that small launches (decode: one row) skip the

@@ -45,7 +45,7 @@ from torch.fx import GraphModule, Node
 from yirage_dynamo.passes.context import PassContext, set_fake_val
 
 from .cuda_gemv import _erase_dead_chain, _is_view
-from .cuda_ops import _val
+from .cuda_ops import _args, _val
 
 FUSE_ENV = "YIRAGE_CUDA_GEMV_FUSE"
 
@@ -74,30 +74,20 @@ def _is_full_slice(node: object) -> bool:
     )
 
 
-def _source(node: Node) -> tuple[Node, list[Node]]:
-    """Walk up single-user reshapes and full slices: (the tensor they view, the views)."""
-    views = []
+def _source(node: Node) -> Node:
+    """Walk up single-user reshapes and full slices to the tensor they view."""
     while (_is_view(node) or _is_full_slice(node)) and len(node.users) == 1:
-        views.append(node)
         node = node.args[0]
-    return node, views
+    return node
 
 
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous()
-
-
-def _norm_of(src: Node) -> tuple[Node, Node | None, object, float] | None:
-    """(rms node, residual-norm node or None, norm weight, eps) if `src` is the normalised
-    output of yirage.rms_norm / rms_norm_residual."""
+def _norm_of(src: Node) -> Node | None:
+    """The yirage.rms_norm / rms_norm_residual node whose normalised output `src` is."""
     if _is_op(src, "yirage", "rms_norm"):
-        a = dict(zip(("x", "weight", "eps", "weight_fp32"), src.args))
-        return src, None, a.get("weight", src.kwargs.get("weight")), a.get("eps", 1e-6)
+        return src
     if src.op == "call_function" and src.target is operator.getitem and src.args[1] == 0:
-        r = src.args[0]
-        if _is_op(r, "yirage", "rms_norm_residual"):
-            a = dict(zip(("x", "residual", "weight", "eps", "weight_fp32"), r.args))
-            return r, r, a.get("weight", r.kwargs.get("weight")), a.get("eps", 1e-6)
+        if _is_op(src.args[0], "yirage", "rms_norm_residual"):
+            return src.args[0]
     return None
 
 
@@ -107,7 +97,7 @@ def _stream_val(rn: Node) -> torch.Tensor | None:
     xv, rv = _val(rn.args[0]), _val(rn.args[1])
     if not (isinstance(xv, torch.Tensor) and isinstance(rv, torch.Tensor)):
         return None
-    if xv.dtype != rv.dtype or tuple(xv.shape) != tuple(rv.shape) or not _dense(xv):
+    if xv.dtype != rv.dtype or tuple(xv.shape) != tuple(rv.shape) or not xv.is_contiguous():
         return None
     return xv
 
@@ -136,14 +126,16 @@ def fuse_norm_prologues(gm: GraphModule, ctx: PassContext) -> int:
     for g in list(gm.graph.nodes):
         if not any(_is_op(g, "yirage_cuda", op) for op in _GEMV_OPS) or "norm_weight" in g.kwargs:
             continue
-        src, _ = _source(g.args[0])
-        found = _norm_of(src)
-        if found is None:
+        src = _source(g.args[0])
+        rn = _norm_of(src)
+        if rn is None:
             continue
-        rn, with_residual, w, eps = found
+        a = _args(rn)
+        w, eps = a["weight"], a["eps"]
+        with_residual = rn.target._opname == "rms_norm_residual"
         xv = _val(g.args[0])
         wv = _val(w) if isinstance(w, Node) else w
-        hv = _val(rn.args[0]) if with_residual is None else _stream_val(rn)
+        hv = _stream_val(rn) if with_residual else _val(rn.args[0])
         why = None
         if len(src.users) != 1:
             why = "the normalised row has other users"
@@ -153,12 +145,12 @@ def fuse_norm_prologues(gm: GraphModule, ctx: PassContext) -> int:
             why = "norm weight is strided or eps is not a float"
         elif not isinstance(hv, torch.Tensor) or hv.dtype != xv.dtype:
             why = "norm input is not of the GEMV's dtype"
-        elif hv.numel() != xv.numel() or not _dense(hv):
+        elif hv.numel() != xv.numel() or not hv.is_contiguous():
             why = "norm input is not a dense [M, K] row block"
         if why is not None:
             ctx.report.reject("gemv_norm_prologue", f"{g.name}: {why}")
             continue
-        if with_residual is None:
+        if not with_residual:
             h = rn.args[0]
         else:
             if rn not in streams:
@@ -188,7 +180,7 @@ def fuse_residual_epilogues(gm: GraphModule, ctx: PassContext) -> int:
         if len(add.args) != 2 or not all(isinstance(a, Node) for a in add.args):
             continue
         for gi in (1, 0):
-            src, views = _source(add.args[gi])
+            src = _source(add.args[gi])
             r = add.args[1 - gi]
             if _is_op(src, "yirage_cuda", "gemv") and len(src.users) == 1:
                 break
@@ -202,7 +194,7 @@ def fuse_residual_epilogues(gm: GraphModule, ctx: PassContext) -> int:
             continue
         if not (rv.dtype == yv.dtype == av.dtype and rv.numel() == yv.numel() == av.numel()):
             continue
-        if tuple(rv.shape) != tuple(av.shape) or not _dense(rv):
+        if tuple(rv.shape) != tuple(av.shape) or not rv.is_contiguous():
             continue
         with gm.graph.inserting_before(add):
             r2 = gm.graph.call_function(aten.view.default, (r, list(yv.shape)))

@@ -21,6 +21,59 @@ from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
+def _load_tile(
+    x_ptrs,
+    w_ptrs,
+    w2_ptrs,
+    nw_ptrs,
+    k0,
+    K,
+    rk,
+    nm,
+    mm,
+    EVEN: tl.constexpr,
+    GATED: tl.constexpr,
+    NORM: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """One K tile of the GEMV: the input (ROWS: [BLOCK_M, BLOCK_K], rows past M read as 0;
+    else one [BLOCK_K] row), the [BLOCK_N, BLOCK_K] weight tile(s), read once per step
+    (evict_first), and the norm weight. Without W2 / norm, w and x stand in for them.
+    EVEN: K and N are multiples of the blocks, so only the rows past M are masked."""
+    if EVEN:
+        if ROWS:
+            x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs)
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
+        if GATED:
+            w2 = tl.load(w2_ptrs, eviction_policy="evict_first")
+        else:
+            w2 = w
+        if NORM:
+            nw = tl.load(nw_ptrs)
+        else:
+            nw = x
+    else:
+        km = (rk + k0) < K
+        wmask = nm[:, None] & km[None, :]
+        if ROWS:
+            x = tl.load(x_ptrs, mask=mm[:, None] & km[None, :], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=km, other=0.0)
+        w = tl.load(w_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
+        if GATED:
+            w2 = tl.load(w2_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
+        else:
+            w2 = w
+        if NORM:
+            nw = tl.load(nw_ptrs, mask=km, other=0.0)
+        else:
+            nw = x
+    return x, w, w2, nw
+
+
+@triton.jit
 def _gemv_kernel(
     X,
     W,
@@ -108,22 +161,9 @@ def _gemv_kernel(
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         ss = tl.zeros((1,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN:
-                x = tl.load(x_ptrs)
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-                if GATED:
-                    w2 = tl.load(w2_ptrs, eviction_policy="evict_first")
-                if NORM:
-                    nw = tl.load(nw_ptrs)
-            else:
-                km = (rk + k0) < K
-                wmask = nm[:, None] & km[None, :]
-                x = tl.load(x_ptrs, mask=km, other=0.0)
-                w = tl.load(w_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
-                if GATED:
-                    w2 = tl.load(w2_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
-                if NORM:
-                    nw = tl.load(nw_ptrs, mask=km, other=0.0)
+            x, w, w2, nw = _load_tile(
+                x_ptrs, w_ptrs, w2_ptrs, nw_ptrs, k0, K, rk, nm, mm, EVEN, GATED, NORM, False
+            )
             x1 = x.to(tl.float32)
             if NORM:
                 # reduced per tile: a [BLOCK_K] accumulator would cost registers
@@ -151,22 +191,9 @@ def _gemv_kernel(
         acc2 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
         ss = tl.zeros((BLOCK_M,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN:
-                x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-                if GATED:
-                    w2 = tl.load(w2_ptrs, eviction_policy="evict_first")
-                if NORM:
-                    nw = tl.load(nw_ptrs)
-            else:
-                km = (rk + k0) < K
-                wmask = nm[:, None] & km[None, :]
-                x = tl.load(x_ptrs, mask=mm[:, None] & km[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
-                if GATED:
-                    w2 = tl.load(w2_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
-                if NORM:
-                    nw = tl.load(nw_ptrs, mask=km, other=0.0)
+            x, w, w2, nw = _load_tile(
+                x_ptrs, w_ptrs, w2_ptrs, nw_ptrs, k0, K, rk, nm, mm, EVEN, GATED, NORM, True
+            )
             x1 = x.to(tl.float32)
             if NORM:
                 ss += tl.sum(x1 * x1, axis=1)

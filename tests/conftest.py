@@ -20,6 +20,26 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def private_kernel_cache(tmp_path, monkeypatch):
+    """A kernel cache of this test's own, no reports left by earlier tests, seeded RNG."""
+    import yirage_dynamo
+
+    monkeypatch.setenv("YIRAGE_CACHE_DIR", str(tmp_path / "cache"))
+    yirage_dynamo.clear_reports()
+    torch.manual_seed(0)
+
+
+def wrapper_call(debug_dir) -> str:
+    """Body of the generated wrapper's `call` (the one wrapper dumped under debug_dir)."""
+    (wrapper,) = debug_dir.rglob("wrapper_*.py")
+    return wrapper_call_of(wrapper.read_text())
+
+
+def wrapper_call_of(source: str) -> str:
+    return source.split("def call(args):")[1].split("def call_profiled")[0]
+
+
 def yirage_compile(model, **options):
     options.setdefault("fallback", "error")
     options.setdefault("verify", True)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import wrapper_call_of
 
 import yirage_dynamo
 from yirage_dynamo import ops  # noqa: F401 - registers torch.ops.yirage
@@ -164,6 +165,15 @@ def test_dynamic_sizes():
     assert any(any("yirage.attention" in o for o in k.origins) for k in kernels)
 
 
+def _check_dynamic_lengths(compiled, reference):
+    """Two cache lengths, K/V marked dynamic along it, each matching the reference."""
+    for t in (7, 12):
+        q, k, v = _qkv(1, 4, 2, 1, t, 16)
+        for x in (k, v):
+            torch._dynamo.mark_dynamic(x, 2)
+        torch.testing.assert_close(compiled(q, k, v), reference(q, k, v))
+
+
 def test_separate_key_and_value_length_symbols_use_the_kernel_with_a_guard():
     """K and V as separate inputs get separate length symbols (as Dynamo gives HF's static
     cache after a recompile): the kernel runs, guarded by their equality at run time."""
@@ -174,11 +184,7 @@ def test_separate_key_and_value_length_symbols_use_the_kernel_with_a_guard():
         return _attn(q, k, v)
 
     compiled = torch.compile(fn, backend="yirage", options=OPTS)
-    for t in (7, 12):
-        q, k, v = _qkv(1, 4, 2, 1, t, 16)
-        for x in (k, v):
-            torch._dynamo.mark_dynamic(x, 2)
-        torch.testing.assert_close(compiled(q, k, v), _attn(q, k, v))
+    _check_dynamic_lengths(compiled, _attn)
     kernels = [k for r in yirage_dynamo.reports() for k in r.kernels]
     assert any(any("yirage.attention" in o for o in k.origins) for k in kernels)
     # Different lengths break the kernel's assumption: the launcher runs the reference.
@@ -206,17 +212,13 @@ def test_repeat_kv_with_symbolic_lengths_reads_unrepeated_kv(tmp_path):
     dbg = tmp_path / "dbg"
     opts = {**OPTS, "debug": True, "debug_dir": str(dbg)}
     compiled = torch.compile(fn, backend="yirage", options=opts)
-    for t in (7, 12):
-        q, k, v = _qkv(1, 4, 2, 1, t, 16)
-        for x in (k, v):
-            torch._dynamo.mark_dynamic(x, 2)
-        torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+    _check_dynamic_lengths(compiled, fn)
     kernels = [k for r in yirage_dynamo.reports() for k in r.kernels]
     assert any(any("yirage.attention" in o for o in k.origins) for k in kernels)
     wrappers = list(dbg.rglob("wrapper_*.py"))
     assert wrappers
     for w in wrappers:
-        call = w.read_text().split("def call(args):")[1].split("def call_profiled")[0]
+        call = wrapper_call_of(w.read_text())
         assert "clone" not in call and "expand" not in call, call
 
 

@@ -10,19 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tolerances, yirage_compile
+from conftest import tolerances, wrapper_call, yirage_compile
 from yirage_dynamo.runtime import cpp_build
 
 import yirage_dynamo
 
-pytestmark = pytest.mark.skipif(cpp_build.find_compiler() is None, reason="no C++ compiler")
-
-
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("YIRAGE_CACHE_DIR", str(tmp_path / "cache"))
-    yirage_dynamo.clear_reports()
-    torch.manual_seed(0)
+pytestmark = [
+    pytest.mark.skipif(cpp_build.find_compiler() is None, reason="no C++ compiler"),
+    pytest.mark.usefixtures("private_kernel_cache"),
+]
 
 
 def _compile_and_check(fn, args, tmp_path, strides=True, **options):
@@ -36,8 +32,7 @@ def _compile_and_check(fn, args, tmp_path, strides=True, **options):
     report = yirage_dynamo.last_report()
     assert report.lowering == "cpp" and not report.fallbacks
     assert not [n for n in report.notes if "left to ATen" in n], report.notes
-    (wrapper,) = (tmp_path / "dbg").rglob("wrapper_*.py")
-    call = wrapper.read_text().split("def call(args):")[1].split("def call_profiled")[0]
+    call = wrapper_call(tmp_path / "dbg")
     return report, call
 
 

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tolerances, yirage_compile
+from conftest import tolerances, wrapper_call, yirage_compile
 from yirage_dynamo.runtime import cpp_build
 
 import yirage_dynamo
 
-pytestmark = pytest.mark.skipif(cpp_build.find_compiler() is None, reason="no C++ compiler")
-
-
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("YIRAGE_CACHE_DIR", str(tmp_path / "cache"))
-    yirage_dynamo.clear_reports()
-    torch.manual_seed(0)
+pytestmark = [
+    pytest.mark.skipif(cpp_build.find_compiler() is None, reason="no C++ compiler"),
+    pytest.mark.usefixtures("private_kernel_cache"),
+]
 
 
 def _layer_update(h, w, k_cache, v_cache, counter):
@@ -47,26 +43,30 @@ def _clone(args):
     return [a.clone() for a in args]
 
 
-def _wrapper_call(tmp_path) -> str:
-    (wrapper,) = (tmp_path / "dbg").rglob("wrapper_*.py")
-    return wrapper.read_text().split("def call(args):")[1].split("def call_profiled")[0]
+def _run_both(args, **options):
+    """(eager outputs, compiled outputs, eager's args, compiled's args) of one call on
+    separate copies of `args` (the call mutates the caches and the counter)."""
+    eager_args, comp_args = _clone(args), _clone(args)
+    compiled = yirage_compile(_layer_update, **options)
+    with torch.no_grad():
+        expected = _layer_update(*eager_args)
+        got = compiled(*comp_args)
+    return expected, got, eager_args, comp_args
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("s", [1, 3])
 def test_cache_writes_and_counter_are_one_kernel_matching_eager(dtype, s, tmp_path):
     args = _inputs(dtype, s=s)
-    eager_args, comp_args = _clone(args), _clone(args)
-    compiled = yirage_compile(_layer_update, debug=True, debug_dir=str(tmp_path / "dbg"))
-    with torch.no_grad():
-        expected = _layer_update(*eager_args)
-        got = compiled(*comp_args)
+    expected, got, eager_args, comp_args = _run_both(
+        args, debug=True, debug_dir=str(tmp_path / "dbg")
+    )
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, **tolerances(dtype))
     # The mutations are visible to the caller, exactly as in eager.
     for g, e in zip(comp_args[2:], eager_args[2:]):
         torch.testing.assert_close(g, e, **tolerances(dtype))
-    call = _wrapper_call(tmp_path)
+    call = wrapper_call(tmp_path / "dbg")
     assert "index_copy" not in call and "add_" not in call, call
     report = yirage_dynamo.last_report()
     assert any(any("index_copy_" in o for o in k.origins) for k in report.kernels)
@@ -109,15 +109,13 @@ def test_out_of_range_position_raises_index_error_and_writes_nothing(tmp_path):
 def test_disabled_by_environment_keeps_aten_calls(tmp_path, monkeypatch):
     monkeypatch.setenv("YIRAGE_CPU_KV_WRITE", "0")
     args = _inputs(torch.float32)
-    eager_args, comp_args = _clone(args), _clone(args)
-    compiled = yirage_compile(_layer_update, debug=True, debug_dir=str(tmp_path / "dbg"))
-    with torch.no_grad():
-        expected = _layer_update(*eager_args)
-        got = compiled(*comp_args)
+    expected, got, eager_args, comp_args = _run_both(
+        args, debug=True, debug_dir=str(tmp_path / "dbg")
+    )
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
     torch.testing.assert_close(comp_args[3], eager_args[3])
-    assert "index_copy" in _wrapper_call(tmp_path)
+    assert "index_copy" in wrapper_call(tmp_path / "dbg")
 
 
 def test_attention_writes_the_layout_its_view_chain_needs(tmp_path):
@@ -132,7 +130,7 @@ def test_attention_writes_the_layout_its_view_chain_needs(tmp_path):
     compiled = yirage_compile(f, debug=True, debug_dir=str(tmp_path / "dbg"))
     with torch.no_grad():
         torch.testing.assert_close(compiled(q, k, v, w), f(q, k, v, w), atol=1e-5, rtol=1e-5)
-    call = _wrapper_call(tmp_path)
+    call = wrapper_call(tmp_path / "dbg")
     assert "as_strided" not in call and "transpose" not in call, call
 
 
@@ -141,11 +139,7 @@ def test_whole_graph_cache_restores_the_cache_write_kernel():
     for _ in range(2):
         torch._dynamo.reset()
         args = _inputs(torch.float32)
-        eager_args, comp_args = _clone(args), _clone(args)
-        compiled = yirage_compile(_layer_update, graph_cache=True)
-        with torch.no_grad():
-            expected = _layer_update(*eager_args)
-            got = compiled(*comp_args)
+        expected, got, eager_args, comp_args = _run_both(args, graph_cache=True)
         for g, e in zip([*got, *comp_args[2:]], [*expected, *eager_args[2:]]):
             torch.testing.assert_close(g, e)
         report = yirage_dynamo.last_report()
