@@ -23,12 +23,19 @@ peak GPU memory (reset after the model is built), max |logit - eager logit| over
 whose tokens agree with eager, and how many greedy tokens agree.
 
     python benchmarks/bench_cuda_llama.py --shapes 1b,long --json out.json
+
+`--interleaved ROUNDS` compiles the given variants once each and then times them in
+alternation (one full and one 1-token generate per variant per round): the honest way to
+compare variants whose difference is smaller than the host's drift between runs.
+
+    python benchmarks/bench_cuda_llama.py --shapes 7b --variants yirage,inductor --interleaved 5
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -232,15 +239,10 @@ def compare(res: dict[str, Any], ref: dict[str, Any]) -> None:
     )
 
 
-def bench_shape(
-    key: str, variants: list[str], repeats: int, options: dict, profile: bool = False
-) -> list[dict]:
+def variant_configs(options: dict) -> dict[str, Any]:
+    """Variant name -> HF CompileConfig (None: eager)."""
     import transformers
 
-    s = SHAPES[key]
-    model = build_model(s)
-    bytes_tok = weight_bytes_per_token(model)
-    runner = Runner(model, s)
     from yirage_dynamo.backend import yirage
 
     configs = {
@@ -258,6 +260,69 @@ def bench_shape(
         configs[name] = transformers.CompileConfig(
             backend=yirage, mode=None, options=dict(options) or None
         )
+    return configs
+
+
+def bench_interleaved(key: str, variants: list[str], rounds: int, options: dict) -> str:
+    """Decode ms/token of compiled variants measured in alternation, in one process.
+
+    Each variant is compiled once (its compiled call kept aside); then every round runs
+    one full and one 1-token generate() per variant, in turn. Variants run back to back
+    drift with the host (clocks, other tenants) by more than the effects compared here;
+    alternating puts every variant under the same conditions. Returns a table of the
+    per-variant medians and, per round, each variant's ratio to the first one's."""
+    s = SHAPES[key]
+    model = build_model(s)
+    runner = Runner(model, s)
+    configs = variant_configs(options)
+    compiled = {}
+    torch._dynamo.reset()
+    for name in variants:
+        for attr in ("_compiled_call", "_last_compile_config"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        with _env(ENV_VARIANTS.get(name, {})):
+            print(f"[{key}] compiling {name} ...", file=sys.stderr, flush=True)
+            runner.generate(s["new"], configs[name])
+            runner.generate(1, configs[name])
+        # Different torch.compile wrappers: Dynamo keeps each one's entry (backend guard).
+        compiled[name] = model._compiled_call
+    per_tok: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name in variants:
+            model._compiled_call = compiled[name]
+            model._last_compile_config = configs[name]
+            full = _sync_time(functools.partial(runner.generate, s["new"], configs[name]))[0]
+            one = _sync_time(functools.partial(runner.generate, 1, configs[name]))[0]
+            per_tok[name].append((full - one) / (s["new"] - 1) * 1e3)
+    base = variants[0]
+    lines = [
+        f"| shape | variant | ms/token (median of {rounds}) | tok/s | "
+        f"per-round ratio to {base}: median (min-max) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in variants:
+        med = statistics.median(per_tok[name])
+        ratios = [b / a for a, b in zip(per_tok[name], per_tok[base])]
+        lines.append(
+            f"| {key} | {name} | {med:.3f} | {1e3 / med:.1f} | "
+            f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |"
+        )
+    del runner, model, compiled
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
+def bench_shape(
+    key: str, variants: list[str], repeats: int, options: dict, profile: bool = False
+) -> list[dict]:
+    s = SHAPES[key]
+    model = build_model(s)
+    bytes_tok = weight_bytes_per_token(model)
+    runner = Runner(model, s)
+    configs = variant_configs(options)
     rows = []
     ref = None
 
@@ -332,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true", help="profile decode of compiled variants")
     p.add_argument("--yirage-options", default="{}", help="JSON dict of yirage options")
+    p.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="compare the compiled variants in alternation (ROUNDS rounds) instead",
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -351,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     print(env, flush=True)
     rows: list[dict] = []
     options = json.loads(args.yirage_options)
+    if args.interleaved:
+        for key in args.shapes.split(","):
+            print(bench_interleaved(key, args.variants.split(","), args.interleaved, options))
+        return 0
     for key in args.shapes.split(","):
         rows += bench_shape(key, args.variants.split(","), args.repeats, options, args.profile)
         print(table([r for r in rows if r["shape"] == key]), flush=True)

@@ -28,11 +28,13 @@ fused kernel does not (one rounding, at the output), like Inductor's own fused k
 The skip add is rounded exactly as the unfused graph rounds it.
 
 When: with `Options.cuda_kernels="all"` (every yirage kernel), or `YIRAGE_CUDA_GEMV_FUSE=on`;
-not by default ("auto" uses what measured faster). Measured on an H100 (Llama-7B decode,
-benchmarks/RESULTS.md): the fused GEMVs alone are within 1-3% of the plain ones at their
-best configs (benchmarks/bench_gemv_fusion.py), but at the configs measured for the plain
-kernels the model's GEMV time grew 4.40 -> 4.84 ms/token, more than the two norm kernels
-per layer cost (~0.14 ms/token). `YIRAGE_CUDA_GEMV_FUSE=off` disables it everywhere.
+not by default ("auto" uses what measured faster). The fused launches get configs measured
+for the fused kernels themselves (`retune_fused`): at the plain kernels' configs the 7B
+GEMV time grew 4.40 -> 4.84 ms/token, with their own 4.39 -> 4.51, which about cancels
+the two norm kernels per layer it removes (~0.14 ms/token). Measured on an H100 (7B
+decode, benchmarks/RESULTS.md): GPU busy 5.31 -> 5.27 ms/token, end to end +1.7% in
+an interleaved comparison whose rounds range -4%..+3%: within noise, so still opt-in.
+`YIRAGE_CUDA_GEMV_FUSE=off` disables it everywhere.
 """
 
 from __future__ import annotations
@@ -44,8 +46,16 @@ import torch
 from torch.fx import GraphModule, Node
 from yirage_dynamo.passes.context import PassContext, set_fake_val
 
-from .cuda_gemv import _erase_dead_chain, _is_view
-from .cuda_ops import _args, _val
+from .cuda_gemv import (
+    _cfg,
+    _erase_dead_chain,
+    _gemv_candidates,
+    _gemv_dims,
+    _is_view,
+    _rotation,
+    _time_rotating,
+)
+from .cuda_ops import _args, _kernels, _rand, _Tuner, _val
 
 FUSE_ENV = "YIRAGE_CUDA_GEMV_FUSE"
 
@@ -214,8 +224,91 @@ def fuse_residual_epilogues(gm: GraphModule, ctx: PassContext) -> int:
     return count
 
 
+# Weights per launch, and where (block_n, block_k, num_warps) sit in the positional args.
+_WEIGHTS = {"gemv": 1, "gemv_gated": 2, "gemv3": 3}
+_CFG_AT = {"gemv": 3, "gemv_gated": 4, "gemv3": 4}
+
+
+def _weights(gm: GraphModule, g: Node) -> tuple[torch.Tensor, ...]:
+    """The frozen weight tensors a GEMV launch reads (its get_attr operands)."""
+    return tuple(getattr(gm, w.target) for w in g.args[1 : 1 + _WEIGHTS[g.target._opname]])
+
+
+def _signature(gm: GraphModule, g: Node) -> tuple:
+    ws = _weights(gm, g)
+    return (g.target._opname, tuple(tuple(w.shape) for w in ws), ws[0].dtype)
+
+
+def retune_fused(gm: GraphModule, ctx: PassContext) -> int:
+    """Measure configs for the fused GEMVs themselves, per shape (cached like the others).
+
+    The configs picked for the plain kernels cost the fused ones ~10% (4.40 -> 4.84 ms of
+    GEMV per 7B token, RESULTS.md): the prologue's extra loads and the epilogue's change
+    which (block_n, block_k, warps) streams best. Returns how many launches got a config.
+    """
+    k_ = _kernels()
+    tuner = _Tuner(ctx)
+    fused = [
+        g
+        for g in gm.graph.nodes
+        if g.meta.get("yirage_fused") and any(_is_op(g, "yirage_cuda", op) for op in _WEIGHTS)
+    ]
+    # Same-shape weight groups of this graph, for the rotation that defeats L2 (as in
+    # cuda_gemv): each launch reads a different layer's weights, as the model does.
+    pools: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+    for g in fused:
+        pools.setdefault(_signature(gm, g), []).append(_weights(gm, g))
+    for g in fused:
+        name = g.target._opname
+        reals = _weights(gm, g)
+        nw = len(reals)
+        m, kk = _val(g.args[0]).shape
+        n_max = max(r.shape[1] for r in reals)
+        dtype = reals[0].dtype
+        extra = tuple(g.args[1 + nw : _CFG_AT[name]])  # bias (gemv) / act (gemv_gated)
+        pool = pools[_signature(gm, g)]
+
+        def launches(
+            cfg, g=g, m=m, kk=kk, n=n_max, dtype=dtype, nw=nw, pool=pool, name=name, extra=extra
+        ):
+            xs = _rand((m, kk), dtype)
+            kw: dict = {}
+            if "norm_weight" in g.kwargs:
+                kw.update(norm_weight=_rand((kk,), dtype), eps=1e-6)
+            if "residual" in g.kwargs:
+                kw["residual"] = _rand((m, n), dtype)
+            if name == "gemv" and extra[0] is not None:
+                extra = (_rand((n,), dtype),)
+            flat = _rotation([w for ws in pool for w in ws])
+            groups = [tuple(flat[i : i + nw]) for i in range(0, len(flat) - nw + 1, nw)]
+            fn = getattr(k_, name)
+            return [
+                (lambda ws=ws: fn(xs, *ws, *extra, *_cfg(cfg), **kw)) for ws in groups or pool[:1]
+            ]
+
+        ns = "-".join(str(r.shape[1]) for r in reals)
+        flags = {
+            "norm": int("norm_weight" in g.kwargs),
+            "res": int("residual" in g.kwargs),
+            "bias": int(name == "gemv" and extra[0] is not None),
+            "act": extra[0] if name == "gemv_gated" else "-",
+        }
+        dims = _gemv_dims(m, ns, kk, dtype, **flags)
+        cands = _gemv_candidates(n_max, kk, gated=name == "gemv_gated")
+        cfg = tuner.pick(
+            f"{name}_fused",
+            dims,
+            cands,
+            lambda launches=launches: lambda c: _time_rotating(launches(c)),
+        )
+        at = _CFG_AT[name]
+        g.args = (*g.args[:at], *_cfg(cfg), *g.args[at + 3 :])
+    return len(fused)
+
+
 def fuse_gemv_neighbours(gm: GraphModule, ctx: PassContext) -> int:
-    """Both rewrites, prologues first (they turn norms into the adds the epilogues take)."""
+    """Both rewrites, prologues first (they turn norms into the adds the epilogues take),
+    then the fused launches' own config search."""
     env = os.environ.get(FUSE_ENV, "").strip().lower()
     if env in ("off", "0", "none") or (
         env not in ("on", "1", "all") and ctx.options.cuda_kernels != "all"
@@ -223,6 +316,7 @@ def fuse_gemv_neighbours(gm: GraphModule, ctx: PassContext) -> int:
         return 0
     n = fuse_norm_prologues(gm, ctx) + fuse_residual_epilogues(gm, ctx)
     if n:
+        ctx.report.count_pattern("gemv_fused_retuned", retune_fused(gm, ctx))
         gm.graph.lint()
         gm.recompile()
     return n

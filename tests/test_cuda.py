@@ -588,6 +588,8 @@ def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(dtype, kerne
         # down projections add the skip connection in their epilogue.
         assert step.get("gemv_norm_prologue") == 2 * 2 + 1, (step, decode[-1].rejected)
         assert step.get("gemv_residual_epilogue") == 2 * 2, (step, decode[-1].rejected)
+        # Each fused launch got a config measured for the fused kernel itself.
+        assert step.get("gemv_fused_retuned") == 2 * 4 + 1, (step, decode[-1].rejected)
         assert not step.get("triton_rms_norm_residual") and not step.get("triton_rms_norm")
     # Logits match eager at every step whose prefix tokens agree (bf16 greedy decoding
     # may flip a near-tie, after which the sequences legitimately differ); fp32 agrees
