@@ -436,6 +436,8 @@ def render_attention(region: GraphModule) -> RenderedKernel:
     r.symbols = set()
     nodes = list(region.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
+    # A cache grown by cat (HF's dynamic cache) has length s0 + s1: read it as one size.
+    r.bind_derived_sizes(placeholders)
     node = next(n for n in nodes if n.op == "call_function")
     # The region's result: the attention output itself, or a contiguous view chain of it
     # (`output_views`): the kernel writes with the attention strides either way.

@@ -81,10 +81,51 @@ class CRenderer(ReductionMixin, ViewMixin):
         self._py = PythonPrinter()
 
     # -- sizes ---------------------------------------------------------------------------
+    def _expr(self, s: torch.SymInt) -> sympy.Expr:
+        """A size's expression, in the derived sizes where `bind_derived_sizes` made any."""
+        expr = s.node.expr
+        subst = getattr(self, "subst", None)
+        return sympy.expand(expr.subs(subst)) if subst else expr
+
+    def bind_derived_sizes(self, placeholders: list[Node]) -> None:
+        """Let input dims that are expressions stand for the symbols they hide.
+
+        A KV cache grown by `cat` has length s0 + s1 while no input has s0 or s1 alone, so
+        neither can be read at run time. For such a dim E (linear, coefficient +-1 in an
+        unreadable symbol x) a new size symbol y, read from the dim itself, replaces x by
+        the solution of E = y in every size this kernel renders afterwards: the cache's
+        strides 64*s0 + 64*s1 become 64*y. Call before any size is rendered. A symbol that
+        still appears elsewhere stays missing, and find_symbols says so (the caller falls
+        back)."""
+        readable = set(self._bare_symbols(placeholders))
+        self.subst: dict[sympy.Symbol, sympy.Expr] = {}
+        self.derived: dict[str, str] = {}
+        for i, n in enumerate(placeholders):
+            v = _val(n)
+            if not isinstance(v, torch.Tensor):
+                continue
+            for d, s in enumerate(v.shape):
+                if not isinstance(s, torch.SymInt) or s.node.expr.is_Symbol:
+                    continue
+                e = sympy.expand(s.node.expr.subs(self.subst))
+                unknown = sorted(
+                    (x for x in e.free_symbols if str(x) not in readable), key=str, reverse=True
+                )
+                x = next((u for u in unknown if sympy.diff(e, u) in (1, -1)), None)
+                if x is None:
+                    continue
+                c = sympy.diff(e, x)
+                y = sympy.Symbol(f"y{i}_{d}", integer=True, nonnegative=True)
+                solution = sympy.expand(c * (y - (e - c * x)))
+                self.subst = {k: sympy.expand(w.subs(x, solution)) for k, w in self.subst.items()}
+                self.subst[x] = solution
+                self.derived[str(y)] = f"a{i}.size({d})"
+                readable.add(str(y))
+
     def size(self, s: Any) -> str:
         """C expression of a (possibly symbolic) size; records the symbols it needs."""
         if isinstance(s, torch.SymInt):
-            expr = s.node.expr
+            expr = self._expr(s)
             if expr.is_number:
                 return str(int(expr))
             for sym in expr.free_symbols:
@@ -94,7 +135,7 @@ class CRenderer(ReductionMixin, ViewMixin):
 
     def py_size(self, s: Any) -> str:
         if isinstance(s, torch.SymInt):
-            expr = s.node.expr
+            expr = self._expr(s)
             for sym in expr.free_symbols:
                 self.symbols.add(str(sym))
             return self._py.doprint(expr)
@@ -562,8 +603,9 @@ class CRenderer(ReductionMixin, ViewMixin):
             return f"y_f_to_f16({self.cast(v, self.lang.float_t)})"
         return f"({self.lang.storage[dtype]})({v[0]})"
 
-    def find_symbols(self, placeholders: list[Node]) -> dict[str, str]:
-        """Where the launcher reads each size symbol: an int argument or a tensor's size."""
+    @staticmethod
+    def _bare_symbols(placeholders: list[Node]) -> dict[str, str]:
+        """Size symbols an input gives directly: an int argument or a tensor dim."""
         found: dict[str, str] = {}
         for i, n in enumerate(placeholders):
             v = _val(n)
@@ -575,6 +617,12 @@ class CRenderer(ReductionMixin, ViewMixin):
                 for d, s in enumerate(v.shape):
                     if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
                         found.setdefault(str(s.node.expr), f"a{i}.size({d})")
+        return found
+
+    def find_symbols(self, placeholders: list[Node]) -> dict[str, str]:
+        """Where the launcher reads each size symbol: an int argument or a tensor's size
+        (or a dim that `bind_derived_sizes` turned into a symbol of its own)."""
+        found = {**self._bare_symbols(placeholders), **getattr(self, "derived", {})}
         missing = self.symbols - set(found)
         if missing:
             raise Unsupported(f"size symbols {sorted(missing)} not readable from inputs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -191,6 +192,37 @@ def test_separate_key_and_value_length_symbols_use_the_kernel_with_a_guard():
     q, k, v = _qkv(1, 4, 2, 1, 9, 16)
     v = v[:, :, :5].contiguous()
     torch.testing.assert_close(compiled(q, k, v), _attn(q, k, v))
+
+
+def test_cache_grown_by_cat_of_symbolic_lengths_uses_the_kernel():
+    """HF's dynamic cache: K/V = cat(past, new) along the sequence, so the key length is an
+    expression of two symbols (past s0 + new s1) that no input has alone. The kernel reads
+    that length from the concatenated tensor itself (bind_derived_sizes)."""
+    torch._dynamo.reset()
+    yirage_dynamo.clear_reports()
+
+    def fn(q, k_past, v_past, k_new, v_new):
+        k = torch.cat([k_past, k_new], dim=2)
+        v = torch.cat([v_past, v_new], dim=2)
+        return _attn(q, k, v), k, v
+
+    compiled = torch.compile(fn, backend="yirage", options=OPTS)
+    for past, new in ((5, 2), (9, 3), (16, 2)):
+        q, k_new, v_new = _qkv(1, 4, 2, new, new, 16)
+        _, k_past, v_past = _qkv(1, 4, 2, 1, past, 16)
+        for x, dim in ((q, 2), (k_new, 2), (v_new, 2), (k_past, 2), (v_past, 2)):
+            torch._dynamo.mark_dynamic(x, dim)
+        args = (q, k_past, v_past, k_new, v_new)
+        torch.testing.assert_close(compiled(*args), fn(*args))
+    reports = yirage_dynamo.reports()
+    assert not [n for r in reports for n in r.notes if "left to its ATen reference" in n]
+    kernels = [k for r in reports for k in r.kernels]
+    attn = [k for k in kernels if any("yirage.attention" in o for o in k.origins)]
+    assert attn
+    # The dynamic graph's kernel takes the key length as a size of its own, read from K
+    # at run time (y<input>_<dim>), where the past and new lengths are not readable.
+    sources = [open(k.source_path).read() for k in attn if k.source_path]
+    assert any(re.search(r"int64_t y\d+_2\b", src) for src in sources), sources[-1][-600:]
 
 
 def _repeat_kv(x, n):
