@@ -14,6 +14,8 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
                  (YIRAGE_CUDA_GEMV_FUSE=on; off by default, lowering/cuda_gemv_fusion.py)
   yirage_combo   yirage with Inductor's horizontal "combo kernels" on (off by default:
                  not faster beyond noise; YIRAGE_INDUCTOR_CONFIG='{"combo_kernels": true}')
+  yirage_trees   yirage replaying under Inductor's CUDA-graph trees instead of our runner
+                 (YIRAGE_CUDA_GRAPHS=inductor)
 
 HF compiles only the decode step (prefill runs eagerly in every variant). Reported per
 variant: decode tok/s and ms/token (from the difference between a full and a 1-token
@@ -79,6 +81,7 @@ ENV_VARIANTS = {
     "yirage_nogemv": {"YIRAGE_CUDA_GEMV": "off"},
     "yirage_fuse": {"YIRAGE_CUDA_GEMV_FUSE": "on"},
     "yirage_combo": {"YIRAGE_INDUCTOR_CONFIG": '{"combo_kernels": true}'},
+    "yirage_trees": {"YIRAGE_CUDA_GRAPHS": "inductor"},
 }
 
 

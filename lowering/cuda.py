@@ -32,10 +32,16 @@ nn.Parameters Dynamo hands us), not Inductor's `freezing=True`, which would conc
 q/k/v and gate/up weights into new tensors while the model keeps the originals (+60% weight
 memory on a 7B model for little gain at batch 1).
 
-CUDA graphs: inference graphs with static shapes run under Inductor's CUDA-graph trees by
-default (mode "reduce-overhead" semantics; `Options.cudagraphs=False` opts out). The static
-KV cache is mutated in place; HF marks it a static address, so it is recorded once, read
-and written by the graph in place, and replays allocate nothing new (one pool per device).
+CUDA graphs: inference graphs with static shapes run as CUDA graphs by default (mode
+"reduce-overhead" semantics; `Options.cudagraphs=False` opts out), through our runner
+(runtime/cuda_graphs.py: capture on the second call, replay with input copies and
+static-input address checks) rather than Inductor's CUDA-graph trees. Both are equally fast
+on decode (RESULTS.md); the runner hands out outputs as fresh tensors, so callers may keep
+them across calls. Under the trees a kept output is overwritten by the next replay and
+reading it raises: HF's default (dynamic) cache keeps the K/V tensors a static-shape graph
+returns, and broke. YIRAGE_CUDA_GRAPHS=inductor switches back to the trees. The static KV
+cache is mutated in place; HF marks it a static address, so the graph reads and writes it
+in place, and replays allocate nothing new.
 
 Inductor config is only changed through compile_fx's `config_patches` (a scoped
 `config.patch`), never globally. Compile caches are off for these graphs: AOTAutograd's
@@ -104,6 +110,10 @@ class TritonLowering(Lowering):
         from torch._inductor.compile_fx import compile_fx
 
         patches = inductor_config_patches(options, example_inputs)
+        # Our CUDA-graph runner instead of Inductor's CUDA-graph trees (see module doc).
+        runner = patches["triton.cudagraphs"] and _own_cuda_graphs(example_inputs)
+        if runner:
+            patches["triton.cudagraphs"] = False
         report.notes.append(
             "inductor config: " + ", ".join(f"{k}={v}" for k, v in sorted(patches.items()))
         )
@@ -111,7 +121,28 @@ class TritonLowering(Lowering):
         # AOTAutograd's cache would return an artifact compiled without (or with other)
         # yirage passes: its key does not cover our inner_compile. Off, for this call only.
         with report.stage("inductor"), torch._functorch.config.patch(enable_autograd_cache=False):
-            return compile_fx(_structural_copy(gm), example_inputs, inner, patches)
+            fn = compile_fx(_structural_copy(gm), example_inputs, inner, patches)
+        if not runner:
+            return fn
+        from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
+
+        n_in, mutated = inner.mutations or (-1, frozenset())
+        if n_in != len(example_inputs):
+            # AOTAutograd's inputs are not Dynamo's one to one: copy back every copied input.
+            mutated = frozenset(range(len(example_inputs)))
+        report.notes.append(f"cuda graphs: yirage runner (mutated inputs {sorted(mutated)})")
+        return CudaGraphRunner(fn, mutated, check_parameters=not options.freeze)
+
+
+CUDA_GRAPHS_ENV = "YIRAGE_CUDA_GRAPHS"
+
+
+def _own_cuda_graphs(example_inputs: list[Any]) -> bool:
+    """Our runner (runtime/cuda_graphs.py) where it applies: every input a tensor, and not
+    switched to Inductor's CUDA-graph trees with YIRAGE_CUDA_GRAPHS=inductor."""
+    if os.environ.get(CUDA_GRAPHS_ENV, "").strip().lower() == "inductor":
+        return False
+    return all(isinstance(t, torch.Tensor) for t in example_inputs)
 
 
 def wants_cudagraphs(options: Any, example_inputs: list[Any]) -> tuple[bool, str]:
@@ -223,6 +254,9 @@ class _InnerCompile:
         self.report = report
         self.real_inputs = _real_parameters(list(example_inputs))
         self.graphs = 0
+        # (placeholder count, indices the graph mutates) of the first (inference) graph,
+        # for the CUDA-graph runner's copy-back of mutated non-static inputs.
+        self.mutations: tuple[int, frozenset[int]] | None = None
 
     def __call__(self, gm: GraphModule, example_inputs: Any, **kwargs: Any) -> Any:
         from torch._inductor.compile_fx import compile_fx_inner
@@ -248,6 +282,9 @@ class _InnerCompile:
         self.graphs += 1
         report.kind = kind
         report.nodes_in = count_nodes(gm)
+        if self.mutations is None:
+            n_in = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+            self.mutations = (n_in, _mutated_placeholders(gm))
         ctx = PassContext(
             options=self.options,
             report=report,

@@ -1,0 +1,178 @@
+"""A lean CUDA-graph runner for one static-shape inference call (the CUDA lowering's default).
+
+Why not Inductor's CUDA-graph trees: their outputs live in the graph's pool, and a later
+replay overwrites them; reading a kept one then raises. HF's default (dynamic) cache keeps
+the K/V tensors that the static-shape prefill/first-decode graphs return, so a model that
+runs eagerly broke once compiled. This runner hands out outputs as fresh tensors (one
+device copy each) and measured as fast as the trees on decode (RESULTS.md: their per-call
+bookkeeping runs after the launch, off the critical path). What a step needs:
+
+    call 1:  run the compiled function eagerly (Triton compiles/autotunes, cuBLAS warms up)
+    call 2:  capture one call into a CUDA graph (private memory pool), then replay it
+    call n:  copy the non-static inputs into the captured buffers, replay, clone outputs
+
+Static inputs are read in place by the graph: parameters, and tensors marked with
+`torch._dynamo.mark_static_address` (HF's static KV cache). Their addresses are checked
+on every call; a changed address (a new cache object) re-captures. Other tensor inputs
+are copied into buffers the graph owns, and copied back if the graph mutates them.
+Outputs that are not views of a static input are cloned out of the graph's pool, so a
+caller may keep them across steps (the next replay overwrites the pool).
+
+Anything the runner does not cover (a non-tensor input, a capture that fails, e.g. on a
+host sync inside the function) makes it run the function without graphs from then on,
+with a warning; results are the same, only slower.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+log = logging.getLogger("yirage_dynamo")
+
+# Re-captures after static-input address changes before graphs are given up for the
+# function (each one records a new graph; steady code keeps its addresses).
+MAX_CAPTURES = 8
+
+
+def is_static_input(t: Any) -> bool:
+    """Read in place by a captured graph: a parameter or a `mark_static_address` tensor."""
+    return isinstance(t, torch.nn.Parameter) or hasattr(t, "_dynamo_static_input_type")
+
+
+class CudaGraphRunner:
+    """Wraps a compiled function called as `fn(*args)` (or boxed, `fn(list)`)."""
+
+    def __init__(
+        self,
+        fn: Callable,
+        mutated_inputs: frozenset[int] = frozenset(),
+        check_parameters: bool = True,
+    ) -> None:
+        self.fn = fn
+        # `fn` is called the way the runner itself was: Dynamo calls with *args (a wrapped
+        # function's `_boxed_call` attribute, copied by functools.wraps, is not reliable),
+        # AOTAutograd-style callers pass one list.
+        self._boxed = False
+        self.mutated = mutated_inputs
+        # Frozen weights are constants of the compiled code, never read through the
+        # parameter inputs: their addresses need no check (Options.freeze's assumption).
+        self.check_parameters = check_parameters
+        self.calls = 0
+        self.captures = 0
+        self.disabled: str | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    # ------------------------------------------------------------------ calling
+    def __call__(self, *args: Any) -> Any:
+        self._boxed = len(args) == 1 and type(args[0]) is list
+        args = list(args[0]) if self._boxed else list(args)
+        self.calls += 1
+        if self.disabled is not None or self.calls == 1:
+            return self._eager(args)
+        if self.graph is None or not self._statics_unchanged(args):
+            if self.captures >= MAX_CAPTURES:
+                self._disable(f"static input addresses changed {self.captures} times")
+                return self._eager(args)
+            try:
+                self._capture(args)
+            except Exception as exc:  # noqa: BLE001 - graphs are an optimisation
+                _reset_capture_state()
+                self._disable(f"capture failed: {type(exc).__name__}: {exc}")
+                return self._eager(args)
+        return self._replay(args)
+
+    def _eager(self, args: list[Any]) -> Any:
+        return self.fn(args) if self._boxed else self.fn(*args)
+
+    def _disable(self, why: str) -> None:
+        log.warning("yirage: CUDA graphs off for this graph (%s); running without", why)
+        self.disabled = why
+        self.graph = None
+
+    # ------------------------------------------------------------------ capture
+    def _capture(self, args: list[Any]) -> None:
+        if any(not isinstance(a, torch.Tensor) for a in args):
+            raise TypeError("non-tensor graph input")
+        statics = [
+            i
+            for i, a in enumerate(args)
+            if is_static_input(a)
+            and (self.check_parameters or not isinstance(a, torch.nn.Parameter))
+        ]
+        static_set = set(statics)
+        copied = [i for i, a in enumerate(args) if i not in static_set and not _is_param(a)]
+        buffers = list(args)
+        for i in copied:
+            buffers[i] = torch.empty_strided(
+                args[i].shape, args[i].stride(), dtype=args[i].dtype, device=args[i].device
+            )
+            buffers[i].copy_(args[i])
+        self.graph = None  # the old graph and its pool go before the new one is recorded
+        graph = torch.cuda.CUDAGraph()
+        pool = torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, pool=pool):
+            call_args = list(buffers)
+            outs = self.fn(call_args) if self._boxed else self.fn(*call_args)
+        self.captures += 1
+        self.graph = graph
+        self.static_idx = statics
+        self.static_ptrs = [args[i].data_ptr() for i in statics]
+        self.copied = [(i, buffers[i]) for i in copied]
+        self.copy_back = [(i, buffers[i]) for i in copied if i in self.mutated]
+        self.outs = outs
+        # Outputs that view a static input stay valid after later replays; others live
+        # in the graph's pool and are handed out as copies.
+        static_storages = {args[i].untyped_storage().data_ptr() for i in statics}
+        flat = outs if isinstance(outs, list | tuple) else [outs]
+        self.clone_out = [
+            isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in static_storages
+            for o in flat
+        ]
+
+    def _statics_unchanged(self, args: Sequence[Any]) -> bool:
+        return [args[i].data_ptr() for i in self.static_idx] == self.static_ptrs
+
+    # ------------------------------------------------------------------ replay
+    def _replay(self, args: list[Any]) -> Any:
+        for i, buf in self.copied:
+            buf.copy_(args[i])
+        self.graph.replay()
+        for i, buf in self.copy_back:
+            args[i].copy_(buf)
+        outs = self.outs
+        flat = outs if isinstance(outs, list | tuple) else [outs]
+        fresh = [o.clone() if c else o for o, c in zip(flat, self.clone_out)]
+        if isinstance(outs, tuple):
+            return tuple(fresh)
+        if isinstance(outs, list):
+            return fresh
+        return fresh[0]
+
+
+def _reset_capture_state() -> None:
+    """After a failed capture, leave the CUDA RNG as a completed capture would.
+
+    A capture that errors ends without running the generators' capture epilogue, so the
+    default CUDA generator still believes it is being captured and every later random op
+    fails ("Offset increment outside graph capture"). An empty capture runs prologue and
+    epilogue once and puts it back."""
+    if not torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - the failed capture's error surfaces here, once
+        pass
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass
+    except Exception as exc:  # noqa: BLE001
+        log.warning("yirage: could not reset CUDA capture state: %s", exc)
+
+
+def _is_param(t: Any) -> bool:
+    return isinstance(t, torch.nn.Parameter)
