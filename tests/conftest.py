@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+needs_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() and importlib.util.find_spec("triton") is not None),
+    reason="needs a GPU and triton",
+)
+
+
+def cuda_tol(dtype: torch.dtype) -> dict[str, float]:
+    """assert_close tolerances for CUDA kernels vs references: bf16 within a couple of
+    rounding steps (2^-8 relative each; fused kernels may land one step away)."""
+    if dtype == torch.bfloat16:
+        return {"atol": 2e-2, "rtol": 1.6e-2}
+    return {"atol": 1e-5, "rtol": 1e-5}
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,211 @@
+"""CUDA end to end: our CUDA-graph runner, and HF Llama generate() vs eager.
+
+Everything here skips cleanly without a GPU (the runner's non-tensor fallback, which needs
+none, is in tests/test_cuda.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cuda_tol as _tol
+from conftest import needs_cuda, needs_triton
+
+pytestmark = pytest.mark.cuda
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+def _step(x, pos, cache, counter):
+    """A decode-step stand-in: writes x into a static cache at pos, bumps a (non-static)
+    counter in place, returns a fresh tensor and a view of the cache."""
+    cache.index_copy_(0, pos, x)
+    counter.add_(1)
+    return (x * 2 + cache.sum(0, keepdim=True), cache[:2])
+
+
+@needs_cuda
+def test_cuda_graph_runner_replays_with_new_inputs_and_in_place_updates():
+    from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
+
+    cache = torch.zeros(8, 4, device="cuda")
+    torch._dynamo.mark_static_address(cache)
+    ref_cache = cache.clone()
+    counter = torch.zeros(1, device="cuda")
+    runner = CudaGraphRunner(_step, mutated_inputs=frozenset({1, 2, 3}))
+    kept = []
+    for step in range(5):
+        x = torch.randn(1, 4, device="cuda")
+        pos = torch.tensor([step], device="cuda")
+        out, head = runner(x, pos, cache, counter)
+        ref_cache.index_copy_(0, pos, x)
+        torch.testing.assert_close(out, x * 2 + ref_cache.sum(0, keepdim=True))
+        torch.testing.assert_close(cache, ref_cache)
+        assert head.data_ptr() == cache.data_ptr()  # a view of the static input, not a copy
+        assert counter.item() == step + 1  # the non-static mutated input is copied back
+        kept.append((out, out.clone()))
+    # Call 1 ran eagerly, call 2 captured, later calls replayed the one graph.
+    assert runner.captures == 1 and runner.disabled is None
+    # Outputs handed out earlier are not overwritten by later replays.
+    for out, copy in kept:
+        torch.testing.assert_close(out, copy)
+
+
+@needs_cuda
+def test_cuda_graph_runner_recaptures_when_a_static_input_moves():
+    from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
+
+    runner = CudaGraphRunner(_step)
+    counter = torch.zeros(1, device="cuda")
+    for _ in range(2):
+        cache = torch.zeros(8, 4, device="cuda")
+        torch._dynamo.mark_static_address(cache)
+        for step in range(3):
+            x = torch.full((1, 4), float(step + 1), device="cuda")
+            runner(x, torch.tensor([step], device="cuda"), cache, counter)
+        # Each cache object got exactly the writes made with it.
+        torch.testing.assert_close(cache[:3, 0], torch.tensor([1.0, 2.0, 3.0], device="cuda"))
+    assert runner.captures == 2
+
+
+@needs_cuda
+def test_cuda_graph_runner_falls_back_without_graphs_when_capture_fails(caplog):
+    from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
+
+    def syncs(x):
+        return x * float(x.sum().item())  # a host sync: not capturable
+
+    runner = CudaGraphRunner(syncs)
+    for _ in range(3):
+        x = torch.randn(3, device="cuda")
+        torch.testing.assert_close(runner(x), x * x.sum())
+    assert runner.disabled and "capture failed" in runner.disabled
+    assert "CUDA graphs off" in caplog.text
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _tiny_llama(dtype):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        vocab_size=512,
+        max_position_embeddings=256,
+    )
+    return transformers.LlamaForCausalLM(cfg).to("cuda", dtype).eval()
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "dtype,kernels,graphs",
+    [
+        (torch.float32, "auto", "yirage"),
+        (torch.bfloat16, "auto", "yirage"),
+        (torch.bfloat16, "all", "yirage"),
+        (torch.bfloat16, "auto", "inductor"),
+    ],
+)
+def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(
+    dtype, kernels, graphs, monkeypatch
+):
+    import transformers
+
+    import yirage_dynamo
+
+    if graphs == "inductor":
+        monkeypatch.setenv("YIRAGE_CUDA_GRAPHS", "inductor")  # Inductor's CUDA-graph trees
+
+    model = _tiny_llama(dtype)
+    ids = torch.randint(3, 512, (1, 12), device="cuda")
+    gen = dict(max_new_tokens=16, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        ref = model.generate(
+            ids, disable_compile=True, output_logits=True, return_dict_in_generate=True, **gen
+        )
+    yirage_dynamo.clear_reports()
+    from yirage_dynamo.backend import yirage
+
+    # The callable, not the entry-point name: works without an installed dist-info too.
+    opts = {"fallback": "error", "cuda_kernels": kernels}
+    cc = transformers.CompileConfig(backend=yirage, mode=None, options=opts)
+    with torch.no_grad():
+        out = model.generate(
+            ids, compile_config=cc, output_logits=True, return_dict_in_generate=True, **gen
+        )
+        mems = []
+        for _ in range(4):
+            again = model.generate(ids, compile_config=cc, **gen)
+            torch.cuda.synchronize()
+            mems.append(torch.cuda.memory_allocated())
+            del again
+        again = model.generate(ids, compile_config=cc, **gen)
+    reports = yirage_dynamo.reports()
+    assert reports and all(r.lowering == "triton" and not r.fallbacks for r in reports)
+    decode = [r for r in reports if r.patterns.get("triton_attention")]
+    assert decode, [(r.patterns, r.rejected) for r in reports]
+    notes = [n for r in reports for n in r.notes]
+    if graphs == "inductor":
+        assert any("triton.cudagraphs=True" in n for n in notes)
+    else:
+        assert any("cuda graphs: yirage runner" in n for n in notes), notes
+    if kernels == "all":
+        assert any(r.patterns.get("triton_rotary") for r in reports)
+        # Decode GEMVs, per layer: q/k/v as one gemv3, gate/up + SiLU as one gemv_gated,
+        # o and down as gemv; plus lm_head. 2 layers: every projection substituted.
+        step = decode[-1].patterns
+        assert step.get("triton_gemv3") == 2, (step, decode[-1].rejected)
+        assert step.get("triton_gemv_gated") == 2, (step, decode[-1].rejected)
+        assert step.get("triton_gemv") == 2 * 2 + 1, (step, decode[-1].rejected)
+        # Both norms of each layer and the final one run as GEMV prologues; the o and
+        # down projections add the skip connection in their epilogue.
+        assert step.get("gemv_norm_prologue") == 2 * 2 + 1, (step, decode[-1].rejected)
+        assert step.get("gemv_residual_epilogue") == 2 * 2, (step, decode[-1].rejected)
+        # Each fused launch got a config measured for the fused kernel itself.
+        assert step.get("gemv_fused_retuned") == 2 * 4 + 1, (step, decode[-1].rejected)
+        assert not step.get("triton_rms_norm_residual") and not step.get("triton_rms_norm")
+    # Logits match eager at every step whose prefix tokens agree (bf16 greedy decoding
+    # may flip a near-tie, after which the sequences legitimately differ); fp32 agrees
+    # on every token.
+    if dtype == torch.float32:
+        assert torch.equal(out.sequences, ref.sequences)
+    prompt = ids.shape[1]
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        tol = _tol(dtype) if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
+        torch.testing.assert_close(a, b, **tol)
+        if not torch.equal(out.sequences[:, prompt + step], ref.sequences[:, prompt + step]):
+            break
+    assert torch.equal(again, out.sequences)
+    # Steady state: CUDA-graph replays allocate nothing new across generate() calls.
+    assert mems[-1] <= mems[-2] <= mems[-3], mems
+
+
+@needs_triton
+def test_llama_generate_dynamic_cache_matches_eager():
+    """HF's default cache (DynamicCache: K/V grow by cat, lengths symbolic after the first
+    recompile). The static-shape graphs (prefill, first decode step) run as CUDA graphs
+    whose K/V outputs HF keeps in its cache across calls: they must stay valid (under
+    Inductor's CUDA-graph trees the next replay overwrote them and reading raised)."""
+    import yirage_dynamo
+
+    model = _tiny_llama(torch.float32)
+    ids = torch.randint(3, 512, (1, 12), device="cuda")
+    gen = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(ids, **gen)
+        yirage_dynamo.clear_reports()
+        model.forward = torch.compile(
+            model.forward, backend="yirage", options={"fallback": "error"}
+        )
+        out = model.generate(ids, **gen)
+    reports = yirage_dynamo.reports()
+    assert reports and all(r.lowering == "triton" and not r.fallbacks for r in reports)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
