@@ -34,8 +34,8 @@ from torch.fx import Graph, GraphModule, Node
 from yirage_dynamo import ops
 
 from .c_attention_graph import output_views, strip_repeat_kv
-from .c_ops import KernelParam, RenderedKernel, Unsupported
-from .c_renderer import CRenderer
+from .c_ops import RenderedKernel, Unsupported
+from .c_renderer import CRenderer, Signature
 
 ATTENTION = ops.OPS["attention"]
 _FLOAT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -433,7 +433,6 @@ def outline_attention(gm: GraphModule, ctx: Any) -> int:
 def render_attention(region: GraphModule) -> RenderedKernel:
     """The kernel of a region made by `outline_attention` (see the module docstring)."""
     r = CRenderer()
-    r.symbols = set()
     nodes = list(region.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     # A cache grown by cat (HF's dynamic cache) has length s0 + s1: read it as one size.
@@ -469,32 +468,18 @@ def render_attention(region: GraphModule) -> RenderedKernel:
     mk = 0 if mask is None else (1 if mask.dtype == torch.bool else 2 + _FLOAT_KIND[mask.dtype])
     ck = 0 if cp is None else _CP_KIND[cp.dtype]
 
-    params: list[KernelParam] = []
-    sig: list[str] = []
-    c_types: list[str] = []
-    stride_checks: list[tuple[int, int, str]] = []
-    contiguous: list[int] = []
+    signature = Signature(r)
     ptr = {}
     for i, ph in enumerate(placeholders):
         pv = _val(ph)
         ct = _CP_STORAGE.get(pv.dtype) or ("bool" if pv.dtype == torch.bool else None)
-        ct = "const " + (ct or _STORAGE[pv.dtype]) + "*"
-        sig.append(f"{ct} __restrict__ p{i}")
-        c_types.append(ct)
-        params.append(KernelParam("tensor", i))
+        signature.tensor(i, pv, "const " + (ct or _STORAGE[pv.dtype]) + "*")
         ptr[ph] = f"p{i}"
-        r.note_layout(i, pv, stride_checks, contiguous)
-    sig.append(f"{_STORAGE[out.dtype]}* __restrict__ o0")
-    c_types.append(f"{_STORAGE[out.dtype]}*")
-    params.append(KernelParam("out", 0))
+    signature.output(0, f"{_STORAGE[out.dtype]}*")
     guards = []
     if not r.same(t, v.shape[2]):  # the kernel reads V over K's length (see why_not)
         guards.append(f"{r.py_size(t)} == {r.py_size(v.shape[2])}")
-    symbol_sources = r.find_symbols(placeholders)
-    for c_param, param in r.symbol_params():
-        sig.append(c_param)
-        c_types.append("int64_t")
-        params.append(param)
+    symbol_sources = signature.symbols(placeholders)
 
     def p(x: Any) -> str:
         return ptr[x] if isinstance(x, Node) else "nullptr"
@@ -506,7 +491,7 @@ def render_attention(region: GraphModule) -> RenderedKernel:
     )
     body = _IMPL + "\n".join(
         [
-            f'extern "C" void FUNC({", ".join(sig)}) {{',
+            f'extern "C" void FUNC({", ".join(signature.sig)}) {{',
             f"  const yattn::Geo g{{{init}}};",
             f"  yattn::run<{qk}, {mk}, {ck}, {hq // hkv}, {d}, {dv}>({call}, o0, {PARALLEL_WORK});",
             "}",
@@ -518,14 +503,14 @@ def render_attention(region: GraphModule) -> RenderedKernel:
     stride = "(" + "".join(r.py_size(x) + ", " for x in fv.stride()) + ")"
     return RenderedKernel(
         body=body,
-        params=params,
+        params=signature.params,
         outputs=[(shape, stride, out.dtype)],
         symbol_sources=symbol_sources,
         n_placeholders=len(placeholders),
         multi_output=False,
         origins=[f"{n.name}: {n.target}" for n in nodes if n.op == "call_function"],
-        stride_checks=stride_checks,
-        c_types=c_types,
-        contiguous_inputs=contiguous,
+        stride_checks=signature.stride_checks,
+        c_types=signature.c_types,
+        contiguous_inputs=signature.contiguous,
         guards=guards,
     )

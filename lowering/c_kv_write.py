@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from .c_ops import KernelParam, RenderedKernel, Unsupported
-from .c_renderer import CRenderer
+from .c_ops import RenderedKernel, Unsupported
+from .c_renderer import CRenderer, Signature
 
 aten = torch.ops.aten
 ENABLE_ENV = "YIRAGE_CPU_KV_WRITE"
@@ -267,27 +267,19 @@ def _make_region(
 def render_kv_write(region: GraphModule) -> RenderedKernel:
     """The kernel of a region made by `outline_kv_writes` (see the module docstring)."""
     r = CRenderer()
-    r.symbols = set()
     nodes = list(region.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     copies = [n for n in nodes if n.target is aten.index_copy_.default]
     bump = next((n for n in nodes if n.target is aten.add_.Tensor), None)
     ptr = {ph: f"p{i}" for i, ph in enumerate(placeholders)}
 
-    params: list[KernelParam] = []
-    sig: list[str] = []
-    c_types: list[str] = []
-    stride_checks: list[tuple[int, int, str]] = []
-    contiguous: list[int] = []
+    signature = Signature(r)
     for i, ph in enumerate(placeholders):
         pv = _val(ph)
         if pv.dtype not in _STORAGE:
             raise Unsupported(f"dtype {pv.dtype}")
-        ct = _STORAGE[pv.dtype] + "*"
-        sig.append(f"{ct} p{i}")  # no __restrict__: a source may view a cache
-        c_types.append(ct)
-        params.append(KernelParam("tensor", i))
-        r.note_layout(i, pv, stride_checks, contiguous)
+        # No __restrict__: a source may view a cache.
+        signature.tensor(i, pv, _STORAGE[pv.dtype] + "*", restrict=False)
 
     index = copies[0].args[2]
     n_idx = r.size(_val(index).shape[0])
@@ -333,23 +325,19 @@ def render_kv_write(region: GraphModule) -> RenderedKernel:
     if bump_line:
         body.append(bump_line)
     body.append("return 0;")
-    symbol_sources = r.find_symbols(placeholders)
-    for c_param, param in r.symbol_params():
-        sig.append(c_param)
-        c_types.append("int64_t")
-        params.append(param)
-    src = [f'extern "C" int64_t FUNC({", ".join(sig)}) {{']
+    symbol_sources = signature.symbols(placeholders)
+    src = [f'extern "C" int64_t FUNC({", ".join(signature.sig)}) {{']
     src += ["  " + ln for ln in body] + ["}", ""]
     return RenderedKernel(
         body="\n".join(src),
-        params=params,
+        params=signature.params,
         outputs=[],
         symbol_sources=symbol_sources,
         n_placeholders=len(placeholders),
         multi_output=False,
         origins=[f"{n.name}: {n.target}" for n in nodes if n.op == "call_function"],
-        stride_checks=stride_checks,
-        c_types=c_types,
-        contiguous_inputs=contiguous,
+        stride_checks=signature.stride_checks,
+        c_types=signature.c_types,
+        contiguous_inputs=signature.contiguous,
         returns_status=True,
     )

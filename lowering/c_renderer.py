@@ -30,6 +30,7 @@ Metal renderer can reuse the generator with different type names, pragmas and si
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
@@ -68,9 +69,44 @@ __all__ = [
     "CRenderer",
     "KernelParam",
     "RenderedKernel",
+    "Signature",
     "Unsupported",
     "op_key",
 ]
+
+
+@dataclasses.dataclass
+class Signature:
+    """The C parameters of a hand-written kernel (attention, KV write), built in order:
+    its input tensors, its outputs, then the size symbols it reads."""
+
+    renderer: CRenderer
+    sig: list[str] = dataclasses.field(default_factory=list)
+    c_types: list[str] = dataclasses.field(default_factory=list)
+    params: list[KernelParam] = dataclasses.field(default_factory=list)
+    stride_checks: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)
+    contiguous: list[int] = dataclasses.field(default_factory=list)
+
+    def tensor(self, i: int, v: torch.Tensor, ctype: str, restrict: bool = True) -> None:
+        """Input p{i}: a `ctype` pointer, with its layout checks at run time."""
+        self.sig.append(f"{ctype} __restrict__ p{i}" if restrict else f"{ctype} p{i}")
+        self.c_types.append(ctype)
+        self.params.append(KernelParam("tensor", i))
+        self.renderer.note_layout(i, v, self.stride_checks, self.contiguous)
+
+    def output(self, j: int, ctype: str) -> None:
+        self.sig.append(f"{ctype} __restrict__ o{j}")
+        self.c_types.append(ctype)
+        self.params.append(KernelParam("out", j))
+
+    def symbols(self, placeholders: list[Node]) -> dict[str, str]:
+        """Appends the size symbols as int64 parameters; returns where each is read."""
+        sources = self.renderer.find_symbols(placeholders)
+        for c_param, param in self.renderer.symbol_params():
+            self.sig.append(c_param)
+            self.c_types.append("int64_t")
+            self.params.append(param)
+        return sources
 
 
 class CRenderer(SizeMixin, ReductionMixin, ViewMixin):
@@ -78,6 +114,11 @@ class CRenderer(SizeMixin, ReductionMixin, ViewMixin):
 
     def __init__(self, lang: CLanguage = CPP) -> None:
         self.lang = lang
+        self.symbols: set[str] = set()
+        # Derived sizes (c_sizes.SizeMixin.bind_derived_sizes): symbol -> its replacement,
+        # derived symbol -> where the launcher reads it.
+        self.subst: dict[sympy.Symbol, sympy.Expr] = {}
+        self.derived: dict[str, str] = {}
         self._cpp = CppPrinter()
         self._py = PythonPrinter()
 

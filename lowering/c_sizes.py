@@ -19,15 +19,15 @@ from .c_ops import KernelParam, Unsupported, _val
 
 
 class SizeMixin:
-    """Needs `self.symbols` (set of symbol names), `self._cpp` / `self._py` (printers)
-    and `self.expr` (c_views.ViewMixin)."""
+    """Needs `self.symbols` (set of symbol names), `self.subst` / `self.derived` (empty
+    until bind_derived_sizes), `self._cpp` / `self._py` (printers) and `self.expr`
+    (c_views.ViewMixin)."""
 
     # -- sizes ---------------------------------------------------------------------------
     def _expr(self, s: torch.SymInt) -> sympy.Expr:
         """A size's expression, in the derived sizes where `bind_derived_sizes` made any."""
         expr = s.node.expr
-        subst = getattr(self, "subst", None)
-        return sympy.expand(expr.subs(subst)) if subst else expr
+        return sympy.expand(expr.subs(self.subst)) if self.subst else expr
 
     def bind_derived_sizes(self, placeholders: list[Node]) -> None:
         """Let input dims that are expressions stand for the symbols they hide.
@@ -40,8 +40,8 @@ class SizeMixin:
         still appears elsewhere stays missing, and find_symbols says so (the caller falls
         back)."""
         readable = set(self._bare_symbols(placeholders))
-        self.subst: dict[sympy.Symbol, sympy.Expr] = {}
-        self.derived: dict[str, str] = {}
+        self.subst = {}
+        self.derived = {}
         for i, n in enumerate(placeholders):
             v = _val(n)
             if not isinstance(v, torch.Tensor):
@@ -147,7 +147,7 @@ class SizeMixin:
     def find_symbols(self, placeholders: list[Node]) -> dict[str, str]:
         """Where the launcher reads each size symbol: an int argument or a tensor's size
         (or a dim that `bind_derived_sizes` turned into a symbol of its own)."""
-        found = {**self._bare_symbols(placeholders), **getattr(self, "derived", {})}
+        found = {**self._bare_symbols(placeholders), **self.derived}
         missing = self.symbols - set(found)
         if missing:
             raise Unsupported(f"size symbols {sorted(missing)} not readable from inputs")
