@@ -16,6 +16,8 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
                  not faster beyond noise; YIRAGE_INDUCTOR_CONFIG='{"combo_kernels": true}')
   yirage_trees   yirage replaying under Inductor's CUDA-graph trees instead of our runner
                  (YIRAGE_CUDA_GRAPHS=inductor)
+  yirage_whole   yirage compiling the graph whole instead of by its repeated decoder layers
+                 (YIRAGE_REGIONAL=0; yirage_dynamo/regional.py)
 
 HF compiles only the decode step (prefill runs eagerly in every variant). Reported per
 variant: decode tok/s and ms/token (from the difference between a full and a 1-token
@@ -82,6 +84,7 @@ ENV_VARIANTS = {
     "yirage_fuse": {"YIRAGE_CUDA_GEMV_FUSE": "on"},
     "yirage_combo": {"YIRAGE_INDUCTOR_CONFIG": '{"combo_kernels": true}'},
     "yirage_trees": {"YIRAGE_CUDA_GRAPHS": "inductor"},
+    "yirage_whole": {"YIRAGE_REGIONAL": "0"},
 }
 
 
@@ -331,6 +334,9 @@ def bench_shape(
 
     def one(name: str, runner: Runner, configs: dict, ref: dict | None) -> dict[str, Any]:
         print(f"[{key}] {name} ...", file=sys.stderr, flush=True)
+        import yirage_dynamo
+
+        n_reports = len(yirage_dynamo.reports())
         try:
             res = run_variant(runner, name, configs[name], repeats)
         except Exception as exc:  # noqa: BLE001 - a failing variant is reported, not fatal
@@ -348,8 +354,14 @@ def bench_shape(
         if name.startswith("yirage"):
             import yirage_dynamo
 
-            reps = [r for r in yirage_dynamo.reports() if r.lowering]
+            reps = [r for r in yirage_dynamo.reports()[n_reports:] if r.lowering]
             res["report"] = str(reps[-1]) if reps else ""
+            if len(reps) > 1:  # regional pieces: where each piece's compile time went
+                res["report"] += "\n" + "\n".join(
+                    f"  piece graph {r.graph_id}: nodes {r.nodes_in}, "
+                    + ", ".join(f"{k} {v:.2f}s" for k, v in r.stages.items() if v > 0.05)
+                    for r in reps
+                )
             res["fallbacks"] = [f.reason for r in reps for f in r.fallbacks]
         return res
 

@@ -124,6 +124,22 @@ class Lowering:
         callable; None (the default) means: use the backend's AOT capture and `lower`."""
         return None
 
+    # Regional compilation (yirage_dynamo/regional.py): False, a repeated block's program
+    # is re-armed with each repeat's frozen weights; True, one callable serves every repeat
+    # (its weights are inputs).
+    reuses_block_programs: bool = False
+
+    def regional_options(self, options: Any, shared: bool) -> Any:
+        """Options for one piece of a regionally compiled graph (`shared`: a repeated block)."""
+        return options
+
+    def finish_regional(
+        self, fn: Callable, example_inputs: list[Any], options: Any, mutated: frozenset[int]
+    ) -> Callable:
+        """Wrap the stitched pieces of a regionally compiled graph (e.g. in a CUDA graph);
+        `mutated`: the graph inputs some piece may write."""
+        return fn
+
     def render(self, region: GraphModule, name: str) -> KernelSource:
         raise NotImplementedError(f"the {self.name} lowering generates no kernels")
 

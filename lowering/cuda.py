@@ -122,16 +122,42 @@ class TritonLowering(Lowering):
         # yirage passes: its key does not cover our inner_compile. Off, for this call only.
         with report.stage("inductor"), torch._functorch.config.patch(enable_autograd_cache=False):
             fn = compile_fx(_structural_copy(gm), example_inputs, inner, patches)
-        if not runner:
-            return fn
-        from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
-
         n_in, mutated = inner.mutations or (-1, frozenset())
         if n_in != len(example_inputs):
-            # AOTAutograd's inputs are not Dynamo's one to one: copy back every copied input.
+            # AOTAutograd's inputs are not Dynamo's one to one: assume every input mutated.
             mutated = frozenset(range(len(example_inputs)))
+        if not runner:
+            # What a regional piece tells the runner around the stitched graph.
+            fn.mutated_inputs = mutated
+            return fn
         report.notes.append(f"cuda graphs: yirage runner (mutated inputs {sorted(mutated)})")
-        return CudaGraphRunner(fn, mutated, check_parameters=not options.freeze)
+        return _runner(fn, mutated, options)
+
+    # Regional compilation: one Inductor compile of a repeated block serves every layer,
+    # so its weights stay graph inputs (frozen, they would be layer 0's constants), and
+    # CUDA graphs capture the stitched step as a whole rather than each piece.
+    reuses_block_programs = True
+
+    def regional_options(self, options: Any, shared: bool) -> Any:
+        return dataclasses.replace(options, cudagraphs=False, freeze=options.freeze and not shared)
+
+    def finish_regional(
+        self, fn: Callable, example_inputs: list[Any], options: Any, mutated: frozenset[int]
+    ) -> Callable:
+        from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
+
+        on, _ = wants_cudagraphs(options, example_inputs)
+        if not (on and _own_cuda_graphs(example_inputs)):
+            return fn
+        # The shared pieces read weights through their parameter inputs: check them.
+        return CudaGraphRunner(fn, mutated, check_parameters=True)
+
+
+def _runner(fn: Callable, mutated: frozenset[int], options: Any) -> Callable:
+    from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
+
+    # Frozen weights are constants: their parameter inputs need no address check.
+    return CudaGraphRunner(fn, mutated, check_parameters=not options.freeze)
 
 
 CUDA_GRAPHS_ENV = "YIRAGE_CUDA_GRAPHS"
@@ -312,6 +338,7 @@ class _InnerCompile:
             cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
             cuda_ops.substitute(gm, ctx, inline)
             cuda_ops.decompose_for_inductor(gm, ctx)
+            cuda_gemv.release_rotation_pads()
             gm.graph.lint()
             gm.recompile()
         report.nodes_out = count_nodes(gm)

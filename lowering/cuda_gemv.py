@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -71,7 +72,58 @@ def _strip_views(node: Any) -> Any:
     return node
 
 
-def _gemv_operands(gm: GraphModule, node: Node) -> tuple[Node, Node, Any, torch.Tensor] | str:
+def _weight_value(gm: GraphModule, w: Any, ctx: PassContext | None) -> torch.Tensor | None:
+    """The real W^T a GEMV would read: a frozen constant (get_attr), or the transpose of
+    a parameter input (an unfrozen graph: a regional piece that every layer calls)."""
+    if not isinstance(w, Node):
+        return None
+    if w.op == "get_attr":
+        real = getattr(gm, w.target, None)
+        return real if isinstance(real, torch.Tensor) else None
+    aten = torch.ops.aten
+    transposed = w.target is aten.t.default or (
+        w.target is aten.permute.default and list(w.args[1]) == [1, 0]
+    )
+    if not transposed or ctx is None or ctx.real_inputs is None:
+        return None
+    index = _parameter_index(gm, w)
+    real = ctx.real_inputs[index] if index is not None and index < len(ctx.real_inputs) else None
+    if not isinstance(real, torch.nn.Parameter) or index in ctx.mutated_inputs:
+        return None
+    return real.detach().t()
+
+
+def _parameter_index(gm: GraphModule, w: Node) -> int | None:
+    """Input position of the parameter that `w` (a transpose of a placeholder) views."""
+    p = w.args[0] if w.args else None
+    if not isinstance(p, Node) or p.op != "placeholder":
+        return None
+    return [n for n in gm.graph.nodes if n.op == "placeholder"].index(p)
+
+
+def _sibling_weights(gm: GraphModule, w: Node, real: torch.Tensor) -> list[torch.Tensor]:
+    """The same weight of the block's other repeats (a regional piece compiled once for
+    every layer, yirage_dynamo/regional.py): the measurement rotates through them, as
+    the whole model's GEMVs do, instead of through temporary copies."""
+    from yirage_dynamo.regional import SIBLING_INPUTS
+
+    siblings = SIBLING_INPUTS.get()
+    index = _parameter_index(gm, w) if w.op != "get_attr" else None
+    if not siblings or index is None:
+        return []
+    out = []
+    for inputs in siblings:
+        t = inputs[index] if index < len(inputs) else None
+        if isinstance(t, torch.Tensor) and t.dim() == 2:
+            t = t.detach().t()
+            if t.shape == real.shape and t.dtype == real.dtype and t.stride() == real.stride():
+                out.append(t)
+    return out
+
+
+def _gemv_operands(
+    gm: GraphModule, node: Node, ctx: PassContext | None = None
+) -> tuple[Node, Node, Any, torch.Tensor] | str:
     """(x, w_t, bias, real w_t) of an eligible decode-shaped mm/addmm node, or why not."""
     aten = torch.ops.aten
     if node.target is aten.mm.default and len(node.args) == 2 and not node.kwargs:
@@ -90,10 +142,10 @@ def _gemv_operands(gm: GraphModule, node: Node) -> tuple[Node, Node, Any, torch.
     m, k = xv.shape
     if m > GEMV_MAX_M:
         return f"M={m} > {GEMV_MAX_M} (a GEMM)"
-    if not isinstance(w, Node) or w.op != "get_attr":
-        return "weight is not a frozen constant"
-    real = getattr(gm, w.target, None)
-    if not isinstance(real, torch.Tensor) or real.device.type != _GEMV_DEVICE or real.dim() != 2:
+    real = _weight_value(gm, w, ctx)
+    if real is None:
+        return "weight is neither a frozen constant nor the transpose of a parameter"
+    if real.device.type != _GEMV_DEVICE or real.dim() != 2:
         return "weight is not a 2-D CUDA constant"
     if real.dtype != xv.dtype or real.shape[0] != k:
         return "weight dtype/shape differs"
@@ -115,16 +167,43 @@ def _time_rotating(fns: list[Callable[[], Any]], reps: int = 5) -> float:
     return _time(lambda: [f() for f in fns], reps=reps) / len(fns)
 
 
-def _rotation(weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Enough of the graph's own weights of one shape to exceed 2x L2 (no new memory)."""
+def _rotation_groups(groups: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+    """Enough of the graph's own weight groups (one launch's weights each) to exceed 2x L2,
+    padded with temporary random groups shaped like the first where the graph has too few
+    (one decoder layer compiled on its own: its small K/V projections would sit in L2)."""
     l2 = getattr(torch.cuda.get_device_properties(), "L2_cache_size", 50 << 20) or (50 << 20)
-    out, total = [], 0
-    for w in weights[:_GEMV_MAX_WEIGHTS]:
-        out.append(w)
-        total += w.numel() * w.element_size()
-        if total >= 2 * l2 and len(out) >= 2:
-            break
+    size = sum(w.numel() * w.element_size() for w in groups[0])
+    out = list(groups[: max(2, math.ceil(2 * l2 / max(size, 1)))][:_GEMV_MAX_WEIGHTS])
+    need = min(_GEMV_MAX_WEIGHTS, math.ceil(2 * l2 / max(size, 1))) - len(out)
+    if need > 0:
+        # Made once per group shape and kept until the graph's search ends (every config
+        # measures against the same ones): W^T views of [N, K] matrices, like the weights.
+        key = tuple((tuple(w.shape), w.dtype, w.device) for w in groups[0])
+        with _PADS_LOCK:  # candidates are warmed up from several threads at once
+            if key not in _PADS:
+                _PADS[key] = [_random_like(groups[0]) for _ in range(need)]
+            out.extend(_PADS[key][:need])
     return out
+
+
+def _random_like(group: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(w.shape[::-1], dtype=w.dtype, device=w.device).t() for w in group)
+
+
+# Temporary random weight groups of `_rotation_groups`, by group shape; released by
+# `release_rotation_pads` once a graph's config search is done (compile time only).
+_PADS: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+_PADS_LOCK = threading.Lock()
+
+
+def release_rotation_pads() -> None:
+    with _PADS_LOCK:
+        _PADS.clear()
+
+
+def _rotation(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`_rotation_groups` of single weights."""
+    return [g[0] for g in _rotation_groups([(w,) for w in weights])]
 
 
 def _gemv_mode(ctx: PassContext) -> str:
@@ -161,7 +240,12 @@ def _pick_gemv(
 
         return bench
 
-    return tuner.pick(kernel, {**dims, "vs": "aten" if mode == "auto" else "-"}, cands, make_bench)
+    def warm(cfg: Mapping[str, Any]) -> None:
+        if cfg["impl"] != "aten":
+            ours(cfg)[0]()  # compiles this config (the launch itself is incidental)
+
+    dims = {**dims, "vs": "aten" if mode == "auto" else "-"}
+    return tuner.pick(kernel, dims, cands, make_bench, warm)
 
 
 def _gemv_dims(m: int, n: int, k: int, dtype: torch.dtype, **extra: Any) -> dict[str, Any]:
@@ -212,13 +296,15 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
     by_shape: dict[tuple, list[torch.Tensor]] = {}
     ops: dict[Node, tuple] = {}
     for node in mms:
-        got = _gemv_operands(gm, node)
+        got = _gemv_operands(gm, node, ctx)
         if isinstance(got, str):
             if "GEMM" not in got:
                 report.reject("triton_gemv", f"{node.name}: {got}; ATen runs")
             continue
         ops[node] = got
-        by_shape.setdefault((tuple(got[3].shape), got[3].dtype), []).append(got[3])
+        same = by_shape.setdefault((tuple(got[3].shape), got[3].dtype), [])
+        same.append(got[3])
+        same.extend(_sibling_weights(gm, got[1], got[3]))
 
     # Gated MLP: act(mm(x, Wg)) * mm(x, Wu) -> one kernel.
     gated = [
@@ -336,7 +422,10 @@ def _substitute_gemv3(
     by_sig: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
     for nodes in groups:
         reals = tuple(ops[n][3] for n in nodes)
-        by_sig.setdefault(tuple((tuple(r.shape), r.dtype) for r in reals), []).append(reals)
+        same = by_sig.setdefault(tuple((tuple(r.shape), r.dtype) for r in reals), [])
+        same.append(reals)
+        # The other layers' q/k/v of a regional piece, triple by triple.
+        same.extend(zip(*(_sibling_weights(gm, ops[n][1], ops[n][3]) for n in nodes)))
     count = 0
     for nodes in groups:
         x = ops[nodes[0]][0]
@@ -347,8 +436,7 @@ def _substitute_gemv3(
         triples = by_sig[sig]
 
         def rotation(triples=triples):
-            flat = _rotation([w for t in triples for w in t])
-            return [tuple(flat[i : i + 3]) for i in range(0, len(flat) - 2, 3)] or triples[:1]
+            return _rotation_groups(list(triples))
 
         def ours(cfg, m=m, kk=kk, dtype=dtype, rotation=rotation):
             xs = _rand((m, kk), dtype)

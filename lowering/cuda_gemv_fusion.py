@@ -52,7 +52,7 @@ from .cuda_gemv import (
     _gemv_candidates,
     _gemv_dims,
     _is_view,
-    _rotation,
+    _rotation_groups,
     _time_rotating,
 )
 from .cuda_ops import _args, _kernels, _rand, _Tuner, _val
@@ -126,15 +126,12 @@ def _residual_stream(gm: GraphModule, rn: Node) -> Node:
     return h
 
 
-_GEMV_OPS = ("gemv", "gemv3", "gemv_gated")
-
-
 def fuse_norm_prologues(gm: GraphModule, ctx: PassContext) -> int:
     """gemv*(view(rms_norm(h, w, eps))) -> gemv*(view(h), norm_weight=w, eps=eps)."""
     count = 0
     streams: dict[Node, Node] = {}
     for g in list(gm.graph.nodes):
-        if not any(_is_op(g, "yirage_cuda", op) for op in _GEMV_OPS) or "norm_weight" in g.kwargs:
+        if not _fusible_gemv(g) or "norm_weight" in g.kwargs:
             continue
         src = _source(g.args[0])
         rn = _norm_of(src)
@@ -192,7 +189,7 @@ def fuse_residual_epilogues(gm: GraphModule, ctx: PassContext) -> int:
         for gi in (1, 0):
             src = _source(add.args[gi])
             r = add.args[1 - gi]
-            if _is_op(src, "yirage_cuda", "gemv") and len(src.users) == 1:
+            if _is_op(src, "yirage_cuda", "gemv") and _fusible_gemv(src) and len(src.users) == 1:
                 break
         else:
             continue
@@ -229,6 +226,14 @@ _WEIGHTS = {"gemv": 1, "gemv_gated": 2, "gemv3": 3}
 _CFG_AT = {"gemv": 3, "gemv_gated": 4, "gemv3": 4}
 
 
+def _fusible_gemv(g: Node) -> bool:
+    """A GEMV launch over frozen weights (get_attr operands): the only kind retuned here."""
+    if not any(_is_op(g, "yirage_cuda", op) for op in _WEIGHTS):
+        return False
+    ws = g.args[1 : 1 + _WEIGHTS[g.target._opname]]
+    return all(isinstance(w, Node) and w.op == "get_attr" for w in ws)
+
+
 def _weights(gm: GraphModule, g: Node) -> tuple[torch.Tensor, ...]:
     """The frozen weight tensors a GEMV launch reads (its get_attr operands)."""
     return tuple(getattr(gm, w.target) for w in g.args[1 : 1 + _WEIGHTS[g.target._opname]])
@@ -248,11 +253,7 @@ def retune_fused(gm: GraphModule, ctx: PassContext) -> int:
     """
     k_ = _kernels()
     tuner = _Tuner(ctx)
-    fused = [
-        g
-        for g in gm.graph.nodes
-        if g.meta.get("yirage_fused") and any(_is_op(g, "yirage_cuda", op) for op in _WEIGHTS)
-    ]
+    fused = [g for g in gm.graph.nodes if g.meta.get("yirage_fused") and _fusible_gemv(g)]
     # Same-shape weight groups of this graph, for the rotation that defeats L2 (as in
     # cuda_gemv): each launch reads a different layer's weights, as the model does.
     pools: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
@@ -279,12 +280,9 @@ def retune_fused(gm: GraphModule, ctx: PassContext) -> int:
                 kw["residual"] = _rand((m, n), dtype)
             if name == "gemv" and extra[0] is not None:
                 extra = (_rand((n,), dtype),)
-            flat = _rotation([w for ws in pool for w in ws])
-            groups = [tuple(flat[i : i + nw]) for i in range(0, len(flat) - nw + 1, nw)]
+            groups = _rotation_groups([tuple(ws) for ws in pool])
             fn = getattr(k_, name)
-            return [
-                (lambda ws=ws: fn(xs, *ws, *extra, *_cfg(cfg), **kw)) for ws in groups or pool[:1]
-            ]
+            return [(lambda ws=ws: fn(xs, *ws, *extra, *_cfg(cfg), **kw)) for ws in groups]
 
         ns = "-".join(str(r.shape[1]) for r in reals)
         flags = {

@@ -83,7 +83,10 @@ class _Tuner:
         dims: Mapping[str, Any],
         candidates: list[dict[str, Any]],
         make_bench: Callable[[], Callable[[Mapping[str, Any]], float]] | None,
+        warm: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
+        """`warm(cfg)`: compile one candidate; on a cache miss all are compiled at once
+        (threads: Triton's compile waits on ptxas) before any is measured."""
         if make_bench is None:  # symbolic sizes: nothing to measure on
             return candidates[0]
         key = shape_key(kernel, self.gpu, **dims)
@@ -95,7 +98,7 @@ class _Tuner:
                 bench = make_bench()
             return bench(cfg)
 
-        return strip(search(self.cache, key, candidates, lazy_bench, self.stats))
+        return strip(search(self.cache, key, candidates, lazy_bench, self.stats, warm))
 
 
 @functools.cache

@@ -196,7 +196,7 @@ def freeze_parameters(gm: GraphModule, ctx: PassContext) -> int:
     its real input is an nn.Parameter whose fake value agrees in shape/dtype, and the
     graph does not mutate it.
     """
-    if not ctx.inference or ctx.real_inputs is None:
+    if not ctx.inference or ctx.real_inputs is None or not ctx.options.freeze:
         return 0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(ctx.real_inputs):

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule
+from torch.multiprocessing.reductions import StorageWeakRef
 from yirage_dynamo.passes.freezing import (
     MAX_LITERAL_BYTES,
     Recipe,
@@ -72,9 +73,11 @@ def _input_meta(t: Any, storages: dict[int, int], i: int) -> tuple:
     sizes = (*t.shape, *t.stride(), t.storage_offset())
     if not all(type(s) is int for s in sizes):
         raise _Uncacheable("dynamic shapes")
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+    fake = isinstance(t, torch._subclasses.FakeTensor)  # a regional piece's intermediate
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and not fake:
         raise _Uncacheable(f"input {i} is a tensor subclass {type(t).__name__}")
-    storage = storages.setdefault(t.untyped_storage().data_ptr(), i) if t.numel() else i
+    storage_id = StorageWeakRef(t.untyped_storage()).cdata
+    storage = storages.setdefault(storage_id, i) if t.numel() else i
     return (
         isinstance(t, torch.nn.Parameter),
         tuple(t.shape),
@@ -92,12 +95,13 @@ class _Uncacheable(Exception):
 
 
 def graph_key(
-    gm: GraphModule, example_inputs: list[Any], options: Any, lowering: Any
+    gm: GraphModule, example_inputs: list[Any], options: Any, lowering: Any, disk: bool = True
 ) -> tuple[str | None, str]:
-    """(key, "") for a cacheable graph, else (None, why not)."""
-    if not options.graph_cache:
+    """(key, "") for a cacheable graph, else (None, why not). `disk=False`: a key for
+    sharing within this process (regional pieces), whatever the on-disk cache options."""
+    if disk and not options.graph_cache:
         return None, "graph_cache=False"
-    if options.debug:
+    if disk and options.debug:
         return None, "debug dumps need a full compile"
     try:
         if torch.is_grad_enabled() and any(
@@ -162,21 +166,21 @@ def aot_passthrough(gm: GraphModule, n_dynamo_inputs: int, n_dynamo_outputs: int
     return ""
 
 
-def store(key: str, options: Any, ctx: Any, gm: GraphModule, n_inputs: int) -> str:
-    """Write the entry for a compiled graph; "" on success, else why it was not stored."""
+def make_entry(ctx: Any, gm: GraphModule, n_inputs: int) -> tuple[dict | None, str]:
+    """(the cache entry of a compiled graph, "") or (None, why it cannot be re-armed)."""
     if ctx.artifacts.get("uncacheable"):
-        return ctx.artifacts["uncacheable"]
+        return None, ctx.artifacts["uncacheable"]
     wrapper = ctx.artifacts.get("wrapper")
     if wrapper is None:
-        return "no generated wrapper"
+        return None, "no generated wrapper"
     constants: dict[str, Any] = {}
     for name, spec in wrapper["specs"].items():
         if spec is None:
-            return f"wrapper global {name} cannot be described"
+            return None, f"wrapper global {name} cannot be described"
         if spec[0] == "const":
             recipe = constant_recipe(gm, spec[1])
             if recipe is None:
-                return f"constant {spec[1]} has no recipe"
+                return None, f"constant {spec[1]} has no recipe"
             constants[spec[1]] = recipe
     r = ctx.report
     entry = {
@@ -196,6 +200,11 @@ def store(key: str, options: Any, ctx: Any, gm: GraphModule, n_inputs: int) -> s
             "nodes_out": r.nodes_out,
         },
     }
+    return entry, ""
+
+
+def write(key: str, options: Any, entry: dict) -> str:
+    """Write an entry to the on-disk cache; "" on success, else why it was not stored."""
     try:
         payload = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001 - an unpicklable piece: just do not cache
@@ -238,7 +247,22 @@ def load(
 ) -> Callable | None:
     """The boxed wrapper of a cached graph, re-armed with these inputs' weights, or None."""
     entry = _read(_entry_path(options, key))
-    if entry is None or entry["n_inputs"] != len(example_inputs):
+    if entry is None:
+        return None
+    return arm(entry, options, example_inputs, lowering, report)
+
+
+def arm(
+    entry: dict,
+    options: Any,
+    example_inputs: list[Any],
+    lowering: Any,
+    report: Any,
+    arena: Any = None,
+) -> Callable | None:
+    """An entry's program armed with these inputs' weights (`arena`: share one from an
+    earlier arming of the same entry: regional pieces run one at a time)."""
+    if entry["n_inputs"] != len(example_inputs):
         return None
     from yirage_dynamo.runtime import cpp_build
     from yirage_dynamo.runtime.wrapper import exec_wrapper
@@ -292,7 +316,7 @@ def load(
         else:
             return None
     w = entry["wrapper"]
-    run = exec_wrapper(w["source"], globals_, w["plan"], w["stable"])
+    run = exec_wrapper(w["source"], globals_, w["plan"], w["stable"], arena)
     run.mutated_inputs = frozenset(entry["mutated"])
     stored = entry["report"]
     report.patterns.update(stored["patterns"])

@@ -343,8 +343,11 @@ def build_wrapper(gm: GraphModule, ctx: Any, kernels: dict[str, Callable]) -> Ca
     return run
 
 
-def exec_wrapper(source: str, globals_: dict[str, Any], plan: Any, stable: bool) -> Callable:
-    """Execute generated wrapper source with its globals; the boxed `run(args)`."""
+def exec_wrapper(
+    source: str, globals_: dict[str, Any], plan: Any, stable: bool, arena: Any = None
+) -> Callable:
+    """Execute generated wrapper source with its globals; the boxed `run(args)`.
+    `arena`: the PlannedViews of another instance of the same program to share."""
     from yirage_dynamo.runtime.arena import PlannedViews
 
     digest = hashlib.sha256(source.encode()).hexdigest()[:10]
@@ -352,7 +355,7 @@ def exec_wrapper(source: str, globals_: dict[str, Any], plan: Any, stable: bool)
     namespace["_profiler"] = torch.autograd.profiler
     namespace["_record_function"] = torch.profiler.record_function
     if plan is not None:
-        namespace["_arena"] = PlannedViews(plan, stable=stable)
+        namespace["_arena"] = arena if arena is not None else PlannedViews(plan, stable=stable)
     # The whole call is one range too; its children are the per-node ranges, which is
     # how profiling.kernel_time_table tells our calls apart from other annotations.
     namespace["_wrapper_range"] = f"[yirage] wrapper_{digest}"

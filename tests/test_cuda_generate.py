@@ -87,12 +87,12 @@ def test_cuda_graph_runner_falls_back_without_graphs_when_capture_fails(caplog):
 # --------------------------------------------------------------------------- end to end
 
 
-def _tiny_llama(dtype):
+def _tiny_llama(dtype, layers=2):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         hidden_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=2,
         intermediate_size=512,
@@ -100,6 +100,46 @@ def _tiny_llama(dtype):
         max_position_embeddings=256,
     )
     return transformers.LlamaForCausalLM(cfg).to("cuda", dtype).eval()
+
+
+def _eager_then_compiled(model, ids, gen: dict, opts: dict, repeats: int):
+    """(eager result, first compiled result, memory after each of `repeats` more compiled
+    calls, the last one's sequences); both first results with logits."""
+    import transformers
+
+    import yirage_dynamo
+    from yirage_dynamo.backend import yirage
+
+    with torch.no_grad():
+        ref = model.generate(
+            ids, disable_compile=True, output_logits=True, return_dict_in_generate=True, **gen
+        )
+    yirage_dynamo.clear_reports()
+    # The callable, not the entry-point name: works without an installed dist-info too.
+    cc = transformers.CompileConfig(backend=yirage, mode=None, options=opts)
+    with torch.no_grad():
+        out = model.generate(
+            ids, compile_config=cc, output_logits=True, return_dict_in_generate=True, **gen
+        )
+        mems, last = [], None
+        for _ in range(repeats):
+            last = model.generate(ids, compile_config=cc, **gen)
+            torch.cuda.synchronize()
+            mems.append(torch.cuda.memory_allocated())
+    return ref, out, mems, last
+
+
+def _assert_matches_eager(out, ref, prompt: int, dtype: torch.dtype) -> None:
+    """Logits match eager at every step whose prefix tokens agree (bf16 greedy decoding
+    may flip a near-tie, after which the sequences legitimately differ); fp32 agrees on
+    every token."""
+    if dtype == torch.float32:
+        assert torch.equal(out.sequences, ref.sequences)
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        tol = _tol(dtype) if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
+        torch.testing.assert_close(a, b, **tol)
+        if not torch.equal(out.sequences[:, prompt + step], ref.sequences[:, prompt + step]):
+            break
 
 
 @needs_triton
@@ -115,8 +155,6 @@ def _tiny_llama(dtype):
 def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(
     dtype, kernels, graphs, monkeypatch
 ):
-    import transformers
-
     import yirage_dynamo
 
     if graphs == "inductor":
@@ -125,27 +163,8 @@ def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(
     model = _tiny_llama(dtype)
     ids = torch.randint(3, 512, (1, 12), device="cuda")
     gen = dict(max_new_tokens=16, do_sample=False, cache_implementation="static")
-    with torch.no_grad():
-        ref = model.generate(
-            ids, disable_compile=True, output_logits=True, return_dict_in_generate=True, **gen
-        )
-    yirage_dynamo.clear_reports()
-    from yirage_dynamo.backend import yirage
-
-    # The callable, not the entry-point name: works without an installed dist-info too.
     opts = {"fallback": "error", "cuda_kernels": kernels}
-    cc = transformers.CompileConfig(backend=yirage, mode=None, options=opts)
-    with torch.no_grad():
-        out = model.generate(
-            ids, compile_config=cc, output_logits=True, return_dict_in_generate=True, **gen
-        )
-        mems = []
-        for _ in range(4):
-            again = model.generate(ids, compile_config=cc, **gen)
-            torch.cuda.synchronize()
-            mems.append(torch.cuda.memory_allocated())
-            del again
-        again = model.generate(ids, compile_config=cc, **gen)
+    ref, out, mems, again = _eager_then_compiled(model, ids, gen, opts, repeats=4)
     reports = yirage_dynamo.reports()
     assert reports and all(r.lowering == "triton" and not r.fallbacks for r in reports)
     decode = [r for r in reports if r.patterns.get("triton_attention")]
@@ -170,17 +189,7 @@ def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(
         # Each fused launch got a config measured for the fused kernel itself.
         assert step.get("gemv_fused_retuned") == 2 * 4 + 1, (step, decode[-1].rejected)
         assert not step.get("triton_rms_norm_residual") and not step.get("triton_rms_norm")
-    # Logits match eager at every step whose prefix tokens agree (bf16 greedy decoding
-    # may flip a near-tie, after which the sequences legitimately differ); fp32 agrees
-    # on every token.
-    if dtype == torch.float32:
-        assert torch.equal(out.sequences, ref.sequences)
-    prompt = ids.shape[1]
-    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
-        tol = _tol(dtype) if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
-        torch.testing.assert_close(a, b, **tol)
-        if not torch.equal(out.sequences[:, prompt + step], ref.sequences[:, prompt + step]):
-            break
+    _assert_matches_eager(out, ref, ids.shape[1], dtype)
     assert torch.equal(again, out.sequences)
     # Steady state: CUDA-graph replays allocate nothing new across generate() calls.
     assert mems[-1] <= mems[-2] <= mems[-3], mems
@@ -209,3 +218,30 @@ def test_llama_generate_dynamic_cache_matches_eager():
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,kernels", [(torch.float32, "auto"), (torch.bfloat16, "all")])
+def test_llama_generate_by_repeated_layers_matches_eager(dtype, kernels):
+    """Regional compilation on CUDA: of 4 layers, layers 1-3 share one Inductor compile
+    (weights as graph inputs, decode GEMVs reading them), and the stitched decode step
+    replays as one CUDA graph: same results as eager, no memory growth across calls."""
+    import yirage_dynamo
+
+    model = _tiny_llama(dtype, layers=4)
+    ids = torch.randint(3, 512, (1, 12), device="cuda")
+    gen = dict(max_new_tokens=12, do_sample=False, cache_implementation="static")
+    opts = {"fallback": "error", "cuda_kernels": kernels}
+    ref, out, mems, _ = _eager_then_compiled(model, ids, gen, opts, repeats=3)
+    reports = yirage_dynamo.reports()
+    assert reports and all(r.lowering == "triton" and not r.fallbacks for r in reports)
+    notes = [n for r in reports for n in r.notes]
+    assert any("regional: 6 pieces, 4 compiled, 2 reusing" in n for n in notes), notes
+    assert any("CudaGraphRunner" in n for n in notes), notes
+    if kernels == "all":
+        # Layer 0 (frozen weights) and the shared layer program (weights as inputs) each
+        # run q/k/v as one GEMV launch.
+        gemv3 = [r.patterns.get("triton_gemv3", 0) for r in reports]
+        assert gemv3.count(1) == 2, [(r.patterns, r.rejected) for r in reports]
+    _assert_matches_eager(out, ref, ids.shape[1], dtype)
+    assert mems[-1] <= mems[-2], mems

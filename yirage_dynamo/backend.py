@@ -51,6 +51,25 @@ def yirage(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Cal
 
 
 def compile_dynamo_graph(gm: GraphModule, example_inputs: list[Any], options: Options) -> Callable:
+    """Compile one Dynamo graph: by its repeated blocks where that applies
+    (yirage_dynamo/regional.py), else as one graph."""
+    if options.regional:
+        from yirage_dynamo import regional_backend
+
+        fn = regional_backend.compile_by_blocks(gm, example_inputs, options)
+        if fn is not None:
+            return fn
+    return compile_whole_graph(gm, example_inputs, options)
+
+
+def compile_whole_graph(
+    gm: GraphModule,
+    example_inputs: list[Any],
+    options: Options,
+    programs: dict[str, Any] | None = None,
+) -> Callable:
+    """`programs`: in-memory programs of this Dynamo graph's regional pieces, by graph
+    key; a piece whose key is there re-arms that program instead of compiling."""
     start = time.perf_counter()
     report = CompileReport(mode=options.mode)
     # Dynamo traced this frame before calling us: take that time from torch's accounting.
@@ -78,12 +97,22 @@ def compile_dynamo_graph(gm: GraphModule, example_inputs: list[Any], options: Op
             return whole
         from yirage_dynamo.runtime import graph_cache
 
-        key, why = graph_cache.graph_key(gm, example_inputs, options, lowering)
+        key, why = graph_cache.graph_key(
+            gm, example_inputs, options, lowering, disk=programs is None
+        )
         report.graph_cache = f"not used: {why}" if key is None else "miss"
         if key is not None:
-            cached = graph_cache.try_load(key, options, example_inputs, lowering, report)
+            shared = programs.get(key) if programs is not None else None
+            if shared is not None:
+                cached = shared.arm(options, example_inputs, lowering, report)
+                hit = "re-armed (a repeated block compiled earlier in this graph)"
+            elif options.graph_cache and not options.debug:
+                cached = graph_cache.try_load(key, options, example_inputs, lowering, report)
+                hit = "hit"
+            else:
+                cached = None
             if cached is not None:
-                report.graph_cache = "hit"
+                report.graph_cache = hit
                 report.stages["total"] = report.stages.get("dynamo_trace", 0.0) + (
                     time.perf_counter() - start
                 )
@@ -94,6 +123,7 @@ def compile_dynamo_graph(gm: GraphModule, example_inputs: list[Any], options: Op
                 return _FirstCallGuard(cached, gm, report, options, mutated)
         compiler = _AotCompiler(options, lowering, report, example_inputs, start)
         compiler.cache_key = key
+        compiler.programs = programs
         compiler.dynamo_outputs = _output_count(gm)
         return compiler.capture(gm, example_inputs)
     except Exception as exc:  # noqa: BLE001 - every failure gets the fallback chain
@@ -190,6 +220,8 @@ class _AotCompiler:
         self.n_inputs = len(example_inputs)
         # Set by the caller when the graph may be stored in the whole-graph cache.
         self.cache_key: str | None = None
+        # Regional pieces: where the compiled program is kept for repeats (by cache_key).
+        self.programs: dict[str, Any] | None = None
         self.dynamo_outputs = 0
 
     def capture(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
@@ -228,15 +260,24 @@ class _AotCompiler:
 
     def _store(self, gm: GraphModule, ctx: PassContext, report: CompileReport) -> None:
         """Write this inference graph to the whole-graph cache, if AOTAutograd adds nothing."""
+        from yirage_dynamo.regional_backend import SharedProgram
         from yirage_dynamo.runtime import graph_cache
 
         with report.stage("graph_cache"):
             why = graph_cache.aot_passthrough(gm, self.n_inputs, self.dynamo_outputs)
+            entry = None
             if not why:
+                entry, why = graph_cache.make_entry(ctx, gm, self.n_inputs)
+            if entry is not None and self.programs is not None:
+                self.programs[self.cache_key] = SharedProgram(entry)
+            disk = self.options.graph_cache and not self.options.debug
+            if entry is not None and disk:
                 try:
-                    why = graph_cache.store(self.cache_key, self.options, ctx, gm, self.n_inputs)
+                    why = graph_cache.write(self.cache_key, self.options, entry)
                 except OSError as exc:
                     why = f"cache dir not writable: {exc}"
+            elif entry is not None:
+                why = "kept in memory for this graph's regional pieces"
         report.graph_cache = f"not stored: {why}" if why else "stored"
 
     def compile_aot_graph(self, gm: GraphModule, example_inputs: list[Any], kind: str) -> Callable:

@@ -46,6 +46,9 @@ class Options:
     # Reuse a whole compiled graph (wrapper + kernels + weight recipes) from cache_dir when
     # the same Dynamo graph is compiled again, e.g. in a new process (CPU lowering).
     graph_cache: bool = True
+    # Compile a model's repeated blocks (decoder layers) once and reuse the program for
+    # every copy (yirage_dynamo/regional.py): inference graphs with static shapes.
+    regional: bool = True
     cxx: str = ""
     cxx_flags: tuple[str, ...] = ("-O3", "-fopenmp", "-march=native")
     # Run every pass with graph verification (lint + meta["val"] on every node).
@@ -121,7 +124,9 @@ def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = N
         _choice("fallback", raw["fallback"], FALLBACKS)
     if "graph_cache" not in raw and _env_flag("YIRAGE_GRAPH_CACHE") is not None:
         raw["graph_cache"] = _env_flag("YIRAGE_GRAPH_CACHE")
-    for key in ("debug", "freeze", "memory_planning", "verify", "graph_cache"):
+    if "regional" not in raw and _env_flag("YIRAGE_REGIONAL") is not None:
+        raw["regional"] = _env_flag("YIRAGE_REGIONAL")
+    for key in ("debug", "freeze", "memory_planning", "verify", "graph_cache", "regional"):
         if key in raw:
             _kind(key, raw[key], (bool,), "True or False")
     if "cuda_kernels" in raw:
