@@ -367,13 +367,44 @@ def _below(recipe: Any) -> list[Any]:
     return out
 
 
+class SharedProgram:
+    """An entry kept in memory and re-armed for each repeat of a regional piece (every
+    decoder layer of one graph), all sharing one arena: the pieces run one at a time."""
+
+    def __init__(self, entry: dict) -> None:
+        self.entry = entry
+        self.arena: Any = None
+
+    def arm(
+        self, options: Any, example_inputs: list[Any], lowering: Any, report: Any
+    ) -> Callable | None:
+        fn = arm(self.entry, options, example_inputs, lowering, report, self.arena)
+        if fn is not None and self.arena is None:
+            self.arena = getattr(fn, "arena", None)
+        return fn
+
+
 def try_load(
-    key: str, options: Any, example_inputs: list[Any], lowering: Any, report: Any
+    key: str,
+    options: Any,
+    example_inputs: list[Any],
+    lowering: Any,
+    report: Any,
+    programs: dict[str, SharedProgram] | None = None,
 ) -> Callable | None:
-    """`load`, but any failure (stale or foreign entry) means: compile as usual."""
+    """`load`, but any failure (stale or foreign entry) means: compile as usual.
+    `programs`: a regional compile's in-memory programs; the entry read is kept there, so
+    the block's other repeats re-arm it without reading the file again."""
     start = time.perf_counter()
     try:
-        fn = load(key, options, example_inputs, lowering, report)
+        if programs is None:
+            fn = load(key, options, example_inputs, lowering, report)
+        else:
+            entry = _read(_entry_path(options, key))
+            fn = None
+            if entry is not None:
+                programs[key] = SharedProgram(entry)
+                fn = programs[key].arm(options, example_inputs, lowering, report)
     except Exception as exc:  # noqa: BLE001
         log.warning("yirage: graph cache entry %s not usable (%s); recompiling", key, exc)
         fn = None

@@ -97,6 +97,7 @@ def compile_whole_graph(
             return whole
         from yirage_dynamo.runtime import graph_cache
 
+        # A regional piece may be cached on disk too, but its key must not depend on it.
         key, why = graph_cache.graph_key(
             gm, example_inputs, options, lowering, disk=programs is None
         )
@@ -105,9 +106,11 @@ def compile_whole_graph(
             shared = programs.get(key) if programs is not None else None
             if shared is not None:
                 cached = shared.arm(options, example_inputs, lowering, report)
-                hit = "re-armed (a repeated block compiled earlier in this graph)"
+                hit = "re-armed (the program of a repeated block earlier in this graph)"
             elif options.graph_cache and not options.debug:
-                cached = graph_cache.try_load(key, options, example_inputs, lowering, report)
+                cached = graph_cache.try_load(
+                    key, options, example_inputs, lowering, report, programs
+                )
                 hit = "hit"
             else:
                 cached = None
@@ -260,7 +263,6 @@ class _AotCompiler:
 
     def _store(self, gm: GraphModule, ctx: PassContext, report: CompileReport) -> None:
         """Write this inference graph to the whole-graph cache, if AOTAutograd adds nothing."""
-        from yirage_dynamo.regional_backend import SharedProgram
         from yirage_dynamo.runtime import graph_cache
 
         with report.stage("graph_cache"):
@@ -269,7 +271,7 @@ class _AotCompiler:
             if not why:
                 entry, why = graph_cache.make_entry(ctx, gm, self.n_inputs)
             if entry is not None and self.programs is not None:
-                self.programs[self.cache_key] = SharedProgram(entry)
+                self.programs[self.cache_key] = graph_cache.SharedProgram(entry)
             disk = self.options.graph_cache and not self.options.debug
             if entry is not None and disk:
                 try:

@@ -4,7 +4,8 @@ the device lowering says (`Lowering.reuses_block_programs`):
 
   * re-armed programs (CPU, the default): the piece compiles once with frozen weights;
     its program (generated wrapper, C++ kernels, weight recipes) is kept in memory as a
-    `SharedProgram` and re-armed with each later repeat's own weights, sharing one arena;
+    `graph_cache.SharedProgram` and re-armed with each later repeat's own weights, sharing
+    one arena;
   * one callable (CUDA): the piece compiles once with its weights as inputs, and every
     repeat calls that callable with its own tensors.
 
@@ -28,22 +29,6 @@ from yirage_dynamo.options import Options
 from yirage_dynamo.report import reports
 
 log = logging.getLogger("yirage_dynamo")
-
-
-class SharedProgram:
-    """A regional piece's compiled program (a graph-cache entry), re-armed per repeat."""
-
-    def __init__(self, entry: dict) -> None:
-        self.entry = entry
-        self.arena: Any = None  # the PlannedViews every re-armed instance shares
-
-    def arm(self, options: Options, example_inputs: list[Any], lowering: Any, report: Any):
-        from yirage_dynamo.runtime import graph_cache
-
-        fn = graph_cache.arm(self.entry, options, example_inputs, lowering, report, self.arena)
-        if fn is not None and self.arena is None:
-            self.arena = getattr(fn, "arena", None)
-        return fn
 
 
 def compile_by_blocks(
