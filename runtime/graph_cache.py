@@ -305,6 +305,8 @@ def arm(
             globals_[name] = _resolve_op(spec[1])
         elif kind == "impl":
             globals_[name] = direct_impls()[_resolve_op(spec[1])]
+        elif kind == "module":
+            globals_[name] = spec[1]
         elif kind == "kernel":
             globals_[name] = launchers[spec[1]]
         elif kind == "const":

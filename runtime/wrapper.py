@@ -125,7 +125,8 @@ class WrapperCodegen:
         if node.op == "call_module":
             fn = self.kernels.get(node.target) or getattr(self.gm, node.target)
             label = getattr(fn, "kernel_name", node.target)
-            spec = ("kernel", node.target) if node.target in self.kernels else None
+            # A region without a compiled kernel runs its ATen graph (stateless: shareable).
+            spec = ("kernel", node.target) if node.target in self.kernels else ("module", fn)
             callee = self.names.bind(fn, label, spec)
             args = ", ".join([self.arg(a) for a in node.args] + self.out_kwarg(node))
             return f"{callee}({args})", label

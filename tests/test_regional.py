@@ -178,3 +178,18 @@ def test_llama_generate_with_static_cache_matches_eager_and_whole_graph():
     assert torch.equal(whole.sequences, eager.sequences)
     for a, b in zip(regional_out.logits, eager.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "bert"])
+def test_hf_families_compile_by_layers_and_match_eager(name):
+    """Every family's 4 layers split into pieces sharing programs; logits as eager."""
+    model = build(name, layers=4)
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    kw = {} if model.config.model_type == "bert" else {"use_cache": False}
+    with torch.no_grad():
+        expected = model(ids, **kw)
+        got = yirage_compile(model)(ids, **kw)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
+    notes = [n for r in yirage_dynamo.reports() for n in r.notes if n.startswith("regional:")]
+    assert len(notes) == 1, notes
+    assert "reusing a repeated block's program" in notes[0] and " 0 reusing" not in notes[0]
