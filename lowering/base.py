@@ -128,6 +128,9 @@ class Lowering:
     # is re-armed with each repeat's frozen weights; True, one callable serves every repeat
     # (its weights are inputs).
     reuses_block_programs: bool = False
+    # Move a block's closing residual add into the next piece (fused there with the next
+    # block's input norm) at the price of a separate first-block program (regional.plan).
+    regional_fuse_across_blocks: bool = True
 
     def regional_options(self, options: Any, shared: bool) -> Any:
         """Options for one piece of a regionally compiled graph (`shared`: a repeated block)."""

@@ -34,11 +34,17 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+_REARMED = "re-armed (the program of a repeated block earlier in this graph)"
+
+
 def test_same_architecture_other_weights_hits_and_matches_its_own_eager(cache_dir):
     ids = torch.randint(0, VOCAB, (1, 9))
     first = build("llama")
+    yirage_dynamo.clear_reports()
     _logits(_compile(first), ids)
-    assert yirage_dynamo.last_report().graph_cache == "stored"
+    # Compiled by layers (regional): the distinct pieces are stored, the repeats re-armed.
+    stored = [r.graph_cache for r in yirage_dynamo.reports()]
+    assert "stored" in stored and set(stored) <= {"stored", _REARMED}, stored
 
     torch._dynamo.reset()
     torch.manual_seed(123)
@@ -46,11 +52,14 @@ def test_same_architecture_other_weights_hits_and_matches_its_own_eager(cache_di
     for p in other.parameters():  # different weights, same shapes
         p.data.normal_(0, 0.05)
     expected = _logits(other, ids)
+    yirage_dynamo.clear_reports()
     got = _logits(_compile(other), ids)
-    report = yirage_dynamo.last_report()
-    assert report.graph_cache == "hit"
-    assert "aot_autograd" not in report.stages and "passes" not in report.stages
-    assert report.patterns["horizontal_gemm.qkv"] == 2  # restored from the entry
+    reports = yirage_dynamo.reports()
+    assert "hit" in [r.graph_cache for r in reports]
+    assert all(r.graph_cache in ("hit", _REARMED) for r in reports)
+    assert all("aot_autograd" not in r.stages and "passes" not in r.stages for r in reports)
+    # Restored from the entries: one q/k/v fusion per layer.
+    assert sum(r.patterns.get("horizontal_gemm.qkv", 0) for r in reports) == 2
     torch.testing.assert_close(got, expected, **tolerances(torch.float32))
     # Horizontal GEMM fusion re-pointed the new model's q/k/v weights at one buffer again:
     attn = other.model.layers[0].self_attn

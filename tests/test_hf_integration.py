@@ -64,7 +64,10 @@ def test_generate_with_static_cache_and_compile_config_matches_eager(monkeypatch
     assert reports, "generate() did not compile through yirage"
     assert all(r.mode == "reduce-overhead" for r in reports)
     reinplaced = sum(p.matches for r in reports for p in r.passes if p.name.startswith("reinplace"))
-    assert reinplaced >= 2 * model.config.num_hidden_layers  # K and V cache writes per layer
+    # K and V cache writes per layer, in place: in a compiled program, or in a layer that
+    # re-armed one (regional compilation: one decoder-layer program serves every layer).
+    rearmed = sum(r.graph_cache.startswith("re-armed") for r in reports)
+    assert reinplaced + 2 * rearmed >= 2 * model.config.num_hidden_layers
 
 
 def test_horizontal_gemm_fusion_repacks_module_weights_without_copies():
@@ -72,6 +75,7 @@ def test_horizontal_gemm_fusion_repacks_module_weights_without_copies():
     attn = model.model.layers[0].self_attn
     before = attn.q_proj.weight.detach().clone()
     ids = torch.randint(0, 256, (1, 5))
+    yirage_dynamo.clear_reports()
     with torch.no_grad():
         expected = model(ids).logits
         compiled = torch.compile(model, backend="yirage", options={"fallback": "error"})
@@ -82,5 +86,7 @@ def test_horizontal_gemm_fusion_repacks_module_weights_without_copies():
         assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
         torch.testing.assert_close(attn.q_proj.weight, before, atol=0, rtol=0)
         torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
-    patterns = yirage_dynamo.last_report().patterns
-    assert patterns.get("horizontal_gemm.qkv") == model.config.num_hidden_layers
+    # One match per layer, whether the graph compiled whole or by layers (a re-armed
+    # layer's report carries its program's matches).
+    qkv = sum(r.patterns.get("horizontal_gemm.qkv", 0) for r in yirage_dynamo.reports())
+    assert qkv == model.config.num_hidden_layers

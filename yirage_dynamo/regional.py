@@ -83,8 +83,15 @@ def _is_add(node: Node) -> bool:
     return node.op == "call_method" and node.target == "add"
 
 
-def plan(gm: GraphModule, example_inputs: list[Any]) -> tuple[dict[Node, int] | None, str]:
-    """(partition index per node, "") when regional compilation applies, else (None, why)."""
+def plan(
+    gm: GraphModule, example_inputs: list[Any], move_closing_add: bool = True
+) -> tuple[dict[Node, int] | None, str]:
+    """(partition index per node, "") when regional compilation applies, else (None, why).
+
+    `move_closing_add`: a block's closing residual add goes to the next piece, where it
+    fuses with that block's input norm; then the first block (no add before it) is a
+    program of its own. Without, every block is alike (one program fewer to compile) and
+    the add is one small extra kernel per block."""
     if torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
     ):
@@ -119,7 +126,7 @@ def plan(gm: GraphModule, example_inputs: list[Any]) -> tuple[dict[Node, int] | 
         last = nodes[run[-1]]
         nxt = runs[r + 1]
         # The block's closing residual add goes to the next piece (fuses with its norm).
-        if owner[run[-1]] is not None and len(run) > 1 and _is_add(last):
+        if move_closing_add and owner[run[-1]] is not None and len(run) > 1 and _is_add(last):
             if all(nxt[0] <= index.get(u, -1) <= nxt[-1] for u in last.users):
                 nxt.insert(0, run.pop())
     shapes: dict[tuple, int] = {}

@@ -38,14 +38,14 @@ def compile_by_blocks(
     from yirage_dynamo.backend import compile_whole_graph
     from yirage_dynamo.runtime import graph_cache
 
-    partition, why = regional.plan(gm, example_inputs)
+    start = time.perf_counter()
+    device, _ = select_device(example_inputs, options)
+    lowering, _ = choose_lowering(device)
+    partition, why = regional.plan(gm, example_inputs, lowering.regional_fuse_across_blocks)
     if partition is None:
         log.debug("yirage: compiling the graph whole (%s)", why)
         return None
-    start = time.perf_counter()
     first_report = len(reports())
-    device, _ = select_device(example_inputs, options)
-    lowering, _ = choose_lowering(device)
     programs: dict[str, Any] = {}
     callables: dict[str, Callable] = {}
 
