@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import DTYPES, MODELS, SIZES, is_generative
+from .report import format_reports
 
 BACKEND_CHOICES = ("eager", "inductor", "yirage")
 
@@ -165,8 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ref, t_eager = timed(disable_compile=True)
         out, t_cold = timed(compile_config=cc)
         out2, t_warm = timed(compile_config=cc)
-    for report in yirage_dynamo.reports():
-        print(report)
+    print(format_reports(yirage_dynamo.reports()))
     same = torch.equal(ref, out) and torch.equal(ref, out2)
     n = args.new_tokens
     print(f"tokens equal to eager: {same}")
@@ -352,8 +352,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                     call()
                     if device == "cuda":
                         torch.cuda.synchronize()  # the step's range then covers its GPU work
-    for report in yirage_dynamo.reports()[n_reports:]:
-        print(report)
+    print(format_reports(yirage_dynamo.reports()[n_reports:]))
     events = prof.events()
     rows, step_us = kernel_time_table(events, use_device=device == "cuda")
     if args.trace:

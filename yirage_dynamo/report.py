@@ -173,6 +173,17 @@ class CompileReport:
         return "\n".join(lines)
 
 
+def format_reports(reports: list[CompileReport]) -> str:
+    """Reports as text; a regionally compiled graph's re-armed pieces (one per repeated
+    decoder layer, all running the same program) as one line instead of one report each."""
+    rearmed = [r for r in reports if r.graph_cache.startswith("re-armed")]
+    parts = [str(r) for r in reports if not r.graph_cache.startswith("re-armed")]
+    if rearmed:
+        ids = ", ".join(str(r.graph_id) for r in rearmed)
+        parts.append(f"yirage graphs {ids}: {rearmed[0].graph_cache} ({len(rearmed)} pieces)")
+    return "\n".join(parts)
+
+
 def record(report: CompileReport) -> None:
     _REPORTS.append(report)
 
