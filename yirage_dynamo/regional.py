@@ -101,7 +101,7 @@ def plan(
             return None, "dynamic shapes"
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     owner = [block_of(n) for n in nodes]
-    spans: dict[tuple[str, int], list[int]] = {}
+    spans: dict[tuple[str, int, str], list[int]] = {}
     for i, b in enumerate(owner):
         if b is not None:
             spans.setdefault(b, [i, i])[1] = i
