@@ -30,7 +30,8 @@ Why `compile_fx(dynamo_gm, inner_compile=ours)` and not Inductor's custom-pass h
 Freezing: weights are frozen by our `freeze_parameters` pass (by reference, from the real
 nn.Parameters Dynamo hands us), not Inductor's `freezing=True`, which would concatenate
 q/k/v and gate/up weights into new tensors while the model keeps the originals (+60% weight
-memory on a 7B model for little gain at batch 1).
+memory on a 7B model for little gain at batch 1). A decoder layer compiled once for every
+layer (regional compilation, yirage_dynamo/regional.py) keeps its weights as inputs.
 
 CUDA graphs: inference graphs with static shapes run as CUDA graphs by default (mode
 "reduce-overhead" semantics; `Options.cudagraphs=False` opts out), through our runner

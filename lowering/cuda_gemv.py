@@ -6,8 +6,10 @@ before:                                          after:
     q, k, v = mm(x, t(Wq)), mm(x, t(Wk)), ...        q, k, v = yirage_cuda.gemv3(x, ...)  (1 launch)
     a = gated_act(mm(x, t(Wg)), mm(x, t(Wu)))        a = yirage_cuda.gemv_gated(x, ...)  (1 launch)
 
-W must be a frozen nn.Linear weight (a get_attr constant), fp16/bf16; each shape is
-measured against cuBLAS on this GPU's own weights (`cuda_kernels="auto"`) and cached.
+W must be an nn.Linear weight, fp16/bf16: a frozen constant (get_attr), or, in a decoder
+layer compiled once for every layer (yirage_dynamo/regional.py), the transpose of a
+parameter input. Each shape is measured against cuBLAS on this GPU's own weights
+(`cuda_kernels="auto"`), rotating through the other layers' copies, and cached.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from yirage_dynamo.passes.context import PassContext, set_fake_val
 from .cuda_ops import _ACTS, _args, _kernels, _rand, _static, _time, _Tuner, _val
 
 # Decode-shaped matmuls: mm(x[M, K], t(W)) / addmm(b, x, t(W)) with M (batch x 1 token) at
-# most this, W a frozen nn.Linear weight [N, K]. Larger M is a GEMM: cuBLAS's job.
+# most this, W an nn.Linear weight [N, K]. Larger M is a GEMM: cuBLAS's job.
 GEMV_MAX_M = 4
 _GEMV_DTYPES = (torch.float16, torch.bfloat16)
 # Benchmark/debug override of the GEMV decision: "on" (always where eligible, as with
