@@ -18,6 +18,9 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
                  (YIRAGE_CUDA_GRAPHS=inductor)
   yirage_whole   yirage compiling the graph whole instead of by its repeated decoder layers
                  (YIRAGE_REGIONAL=0; yirage_dynamo/regional.py)
+  yirage_samelayers  regional, but the closing residual add stays in its layer (as on the
+                 CPU): one program for all layers, one more kernel per layer
+                 (YIRAGE_REGIONAL_FUSE_ACROSS=0)
 
 HF compiles only the decode step (prefill runs eagerly in every variant). Reported per
 variant: decode tok/s and ms/token (from the difference between a full and a 1-token
@@ -85,6 +88,7 @@ ENV_VARIANTS = {
     "yirage_combo": {"YIRAGE_INDUCTOR_CONFIG": '{"combo_kernels": true}'},
     "yirage_trees": {"YIRAGE_CUDA_GRAPHS": "inductor"},
     "yirage_whole": {"YIRAGE_REGIONAL": "0"},
+    "yirage_samelayers": {"YIRAGE_REGIONAL_FUSE_ACROSS": "0"},
 }
 
 

@@ -103,23 +103,42 @@ def _parameter_index(gm: GraphModule, w: Node) -> int | None:
     return [n for n in gm.graph.nodes if n.op == "placeholder"].index(p)
 
 
+def _disjoint_groups(pools: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
+    """Groups taking one tensor from each pool, no tensor twice (q/k/v of one shape draw on
+    the same pool: a group reading one weight three times would hit L2)."""
+    used: set[int] = set()
+    its = [iter(p) for p in pools]
+    groups = []
+    while True:
+        group = []
+        for it in its:
+            t = next((t for t in it if t.data_ptr() not in used), None)
+            if t is None:
+                return groups
+            used.add(t.data_ptr())
+            group.append(t)
+        groups.append(tuple(group))
+
+
 def _sibling_weights(gm: GraphModule, w: Node, real: torch.Tensor) -> list[torch.Tensor]:
-    """The same weight of the block's other repeats (a regional piece compiled once for
-    every layer, yirage_dynamo/regional.py): the measurement rotates through them, as
-    the whole model's GEMVs do, instead of through temporary copies."""
+    """Other weights of `real`'s shape and layout in the model, when this graph is one piece
+    of a regionally compiled model (yirage_dynamo/regional.py): the measurement rotates
+    through them, as the whole model's GEMVs do, instead of through temporary copies."""
     from yirage_dynamo.regional import SIBLING_INPUTS
 
-    siblings = SIBLING_INPUTS.get()
-    index = _parameter_index(gm, w) if w.op != "get_attr" else None
-    if not siblings or index is None:
-        return []
-    out = []
-    for inputs in siblings:
-        t = inputs[index] if index < len(inputs) else None
-        if isinstance(t, torch.Tensor) and t.dim() == 2:
+    out: list[torch.Tensor] = []
+    seen = {real.data_ptr()}
+    for inputs in SIBLING_INPUTS.get():
+        for t in inputs:
+            if not isinstance(t, torch.nn.Parameter) or t.dim() != 2:
+                continue
             t = t.detach().t()
-            if t.shape == real.shape and t.dtype == real.dtype and t.stride() == real.stride():
+            same = t.shape == real.shape and t.dtype == real.dtype and t.stride() == real.stride()
+            if same and t.device == real.device and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
                 out.append(t)
+                if len(out) >= _GEMV_MAX_WEIGHTS:
+                    return out
     return out
 
 
@@ -427,7 +446,7 @@ def _substitute_gemv3(
         same = by_sig.setdefault(tuple((tuple(r.shape), r.dtype) for r in reals), [])
         same.append(reals)
         # The other layers' q/k/v of a regional piece, triple by triple.
-        same.extend(zip(*(_sibling_weights(gm, ops[n][1], ops[n][3]) for n in nodes)))
+        same.extend(_disjoint_groups([_sibling_weights(gm, ops[n][1], ops[n][3]) for n in nodes]))
     count = 0
     for nodes in groups:
         x = ops[nodes[0]][0]

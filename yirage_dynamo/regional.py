@@ -44,9 +44,9 @@ from torch.fx import GraphModule, Node
 
 log = logging.getLogger("yirage_dynamo")
 
-# While a repeated block compiles: the example inputs of its other repeats (same
-# positions, other layers' weights), for kernel measurements that should read many
-# layers' weights as the model does (lowering/cuda_gemv.py). Empty otherwise.
+# While a piece compiles: the example inputs of the graph's other pieces (other layers'
+# weights), for kernel measurements that should read many layers' weights as the model
+# does (lowering/cuda_gemv.py). Empty outside regional compilation.
 SIBLING_INPUTS: contextvars.ContextVar[tuple[list[Any], ...]] = contextvars.ContextVar(
     "yirage_sibling_inputs", default=()
 )
@@ -263,9 +263,7 @@ def compile_regions(
     mutated: set[int] = set()
     for node, sub, inputs, expected, sig, names in pieces:
         shared = sig if sig is not None and repeats[sig] > 1 else None
-        siblings = [
-            p[2] for p in pieces if shared is not None and p[4] == sig and p[2] is not inputs
-        ]
+        siblings = [p[2] for p in pieces if p[2] is not inputs]
         token = SIBLING_INPUTS.set(tuple(siblings))
         try:
             fn, reused = compile_piece(sub, inputs, shared)

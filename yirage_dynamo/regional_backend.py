@@ -15,6 +15,7 @@ The graph logic (where to cut, stitching) is in yirage_dynamo/regional.py.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,8 @@ from yirage_dynamo.report import reports
 
 log = logging.getLogger("yirage_dynamo")
 
+FUSE_ENV = "YIRAGE_REGIONAL_FUSE_ACROSS"
+
 
 def compile_by_blocks(
     gm: GraphModule, example_inputs: list[Any], options: Options
@@ -41,7 +44,11 @@ def compile_by_blocks(
     start = time.perf_counter()
     device, _ = select_device(example_inputs, options)
     lowering, _ = choose_lowering(device)
-    partition, why = regional.plan(gm, example_inputs, lowering.regional_fuse_across_blocks)
+    # Benchmark/debug override of the lowering's choice (yirage_dynamo/regional.plan).
+    fuse = {"0": False, "1": True}.get(
+        os.environ.get(FUSE_ENV, ""), lowering.regional_fuse_across_blocks
+    )
+    partition, why = regional.plan(gm, example_inputs, fuse)
     if partition is None:
         log.debug("yirage: compiling the graph whole (%s)", why)
         return None
