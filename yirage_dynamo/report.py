@@ -180,7 +180,8 @@ def format_reports(reports: list[CompileReport]) -> str:
     parts = [str(r) for r in reports if not r.graph_cache.startswith("re-armed")]
     if rearmed:
         ids = ", ".join(str(r.graph_id) for r in rearmed)
-        parts.append(f"yirage graphs {ids}: {rearmed[0].graph_cache} ({len(rearmed)} pieces)")
+        n = len(rearmed)
+        parts.append(f"yirage graphs {ids}: {rearmed[0].graph_cache} ({n} piece{'s' * (n > 1)})")
     return "\n".join(parts)
 
 
