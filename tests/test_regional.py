@@ -202,3 +202,17 @@ def test_hf_families_compile_by_layers_and_match_eager(name):
     notes = [n for r in yirage_dynamo.reports() for n in r.notes if n.startswith("regional:")]
     assert len(notes) == 1, notes
     assert "reusing a repeated block's program" in notes[0] and " 0 reusing" not in notes[0]
+
+
+def test_a_failing_split_plan_compiles_the_graph_whole(monkeypatch):
+    def broken(*_args, **_kw):
+        raise RuntimeError("plan failed")
+
+    monkeypatch.setattr(regional, "plan", broken)
+    model = Stack().eval()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        expected = model(x)
+        got = yirage_compile(model)(x)
+    torch.testing.assert_close(got, expected)
+    assert len(yirage_dynamo.reports()) == 1

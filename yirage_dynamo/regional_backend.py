@@ -42,13 +42,16 @@ def compile_by_blocks(
     from yirage_dynamo.runtime import graph_cache
 
     start = time.perf_counter()
-    device, _ = select_device(example_inputs, options)
-    lowering, _ = choose_lowering(device)
-    # Benchmark/debug override of the lowering's choice (yirage_dynamo/regional.plan).
-    fuse = {"0": False, "1": True}.get(
-        os.environ.get(FUSE_ENV, ""), lowering.regional_fuse_across_blocks
-    )
-    partition, why = regional.plan(gm, example_inputs, fuse)
+    try:
+        device, _ = select_device(example_inputs, options)
+        lowering, _ = choose_lowering(device)
+        # Benchmark/debug override of the lowering's choice (yirage_dynamo/regional.plan).
+        fuse = {"0": False, "1": True}.get(
+            os.environ.get(FUSE_ENV, ""), lowering.regional_fuse_across_blocks
+        )
+        partition, why = regional.plan(gm, example_inputs, fuse)
+    except Exception as exc:  # noqa: BLE001 - the whole-graph path reports and falls back
+        partition, why = None, f"{type(exc).__name__}: {exc}"
     if partition is None:
         log.debug("yirage: compiling the graph whole (%s)", why)
         return None
