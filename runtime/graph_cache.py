@@ -94,6 +94,12 @@ class _Uncacheable(Exception):
     pass
 
 
+def on_disk(options: Any) -> bool:
+    """Whether compiled graphs are read from and written to `cache_dir` (debug dumps need a
+    full compile)."""
+    return bool(options.graph_cache and not options.debug)
+
+
 def graph_key(
     gm: GraphModule, example_inputs: list[Any], options: Any, lowering: Any, disk: bool = True
 ) -> tuple[str | None, str]:
@@ -242,16 +248,6 @@ def _resolve_op(name: str) -> Any:
     return functools.reduce(getattr, name.split("."), torch.ops)
 
 
-def load(
-    key: str, options: Any, example_inputs: list[Any], lowering: Any, report: Any
-) -> Callable | None:
-    """The boxed wrapper of a cached graph, re-armed with these inputs' weights, or None."""
-    entry = _read(_entry_path(options, key))
-    if entry is None:
-        return None
-    return arm(entry, options, example_inputs, lowering, report)
-
-
 def arm(
     entry: dict,
     options: Any,
@@ -394,19 +390,19 @@ def try_load(
     report: Any,
     programs: dict[str, SharedProgram] | None = None,
 ) -> Callable | None:
-    """`load`, but any failure (stale or foreign entry) means: compile as usual.
-    `programs`: a regional compile's in-memory programs; the entry read is kept there, so
-    the block's other repeats re-arm it without reading the file again."""
+    """The cached program for `key` armed with these inputs' weights, or None; any failure
+    (stale or foreign entry) means: compile as usual. `programs`: a regional compile's
+    in-memory programs; the entry read is kept there, so the block's other repeats re-arm
+    it without reading the file again."""
     start = time.perf_counter()
     try:
-        if programs is None:
-            fn = load(key, options, example_inputs, lowering, report)
-        else:
-            entry = _read(_entry_path(options, key))
-            fn = None
-            if entry is not None:
-                programs[key] = SharedProgram(entry)
-                fn = programs[key].arm(options, example_inputs, lowering, report)
+        entry = _read(_entry_path(options, key))
+        fn = None
+        if entry is not None and programs is not None:
+            programs[key] = SharedProgram(entry)
+            fn = programs[key].arm(options, example_inputs, lowering, report)
+        elif entry is not None:
+            fn = arm(entry, options, example_inputs, lowering, report)
     except Exception as exc:  # noqa: BLE001
         log.warning("yirage: graph cache entry %s not usable (%s); recompiling", key, exc)
         fn = None

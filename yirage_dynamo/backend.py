@@ -107,7 +107,7 @@ def compile_whole_graph(
             if shared is not None:
                 cached = shared.arm(options, example_inputs, lowering, report)
                 hit = "re-armed (the program of a repeated block earlier in this graph)"
-            elif options.graph_cache and not options.debug:
+            elif graph_cache.on_disk(options):
                 cached = graph_cache.try_load(
                     key, options, example_inputs, lowering, report, programs
                 )
@@ -272,8 +272,7 @@ class _AotCompiler:
                 entry, why = graph_cache.make_entry(ctx, gm, self.n_inputs)
             if entry is not None and self.programs is not None:
                 self.programs[self.cache_key] = graph_cache.SharedProgram(entry)
-            disk = self.options.graph_cache and not self.options.debug
-            if entry is not None and disk:
+            if entry is not None and graph_cache.on_disk(self.options):
                 try:
                     why = graph_cache.write(self.cache_key, self.options, entry)
                 except OSError as exc:
