@@ -120,14 +120,15 @@ def _disjoint_groups(pools: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor
         groups.append(tuple(group))
 
 
-def _sibling_weights(gm: GraphModule, w: Node, real: torch.Tensor) -> list[torch.Tensor]:
-    """Other weights of `real`'s shape and layout in the model, when this graph is one piece
-    of a regionally compiled model (yirage_dynamo/regional.py): the measurement rotates
-    through them, as the whole model's GEMVs do, instead of through temporary copies."""
+def _sibling_weights(real: torch.Tensor, own: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Other weights of `real`'s shape and layout in the model (not in `own`), when this
+    graph is one piece of a regionally compiled model (yirage_dynamo/regional.py): the
+    measurement rotates through them, as the whole model's GEMVs do, instead of through
+    temporary copies."""
     from yirage_dynamo.regional import SIBLING_INPUTS
 
     out: list[torch.Tensor] = []
-    seen = {real.data_ptr()}
+    seen = {real.data_ptr(), *(t.data_ptr() for t in own)}
     for inputs in SIBLING_INPUTS.get():
         for t in inputs:
             if not isinstance(t, torch.nn.Parameter) or t.dim() != 2:
@@ -189,9 +190,9 @@ def _time_rotating(fns: list[Callable[[], Any]], reps: int = 5) -> float:
 
 
 def _rotation_groups(groups: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
-    """Enough of the graph's own weight groups (one launch's weights each) to exceed 2x L2,
-    padded with temporary random groups shaped like the first where the graph has too few
-    (one decoder layer compiled on its own: its small K/V projections would sit in L2)."""
+    """Enough weight groups (one launch's weights each) to exceed 2x L2, padded with
+    temporary random groups shaped like the first where the model has too few weights of
+    that shape (a small model's K/V projections would otherwise sit in L2)."""
     l2 = getattr(torch.cuda.get_device_properties(), "L2_cache_size", 50 << 20) or (50 << 20)
     size = sum(w.numel() * w.element_size() for w in groups[0])
     out = list(groups[: max(2, math.ceil(2 * l2 / max(size, 1)))][:_GEMV_MAX_WEIGHTS])
@@ -323,9 +324,9 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
                 report.reject("triton_gemv", f"{node.name}: {got}; ATen runs")
             continue
         ops[node] = got
-        same = by_shape.setdefault((tuple(got[3].shape), got[3].dtype), [])
-        same.append(got[3])
-        same.extend(_sibling_weights(gm, got[1], got[3]))
+        by_shape.setdefault((tuple(got[3].shape), got[3].dtype), []).append(got[3])
+    for same in by_shape.values():
+        same.extend(_sibling_weights(same[0], same))
 
     # Gated MLP: act(mm(x, Wg)) * mm(x, Wu) -> one kernel.
     gated = [
@@ -446,7 +447,7 @@ def _substitute_gemv3(
         same = by_sig.setdefault(tuple((tuple(r.shape), r.dtype) for r in reals), [])
         same.append(reals)
         # The other layers' q/k/v of a regional piece, triple by triple.
-        same.extend(_disjoint_groups([_sibling_weights(gm, ops[n][1], ops[n][3]) for n in nodes]))
+        same.extend(_disjoint_groups([_sibling_weights(r, list(reals)) for r in reals]))
     count = 0
     for nodes in groups:
         x = ops[nodes[0]][0]

@@ -102,20 +102,26 @@ def _tiny_llama(dtype, layers=2):
     return transformers.LlamaForCausalLM(cfg).to("cuda", dtype).eval()
 
 
-def _eager_then_compiled(model, ids, gen: dict, opts: dict, repeats: int):
-    """(eager result, first compiled result, memory after each of `repeats` more compiled
-    calls, the last one's sequences); both first results with logits."""
+def _eager_then_compiled(dtype, kernels: str, repeats: int, layers: int = 2, new: int = 16):
+    """A tiny Llama's static-cache generate(): (prompt length, eager result, first compiled
+    result, memory after each of `repeats` more compiled calls, the last one's sequences,
+    the compile reports); both first results with logits. Every graph compiled through
+    the Triton lowering without a fallback."""
     import transformers
 
     import yirage_dynamo
     from yirage_dynamo.backend import yirage
 
+    model = _tiny_llama(dtype, layers)
+    ids = torch.randint(3, 512, (1, 12), device="cuda")
+    gen = dict(max_new_tokens=new, do_sample=False, cache_implementation="static")
     with torch.no_grad():
         ref = model.generate(
             ids, disable_compile=True, output_logits=True, return_dict_in_generate=True, **gen
         )
     yirage_dynamo.clear_reports()
     # The callable, not the entry-point name: works without an installed dist-info too.
+    opts = {"fallback": "error", "cuda_kernels": kernels}
     cc = transformers.CompileConfig(backend=yirage, mode=None, options=opts)
     with torch.no_grad():
         out = model.generate(
@@ -129,7 +135,9 @@ def _eager_then_compiled(model, ids, gen: dict, opts: dict, repeats: int):
             last = model.generate(ids, compile_config=cc, **gen)
             torch.cuda.synchronize()
             mems.append(torch.cuda.memory_allocated())
-    return ref, out, mems, last
+    reports = yirage_dynamo.reports()
+    assert reports and all(r.lowering == "triton" and not r.fallbacks for r in reports)
+    return ids.shape[1], ref, out, mems, last, reports
 
 
 def _assert_matches_eager(out, ref, prompt: int, dtype: torch.dtype) -> None:
@@ -158,18 +166,10 @@ def _assert_matches_eager(out, ref, prompt: int, dtype: torch.dtype) -> None:
 def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(
     dtype, kernels, graphs, monkeypatch
 ):
-    import yirage_dynamo
-
     if graphs == "inductor":
         monkeypatch.setenv("YIRAGE_CUDA_GRAPHS", "inductor")  # Inductor's CUDA-graph trees
 
-    model = _tiny_llama(dtype)
-    ids = torch.randint(3, 512, (1, 12), device="cuda")
-    gen = dict(max_new_tokens=16, do_sample=False, cache_implementation="static")
-    opts = {"fallback": "error", "cuda_kernels": kernels}
-    ref, out, mems, again = _eager_then_compiled(model, ids, gen, opts, repeats=4)
-    reports = yirage_dynamo.reports()
-    assert reports and all(r.lowering == "triton" and not r.fallbacks for r in reports)
+    prompt, ref, out, mems, again, reports = _eager_then_compiled(dtype, kernels, repeats=4)
     decode = [r for r in reports if r.patterns.get("triton_attention")]
     assert decode, [(r.patterns, r.rejected) for r in reports]
     notes = [n for r in reports for n in r.notes]
@@ -192,7 +192,7 @@ def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(
         # Each fused launch got a config measured for the fused kernel itself.
         assert step.get("gemv_fused_retuned") == 2 * 4 + 1, (step, decode[-1].rejected)
         assert not step.get("triton_rms_norm_residual") and not step.get("triton_rms_norm")
-    _assert_matches_eager(out, ref, ids.shape[1], dtype)
+    _assert_matches_eager(out, ref, prompt, dtype)
     assert torch.equal(again, out.sequences)
     # Steady state: CUDA-graph replays allocate nothing new across generate() calls.
     assert mems[-1] <= mems[-2] <= mems[-3], mems
@@ -229,15 +229,9 @@ def test_llama_generate_by_repeated_layers_matches_eager(dtype, kernels):
     """Regional compilation on CUDA: of 4 layers, layers 1-3 share one Inductor compile
     (weights as graph inputs, decode GEMVs reading them), and the stitched decode step
     replays as one CUDA graph: same results as eager, no memory growth across calls."""
-    import yirage_dynamo
-
-    model = _tiny_llama(dtype, layers=4)
-    ids = torch.randint(3, 512, (1, 12), device="cuda")
-    gen = dict(max_new_tokens=12, do_sample=False, cache_implementation="static")
-    opts = {"fallback": "error", "cuda_kernels": kernels}
-    ref, out, mems, _ = _eager_then_compiled(model, ids, gen, opts, repeats=3)
-    reports = yirage_dynamo.reports()
-    assert reports and all(r.lowering == "triton" and not r.fallbacks for r in reports)
+    prompt, ref, out, mems, _, reports = _eager_then_compiled(
+        dtype, kernels, repeats=3, layers=4, new=12
+    )
     notes = [n for r in reports for n in r.notes]
     assert any("regional: 6 pieces, 4 compiled, 2 reusing" in n for n in notes), notes
     assert any("CudaGraphRunner" in n for n in notes), notes
@@ -246,5 +240,5 @@ def test_llama_generate_by_repeated_layers_matches_eager(dtype, kernels):
         # run q/k/v as one GEMV launch.
         gemv3 = [r.patterns.get("triton_gemv3", 0) for r in reports]
         assert gemv3.count(1) == 2, [(r.patterns, r.rejected) for r in reports]
-    _assert_matches_eager(out, ref, ids.shape[1], dtype)
+    _assert_matches_eager(out, ref, prompt, dtype)
     assert mems[-1] <= mems[-2], mems
