@@ -110,6 +110,12 @@ class TritonLowering(Lowering):
         """Compile a whole Dynamo graph through Inductor with our passes inside."""
         from torch._inductor.compile_fx import compile_fx
 
+        from .triton_pool import warm_pool
+
+        # Inductor's compile workers (for its kernels and our GEMV candidates) start now,
+        # while AOTAutograd and our passes run, as Inductor's own backend starts them.
+        warm_pool()
+
         patches = inductor_config_patches(options, example_inputs)
         # Our CUDA-graph runner instead of Inductor's CUDA-graph trees (see module doc).
         runner = patches["triton.cudagraphs"] and _own_cuda_graphs(example_inputs)

@@ -14,9 +14,9 @@ parameter input. Each shape is measured against cuBLAS on this GPU's own weights
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -201,10 +201,9 @@ def _rotation_groups(groups: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch
         # Made once per group shape and kept until the graph's search ends (every config
         # measures against the same ones): W^T views of [N, K] matrices, like the weights.
         key = tuple((tuple(w.shape), w.dtype, w.device) for w in groups[0])
-        with _PADS_LOCK:  # candidates are warmed up from several threads at once
-            if key not in _PADS:
-                _PADS[key] = [_random_like(groups[0]) for _ in range(need)]
-            out.extend(_PADS[key][:need])
+        if key not in _PADS:
+            _PADS[key] = [_random_like(groups[0]) for _ in range(need)]
+        out.extend(_PADS[key][:need])
     return out
 
 
@@ -215,12 +214,10 @@ def _random_like(group: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 # Temporary random weight groups of `_rotation_groups`, by group shape; released by
 # `release_rotation_pads` once a graph's config search is done (compile time only).
 _PADS: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
-_PADS_LOCK = threading.Lock()
 
 
 def release_rotation_pads() -> None:
-    with _PADS_LOCK:
-        _PADS.clear()
+    _PADS.clear()
 
 
 def _rotation(weights: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -239,35 +236,54 @@ def _gemv_mode(ctx: PassContext) -> str:
     return ctx.options.cuda_kernels
 
 
-def _pick_gemv(
-    tuner: _Tuner,
-    mode: str,
-    kernel: str,
-    dims: dict[str, Any],
-    n: int,
-    k: int,
-    baseline: Callable[[], Callable[[], Any]] | None,
-    ours: Callable[[Mapping[str, Any]], Callable[[], Any]],
-) -> dict[str, Any]:
-    """The config for one GEMV shape: measured triton configs, plus (in "auto") the ATen
-    baseline as a candidate that wins when it is faster."""
-    cands = _gemv_candidates(n, k, gated=kernel == "gemv_gated")
-    if mode == "auto":
-        cands = [{"impl": "aten"}, *cands]
+@dataclasses.dataclass
+class _Site:
+    """One decode matmul, or a group of them for one launch, to choose a kernel for.
+    `ours(cfg)` / `baseline()`: the calls to time, one per weight (group) in the rotation."""
 
+    kernel: str  # "gemv", "gemv_gated" or "gemv3"
+    dims: dict[str, Any]
+    n: int
+    k: int
+    ours: Callable[[Mapping[str, Any]], list[Callable[[], Any]]]
+    baseline: Callable[[], list[Callable[[], Any]]]
+
+    def candidates(self, mode: str) -> list[dict[str, Any]]:
+        """Measured triton configs, plus (in "auto") the ATen baseline, which wins when
+        it is faster."""
+        cands = _gemv_candidates(self.n, self.k, gated=self.kernel == "gemv_gated")
+        return [{"impl": "aten"}, *cands] if mode == "auto" else cands
+
+    def key_dims(self, mode: str) -> dict[str, Any]:
+        return {**self.dims, "vs": "aten" if mode == "auto" else "-"}
+
+
+def _pick_gemv(tuner: _Tuner, mode: str, site: _Site) -> dict[str, Any]:
     def make_bench():
         def bench(cfg: Mapping[str, Any]) -> float:
-            fns = baseline() if cfg["impl"] == "aten" else ours(cfg)
-            return _time_rotating(fns)
+            return _time_rotating(site.baseline() if cfg["impl"] == "aten" else site.ours(cfg))
 
         return bench
 
-    def warm(cfg: Mapping[str, Any]) -> None:
-        if cfg["impl"] != "aten":
-            ours(cfg)[0]()  # compiles this config (the launch itself is incidental)
+    return tuner.pick(site.kernel, site.key_dims(mode), site.candidates(mode), make_bench)
 
-    dims = {**dims, "vs": "aten" if mode == "auto" else "-"}
-    return tuner.pick(kernel, dims, cands, make_bench, warm)
+
+def _precompile(tuner: _Tuner, mode: str, sites: list[_Site]) -> None:
+    """Compile the Triton candidates of every site whose config is not cached, all at once
+    in the compile workers (lowering/triton_pool.py), before any is measured: a cold
+    search otherwise compiles them one after another."""
+    from .triton_pool import precompile, recording
+
+    with recording() as launches:
+        for site in sites:
+            if tuner.cached(site.kernel, site.key_dims(mode)):
+                continue
+            for cfg in site.candidates(mode):
+                if cfg["impl"] == "triton":
+                    site.ours(cfg)[0]()
+    done = len(precompile(launches))
+    if done:
+        tuner.stats["precompiled"] = tuner.stats.get("precompiled", 0) + done
 
 
 def _gemv_dims(m: int, n: int, k: int, dtype: torch.dtype, **extra: Any) -> dict[str, Any]:
@@ -310,10 +326,8 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
     ]
     if not mms:
         return 0
-    k_ = _kernels()
     tuner = _Tuner(ctx)
     report = ctx.report
-    swapped = 0
     # Same-shape weights of this graph: what the measurements rotate through.
     by_shape: dict[tuple, list[torch.Tensor]] = {}
     ops: dict[Node, tuple] = {}
@@ -328,16 +342,69 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
     for same in by_shape.values():
         same.extend(_sibling_weights(same[0], same))
 
-    # Gated MLP: act(mm(x, Wg)) * mm(x, Wu) -> one kernel.
-    gated = [
-        n
-        for n in gm.graph.nodes
-        if n.op == "call_function"
-        and isinstance(n.target, torch._ops.OpOverload)
-        and n.target.namespace == "yirage"
-        and n.target._opname == "gated_act"
-    ]
-    for node in gated:
+    gated = _gated_sites(gm, ops, by_shape)
+    taken = {mm for g in gated for mm in g[1][:2]}
+    groups = _gemv3_sites({n: op for n, op in ops.items() if n not in taken})
+    taken |= {n for nodes, _ in groups for n in nodes}
+    plain = {node: _gemv_site(op, by_shape) for node, op in ops.items()}
+    sites = [g[2] for g in gated] + [s for _, s in groups]
+    _precompile(tuner, mode, sites + [s for n, s in plain.items() if n not in taken])
+
+    swapped = 0
+    for node, (g_mm, u_mm, xg, wg, wu, act, gv), site in gated:
+        cfg = _pick_gemv(tuner, mode, site)
+        if cfg["impl"] != "triton":
+            report.reject("triton_gemv_gated", f"{node.name}: ATen measured faster")
+            continue
+        op = torch.ops.yirage_cuda.gemv_gated.default
+        new, rec = _replace(gm, node, op, (xg, wg, wu, _ACTS[act], *_cfg(cfg)), [node.name])
+        with gm.graph.inserting_before(node):
+            view = gm.graph.call_function(aten.view.default, (new, list(gv.shape)))
+        set_fake_val(gm, view)
+        a = _args(node)  # before the erase clears its args
+        chains = (a["gate"], a["up"])
+        node.replace_all_uses_with(view)
+        gm.graph.erase_node(node)
+        for chain in chains:
+            _erase_dead_chain(gm, chain)
+        ops.pop(g_mm)
+        ops.pop(u_mm)
+        report.count_pattern("triton_gemv_gated")
+        report.kernels.append(rec)
+        swapped += 1
+
+    swapped += _substitute_gemv3(gm, ops, groups, tuner, mode, report)
+
+    for node, (x, w, bias, _real) in ops.items():
+        cfg = _pick_gemv(tuner, mode, plain[node])
+        if cfg["impl"] != "triton":
+            report.reject("triton_gemv", f"{node.name}: ATen (cuBLAS) measured faster")
+            continue
+        op = torch.ops.yirage_cuda.gemv.default
+        new, rec = _replace(gm, node, op, (x, w, bias, *_cfg(cfg)), [node.name])
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        report.count_pattern("triton_gemv")
+        report.kernels.append(rec)
+        swapped += 1
+    gm.graph.lint()
+    gm.recompile()
+    return swapped
+
+
+def _gated_sites(
+    gm: GraphModule, ops: dict[Node, tuple], by_shape: dict[tuple, list[torch.Tensor]]
+) -> list[tuple[Node, tuple, _Site]]:
+    """Gated MLPs act(mm(x, Wg)) * mm(x, Wu) that one `gemv_gated` launch can replace:
+    (gated_act node, (gate mm, up mm, x, Wg, Wu, act, gate value), site)."""
+    k_ = _kernels()
+    out = []
+    for node in gm.graph.nodes:
+        target = node.target
+        if not (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)):
+            continue
+        if target.namespace != "yirage" or target._opname != "gated_act":
+            continue
         a = _args(node)
         act = a["act"] or "silu"
         g_mm, u_mm = _strip_views(a["gate"]), _strip_views(a["up"])
@@ -373,68 +440,39 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
             ]
 
         dims = _gemv_dims(m, n, kk, dtype, act=act)
-        cfg = _pick_gemv(tuner, mode, "gemv_gated", dims, n, kk, baseline, ours)
-        if cfg["impl"] != "triton":
-            report.reject("triton_gemv_gated", f"{node.name}: ATen measured faster")
-            continue
-        op = torch.ops.yirage_cuda.gemv_gated.default
-        new, rec = _replace(gm, node, op, (xg, wg, wu, _ACTS[act], *_cfg(cfg)), [node.name])
-        with gm.graph.inserting_before(node):
-            view = gm.graph.call_function(aten.view.default, (new, list(gv.shape)))
-        set_fake_val(gm, view)
-        node.replace_all_uses_with(view)
-        gm.graph.erase_node(node)
-        for chain in (a["gate"], a["up"]):
-            _erase_dead_chain(gm, chain)
-        ops.pop(g_mm)
-        ops.pop(u_mm)
-        report.count_pattern("triton_gemv_gated")
-        report.kernels.append(rec)
-        swapped += 1
-
-    swapped += _substitute_gemv3(gm, ops, tuner, mode, report)
-
-    for node, (x, w, bias, real) in ops.items():
-        m, kk = _val(x).shape
-        n = real.shape[1]
-        dtype = real.dtype
-        weights = by_shape[(tuple(real.shape), dtype)]
-        has_bias = bias is not None
-
-        def ours(cfg, m=m, kk=kk, n=n, dtype=dtype, weights=weights, has_bias=has_bias):
-            xs = _rand((m, kk), dtype)
-            b = _rand((n,), dtype) if has_bias else None
-            return [(lambda w=w: k_.gemv(xs, w, b, *_cfg(cfg))) for w in _rotation(weights)]
-
-        def baseline(m=m, kk=kk, n=n, dtype=dtype, weights=weights, has_bias=has_bias):
-            xs = _rand((m, kk), dtype)
-            if has_bias:
-                b = _rand((n,), dtype)
-                return [(lambda w=w: torch.addmm(b, xs, w)) for w in _rotation(weights)]
-            return [(lambda w=w: torch.mm(xs, w)) for w in _rotation(weights)]
-
-        dims = _gemv_dims(m, n, kk, dtype, bias=int(has_bias))
-        cfg = _pick_gemv(tuner, mode, "gemv", dims, n, kk, baseline, ours)
-        if cfg["impl"] != "triton":
-            report.reject("triton_gemv", f"{node.name}: ATen (cuBLAS) measured faster")
-            continue
-        op = torch.ops.yirage_cuda.gemv.default
-        new, rec = _replace(gm, node, op, (x, w, bias, *_cfg(cfg)), [node.name])
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        report.count_pattern("triton_gemv")
-        report.kernels.append(rec)
-        swapped += 1
-    gm.graph.lint()
-    gm.recompile()
-    return swapped
+        site = _Site("gemv_gated", dims, n, kk, ours, baseline)
+        out.append((node, (g_mm, u_mm, xg, wg, wu, act, gv), site))
+    return out
 
 
-def _substitute_gemv3(
-    gm: GraphModule, ops: dict[Node, tuple], tuner: _Tuner, mode: str, report: Any
-) -> int:
-    """Three GEMVs of one input (q/k/v) -> one `yirage_cuda::gemv3` launch (pops them
-    from `ops`). Exactly three bias-free siblings, every N and K >= 16."""
+def _gemv_site(op: tuple, by_shape: dict[tuple, list[torch.Tensor]]) -> _Site:
+    """One mm/addmm as one `gemv` launch."""
+    k_ = _kernels()
+    x, _w, bias, real = op
+    m, kk = _val(x).shape
+    n = real.shape[1]
+    dtype = real.dtype
+    weights = by_shape[(tuple(real.shape), dtype)]
+    has_bias = bias is not None
+
+    def ours(cfg):
+        xs = _rand((m, kk), dtype)
+        b = _rand((n,), dtype) if has_bias else None
+        return [(lambda w=w: k_.gemv(xs, w, b, *_cfg(cfg))) for w in _rotation(weights)]
+
+    def baseline():
+        xs = _rand((m, kk), dtype)
+        if has_bias:
+            b = _rand((n,), dtype)
+            return [(lambda w=w: torch.addmm(b, xs, w)) for w in _rotation(weights)]
+        return [(lambda w=w: torch.mm(xs, w)) for w in _rotation(weights)]
+
+    return _Site("gemv", _gemv_dims(m, n, kk, dtype, bias=int(has_bias)), n, kk, ours, baseline)
+
+
+def _gemv3_sites(ops: dict[Node, tuple]) -> list[tuple[list[Node], _Site]]:
+    """Three GEMVs of one input (q/k/v) for one `gemv3` launch: exactly three bias-free
+    siblings, every N and K >= 16."""
     k_ = _kernels()
     siblings: dict[Node, list[Node]] = {}
     for node, (x, _w, bias, real) in ops.items():
@@ -448,37 +486,52 @@ def _substitute_gemv3(
         same.append(reals)
         # The other layers' q/k/v of a regional piece, triple by triple.
         same.extend(_disjoint_groups([_sibling_weights(r, list(reals)) for r in reals]))
-    count = 0
+    out = []
     for nodes in groups:
         x = ops[nodes[0]][0]
         reals = tuple(ops[n][3] for n in nodes)
-        sig = tuple((tuple(r.shape), r.dtype) for r in reals)
         m, kk = _val(x).shape
         dtype = reals[0].dtype
-        triples = by_sig[sig]
+        triples = by_sig[tuple((tuple(r.shape), r.dtype) for r in reals)]
 
-        def rotation(triples=triples):
-            return _rotation_groups(list(triples))
-
-        def ours(cfg, m=m, kk=kk, dtype=dtype, rotation=rotation):
+        def ours(cfg, m=m, kk=kk, dtype=dtype, triples=triples):
             xs = _rand((m, kk), dtype)
-            return [(lambda t=t: k_.gemv3(xs, *t, *_cfg(cfg))) for t in rotation()]
+            return [(lambda t=t: k_.gemv3(xs, *t, *_cfg(cfg))) for t in _rotation_groups(triples)]
 
-        def baseline(m=m, kk=kk, dtype=dtype, rotation=rotation):
+        def baseline(m=m, kk=kk, dtype=dtype, triples=triples):
             xs = _rand((m, kk), dtype)
             return [
                 (lambda t=t: [torch.mm(xs, t[0]), torch.mm(xs, t[1]), torch.mm(xs, t[2])])
-                for t in rotation()
+                for t in _rotation_groups(triples)
             ]
 
         ns = "-".join(str(r.shape[1]) for r in reals)
-        dims = _gemv_dims(m, ns, kk, dtype)
         n_max = max(r.shape[1] for r in reals)
-        cfg = _pick_gemv(tuner, mode, "gemv3", dims, n_max, kk, baseline, ours)
+        site = _Site("gemv3", _gemv_dims(m, ns, kk, dtype), n_max, kk, ours, baseline)
+        out.append((nodes, site))
+    return out
+
+
+def _substitute_gemv3(
+    gm: GraphModule,
+    ops: dict[Node, tuple],
+    groups: list[tuple[list[Node], _Site]],
+    tuner: _Tuner,
+    mode: str,
+    report: Any,
+) -> int:
+    """Each q/k/v group (`_gemv3_sites`) -> one `yirage_cuda::gemv3` launch, where it
+    measured faster (pops them from `ops`)."""
+    count = 0
+    for nodes, site in groups:
+        if any(n not in ops for n in nodes):
+            continue
+        cfg = _pick_gemv(tuner, mode, site)
         if cfg["impl"] != "triton":
             report.reject("triton_gemv3", f"{nodes[0].name}: ATen measured faster")
             continue
         op = torch.ops.yirage_cuda.gemv3.default
+        x = ops[nodes[0]][0]
         ws = [ops[n][1] for n in nodes]
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         first = min(nodes, key=order.__getitem__)

@@ -77,16 +77,16 @@ class _Tuner:
         self.stats = ctx.report.cache
         self.gpu = torch.cuda.get_device_name()
 
+    def cached(self, kernel: str, dims: Mapping[str, Any]) -> bool:
+        return self.cache.get(shape_key(kernel, self.gpu, **dims)) is not None
+
     def pick(
         self,
         kernel: str,
         dims: Mapping[str, Any],
         candidates: list[dict[str, Any]],
         make_bench: Callable[[], Callable[[Mapping[str, Any]], float]] | None,
-        warm: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """`warm(cfg)`: compile one candidate; on a cache miss all are compiled at once
-        (threads: Triton's compile waits on ptxas) before any is measured."""
         if make_bench is None:  # symbolic sizes: nothing to measure on
             return candidates[0]
         key = shape_key(kernel, self.gpu, **dims)
@@ -98,7 +98,7 @@ class _Tuner:
                 bench = make_bench()
             return bench(cfg)
 
-        return strip(search(self.cache, key, candidates, lazy_bench, self.stats, warm))
+        return strip(search(self.cache, key, candidates, lazy_bench, self.stats))
 
 
 @functools.cache

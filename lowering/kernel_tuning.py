@@ -88,15 +88,11 @@ def search(
     candidates: Iterable[Mapping[str, Any]],
     bench: Callable[[Mapping[str, Any]], float],
     stats: dict[str, int] | None = None,
-    warm: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The fastest candidate for `key` (cached), measuring each with `bench` on a miss.
 
-    `warm(cand)`, if given, prepares a candidate (compiles its kernel); on a miss every
-    candidate is warmed concurrently first, so compiles overlap instead of queueing
-    behind each measurement. A candidate whose warm-up or bench raises (e.g. too many
-    resources for the GPU) is skipped; if all fail, the first candidate is returned
-    uncached so that the caller still runs.
+    A candidate whose bench raises (e.g. too many resources for the GPU) is skipped; if
+    all fail, the first candidate is returned uncached so that the caller still runs.
     """
     hit = cache.get(key)
     if hit is not None:
@@ -108,8 +104,6 @@ def search(
     cands = [dict(c) for c in candidates]
     if not cands:
         raise ValueError(f"no candidate configs for {key}")
-    if warm is not None and len(cands) > 1:
-        _warm_all(warm, cands)
     best, best_ms = None, math.inf
     for cand in cands:
         try:
@@ -123,28 +117,6 @@ def search(
         return cands[0]
     cache.put(key, {**best, "ms": round(best_ms, 5)})
     return best
-
-
-def _warm_all(warm: Callable[[Mapping[str, Any]], None], cands: list[dict[str, Any]]) -> None:
-    import concurrent.futures
-
-    import torch
-
-    device = torch.cuda.current_device() if torch.cuda.is_available() else None
-
-    def one(cand: dict[str, Any]) -> None:
-        if device is not None:
-            torch.cuda.set_device(device)  # a new thread starts on device 0
-        try:
-            warm(cand)
-        except Exception as exc:  # noqa: BLE001 - measured (and skipped) later
-            log.debug("yirage: warm-up of %s failed: %s", cand, exc)
-
-    workers = min(len(cands), os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one, cands))
-    if device is not None:
-        torch.cuda.synchronize()
 
 
 def strip(config: Mapping[str, Any]) -> dict[str, Any]:

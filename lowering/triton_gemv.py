@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from .triton_pool import launch
 
 
 @triton.jit
@@ -261,7 +263,9 @@ def _launch_gemv(
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()
     res = residual if residual is not None else ys[0]
-    wrap_triton(_gemv_kernel)[(blocks,)](
+    launch(
+        _gemv_kernel,
+        (blocks,),
         x,
         w,
         w2,

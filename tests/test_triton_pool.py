@@ -1,0 +1,71 @@
+"""Recording Triton launches and compiling them in worker processes (lowering/triton_pool.py).
+
+The device-independent half runs anywhere: what a recorded launch holds, and how a worker
+turns it back into `kernel.warmup(...)`. That the launch then runs the kernel the workers
+compiled is checked on the GPU (tests/test_cuda.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from yirage_dynamo.lowering import triton_pool
+
+
+def _kernel_body():  # stands in for a @triton.jit function's Python source
+    pass
+
+
+class _FakeKernel:
+    """The two attributes of a JITFunction that recording and compiling use."""
+
+    fn = _kernel_body
+
+    def __init__(self) -> None:
+        self.warmups: list[tuple] = []
+
+    def warmup(self, *args, grid, **kwargs):
+        self.warmups.append((args, grid, kwargs))
+        return type("Compiled", (), {"hash": f"h{len(self.warmups)}"})()
+
+
+FAKE = _FakeKernel()
+
+
+def test_launches_inside_recording_are_recorded_not_run():
+    x = torch.randn(8, 4, dtype=torch.bfloat16)
+    with triton_pool.recording() as launches:
+        triton_pool.launch(_FakeKernel(), (3,), x, 7, 0.5, None, True, BLOCK=16, num_warps=4)
+        triton_pool.launch(
+            _FakeKernel(), (5,), x.clone(), 7, 0.5, None, True, num_warps=4, BLOCK=16
+        )
+        triton_pool.launch(_FakeKernel(), (3,), x, 8, 0.5, None, True, BLOCK=16, num_warps=4)
+    mod, name = _kernel_body.__module__, "_kernel_body"
+    kwargs = (("BLOCK", 16), ("num_warps", 4))
+    assert launches == [
+        (mod, name, (torch.bfloat16, 7, 0.5, None, True), kwargs),  # the second is the same
+        (mod, name, (torch.bfloat16, 8, 0.5, None, True), kwargs),
+    ]
+    with triton_pool.recording() as inner:
+        pass
+    assert inner == [] and len(launches) == 2  # each block records its own
+
+
+def test_launch_with_an_unaligned_tensor_is_not_recorded():
+    base = torch.randn(64)
+    with triton_pool.recording() as launches:
+        triton_pool.launch(_FakeKernel(), (1,), base[1:], 63, BLOCK=16)  # 4 bytes in
+        triton_pool.launch(_FakeKernel(), (1,), base[4:], 60, BLOCK=16)  # 16 bytes in
+    assert [spec[2] for spec in launches] == [(torch.float32, 60)]
+
+
+def test_worker_compile_warms_the_named_kernel_with_recorded_arguments():
+    spec = (__name__, "FAKE", (torch.float16, 3, None), (("BLOCK", 32), ("num_warps", 8)))
+    before = len(FAKE.warmups)
+    assert triton_pool.compile_launch(*spec) == f"h{before + 1}"
+    args, grid, kwargs = FAKE.warmups[-1]
+    assert args == (torch.float16, 3, None) and grid == (1,)
+    assert kwargs == {"BLOCK": 32, "num_warps": 8}
+
+
+def test_precompile_of_nothing_starts_no_workers():
+    assert triton_pool.precompile([]) == []
