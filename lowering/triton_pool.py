@@ -93,11 +93,42 @@ def warm_pool() -> None:
         log.debug("yirage: could not start the compile workers: %s", exc)
 
 
-def compile_launch(module: str, name: str, args: tuple, kwargs: tuple) -> str:
+def compile_launch(module: str, name: str, args: tuple, kwargs: tuple, target: Any = None) -> str:
     """Compile one recorded launch into Triton's cache (runs in a worker process); returns
-    the compiled kernel's hash (its cache key)."""
+    the compiled kernel's hash (its cache key). `target`: the GPU to compile for (a
+    triton GPUTarget). The workers must not touch CUDA (they are forked from a process
+    that initialised it), so Triton gets a driver that answers the device, stream and
+    target questions of `JITFunction.run` without asking CUDA, for this call only."""
     kernel = getattr(importlib.import_module(module), name)
-    return kernel.warmup(*args, grid=(1,), **dict(kwargs)).hash
+    if target is None:
+        return kernel.warmup(*args, grid=(1,), **dict(kwargs)).hash
+    from triton.runtime.driver import driver
+
+    before = driver._active  # what `reset` would rebuild by asking CUDA: kept as it was
+    driver.set_active(_compile_only_driver(target))
+    try:
+        return kernel.warmup(*args, grid=(1,), **dict(kwargs)).hash
+    finally:
+        driver._active = before
+
+
+def _compile_only_driver(target: Any) -> Any:
+    from triton.backends.nvidia.driver import CudaDriver
+
+    class CompileOnlyDriver(CudaDriver):
+        def __init__(self) -> None:  # no CUDA utilities, no torch.cuda
+            pass
+
+        def get_current_target(self) -> Any:
+            return target
+
+        def get_current_device(self) -> int:
+            return 0
+
+        def get_current_stream(self, device: int | None = None) -> int:
+            return 0
+
+    return CompileOnlyDriver()
 
 
 def precompile(launches: Sequence[Launch]) -> list[str]:
@@ -108,11 +139,13 @@ def precompile(launches: Sequence[Launch]) -> list[str]:
         return []
     try:
         from torch._inductor.async_compile import AsyncCompile, get_compile_threads
+        from triton.runtime.driver import driver
 
-        if get_compile_threads() <= 1:
+        target = driver.active.get_current_target()
+        if get_compile_threads() <= 1 or target.backend != "cuda":
             return []
         pool = AsyncCompile.process_pool()
-        futures = [pool.submit(compile_launch, *spec) for spec in launches]
+        futures = [pool.submit(compile_launch, *spec, target) for spec in launches]
     except Exception as exc:  # noqa: BLE001 - only a speed-up
         log.debug("yirage: no compile workers for Triton kernels: %s", exc)
         return []
