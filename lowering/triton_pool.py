@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import importlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ _RECORDING: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar
 # Seconds to wait for the workers (they start with the first CUDA compile; a cold start
 # of the pool takes a few seconds) before compiling here instead.
 _TIMEOUT_S = 120.0
+_PTXAS_ENV = "TRITON_PTXAS_PATH"
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
@@ -93,23 +95,39 @@ def warm_pool() -> None:
         log.debug("yirage: could not start the compile workers: %s", exc)
 
 
-def compile_launch(module: str, name: str, args: tuple, kwargs: tuple, target: Any = None) -> str:
+def compile_launch(
+    module: str, name: str, args: tuple, kwargs: tuple, target: Any = None, ptxas: str = ""
+) -> str:
     """Compile one recorded launch into Triton's cache (runs in a worker process); returns
-    the compiled kernel's hash (its cache key). `target`: the GPU to compile for (a
-    triton GPUTarget). The workers must not touch CUDA (they are forked from a process
-    that initialised it), so Triton gets a driver that answers the device, stream and
-    target questions of `JITFunction.run` without asking CUDA, for this call only."""
+    the compiled kernel's hash (its cache key).
+
+    `target` (a triton GPUTarget) and `ptxas` are what this process compiles with. The
+    workers must not touch CUDA (they are forked from a process that initialised it), so
+    Triton gets a driver that answers `JITFunction.run`'s device, stream and target
+    questions without asking CUDA; and they may see another ptxas (measured: Inductor's
+    workers ran CUDA 13's, this process Triton's bundled 12.8), which is part of the
+    cache key. Both are set for this call only."""
     kernel = getattr(importlib.import_module(module), name)
     if target is None:
         return kernel.warmup(*args, grid=(1,), **dict(kwargs)).hash
+    from triton.backends.nvidia.compiler import get_ptxas_version
     from triton.runtime.driver import driver
 
     before = driver._active  # what `reset` would rebuild by asking CUDA: kept as it was
+    env_before = os.environ.get(_PTXAS_ENV)
     driver.set_active(_compile_only_driver(target))
+    if ptxas:
+        os.environ[_PTXAS_ENV] = ptxas
+    get_ptxas_version.cache_clear()  # the version in the key: of the ptxas set here
     try:
         return kernel.warmup(*args, grid=(1,), **dict(kwargs)).hash
     finally:
         driver._active = before
+        if env_before is None:
+            os.environ.pop(_PTXAS_ENV, None)
+        else:
+            os.environ[_PTXAS_ENV] = env_before
+        get_ptxas_version.cache_clear()
 
 
 def _compile_only_driver(target: Any) -> Any:
@@ -139,13 +157,15 @@ def precompile(launches: Sequence[Launch]) -> list[str]:
         return []
     try:
         from torch._inductor.async_compile import AsyncCompile, get_compile_threads
+        from triton import knobs
         from triton.runtime.driver import driver
 
         target = driver.active.get_current_target()
         if get_compile_threads() <= 1 or target.backend != "cuda":
             return []
+        ptxas = knobs.nvidia.ptxas.path
         pool = AsyncCompile.process_pool()
-        futures = [pool.submit(compile_launch, *spec, target) for spec in launches]
+        futures = [pool.submit(compile_launch, *spec, target, ptxas) for spec in launches]
     except Exception as exc:  # noqa: BLE001 - only a speed-up
         log.debug("yirage: no compile workers for Triton kernels: %s", exc)
         return []
