@@ -268,7 +268,7 @@ def _pick_gemv(tuner: _Tuner, mode: str, site: _Site) -> dict[str, Any]:
     return tuner.pick(site.kernel, site.key_dims(mode), site.candidates(mode), make_bench)
 
 
-def _precompile(tuner: _Tuner, mode: str, sites: list[_Site]) -> None:
+def _precompile(tuner: _Tuner, mode: str, sites: list[_Site], report: Any) -> None:
     """Compile the Triton candidates of every site whose config is not cached, all at once
     in the compile workers (lowering/triton_pool.py), before any is measured: a cold
     search otherwise compiles them one after another."""
@@ -281,7 +281,8 @@ def _precompile(tuner: _Tuner, mode: str, sites: list[_Site]) -> None:
             for cfg in site.candidates(mode):
                 if cfg["impl"] == "triton":
                     site.ours(cfg)[0]()
-    done = len(precompile(launches))
+    with report.stage("gemv_precompile"):
+        done = len(precompile(launches))
     if done:
         tuner.stats["precompiled"] = tuner.stats.get("precompiled", 0) + done
 
@@ -348,7 +349,7 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
     taken |= {n for nodes, _ in groups for n in nodes}
     plain = {node: _gemv_site(op, by_shape) for node, op in ops.items()}
     sites = [g[2] for g in gated] + [s for _, s in groups]
-    _precompile(tuner, mode, sites + [s for n, s in plain.items() if n not in taken])
+    _precompile(tuner, mode, sites + [s for n, s in plain.items() if n not in taken], report)
 
     swapped = 0
     for node, (g_mm, u_mm, xg, wg, wu, act, gv), site in gated:

@@ -25,6 +25,7 @@ import contextvars
 import importlib
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -170,9 +171,16 @@ def precompile(launches: Sequence[Launch]) -> list[str]:
         log.debug("yirage: no compile workers for Triton kernels: %s", exc)
         return []
     hashes = []
+    start = time.perf_counter()
     for spec, future in zip(launches, futures):
         try:
             hashes.append(future.result(timeout=_TIMEOUT_S))
         except Exception as exc:  # noqa: BLE001 - it compiles at its first launch instead
             log.debug("yirage: worker compile of %s.%s failed: %s", spec[0], spec[1], exc)
+    log.info(
+        "yirage: %d of %d Triton kernels compiled in the workers, %.2f s",
+        len(hashes),
+        len(launches),
+        time.perf_counter() - start,
+    )
     return hashes
