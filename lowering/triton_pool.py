@@ -1,31 +1,40 @@
-"""Compile yirage Triton kernels in Inductor's compile-worker processes.
+"""Compile yirage Triton kernels in forked worker processes, all at once.
 
-Why: a cold GEMV config search compiles ~16 Triton kernels of ~0.35 s each, and in one
+Why: a cold GEMV config search compiles ~16-22 Triton kernels of ~0.25 s each, and in one
 process they queue up (threads barely overlap them: most of Triton's compile holds the
-GIL). Inductor compiles its own kernels in a pool of worker processes; ours go to the same
-pool. A launch is first *recorded* instead of run (the kernel, the dtypes of its tensor
-arguments, its scalars and constexprs), the records are compiled in the workers with
-`JITFunction.warmup`, which writes each binary to Triton's on-disk cache, and the real
-launch in this process then loads it from there (same source, arguments and options, so
-the same cache key):
+GIL). A launch is first *recorded* instead of run (the kernel, the dtypes of its tensor
+arguments, its scalars and constexprs); the records are compiled by children forked from
+this process with `JITFunction.warmup`, which writes each binary to Triton's on-disk
+cache; the real launch here then loads it from there:
 
     with recording() as launches:
         run_op_once(cfg)            # kernels are recorded, not launched
-    precompile(launches)            # ~one compile's time for all of them
+    precompile(launches)            # about one compile's time for all of them
 
-Anything that goes wrong here (no pool, a worker error) only costs time: the launch
-compiles in this process as it always could. (No Triton import here: the worker
-imports the kernel's own module.)
+Why forked children and not Inductor's compile workers: those start a fresh interpreter
+that imports torch and Triton (measured on an H100 host: the first result came back ~9 s
+after submission, longer than compiling everything here), and they compile with another
+ptxas than this process (CUDA 13's against Triton's bundled 12.8): another cache key, so
+every launch here compiled again. A fork starts in milliseconds with this process's
+modules, Triton state and ptxas: the same cache key by construction. The children never
+touch CUDA (a forked child must not): Triton gets a driver that answers the device,
+stream and target questions of `JITFunction.run` from what this process told it.
+
+Anything that goes wrong here only costs time: the launch compiles in this process as it
+always could. No Triton import at module level: the CPU suite imports this module.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import importlib
 import logging
+import multiprocessing
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -40,10 +49,10 @@ Launch = tuple[str, str, tuple, tuple]
 _RECORDING: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar(
     "yirage_triton_recording", default=None
 )
-# Seconds to wait for the workers (they start with the first CUDA compile; a cold start
-# of the pool takes a few seconds) before compiling here instead.
+# Seconds to wait for a worker's compile before compiling here instead.
 _TIMEOUT_S = 120.0
-_PTXAS_ENV = "TRITON_PTXAS_PATH"
+# Workers at most: a config search has ~4-7 candidates per kernel shape, ~20 in all.
+_MAX_WORKERS = 8
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
@@ -87,7 +96,7 @@ def _spec(kernel: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Launch | 
 
 def warm_pool() -> None:
     """Start Inductor's compile workers now (as Inductor's own backend does on entry), so
-    that they are up by the time the config search needs them."""
+    that they are up by the time Inductor compiles its kernels."""
     try:
         from torch._inductor.async_compile import maybe_warm_pool
 
@@ -97,41 +106,21 @@ def warm_pool() -> None:
 
 
 def compile_launch(
-    module: str, name: str, args: tuple, kwargs: tuple, target: Any = None, ptxas: str = ""
+    module: str, name: str, args: tuple, kwargs: tuple, target: Any = None, device: int = 0
 ) -> str:
-    """Compile one recorded launch into Triton's cache (runs in a worker process); returns
-    the compiled kernel's hash (its cache key).
-
-    `target` (a triton GPUTarget) and `ptxas` are what this process compiles with. The
-    workers must not touch CUDA (they are forked from a process that initialised it), so
-    Triton gets a driver that answers `JITFunction.run`'s device, stream and target
-    questions without asking CUDA; and they may see another ptxas (measured: Inductor's
-    workers ran CUDA 13's, this process Triton's bundled 12.8), which is part of the
-    cache key. Both are set for this call only."""
+    """Compile one recorded launch into Triton's cache (in a forked child); returns the
+    compiled kernel's hash (its cache key). With `target` (a triton GPUTarget), Triton
+    asks a driver that knows the target and `device` instead of CUDA."""
     kernel = getattr(importlib.import_module(module), name)
     if target is None:
         return kernel.warmup(*args, grid=(1,), **dict(kwargs)).hash
-    from triton.backends.nvidia.compiler import get_ptxas_version
     from triton.runtime.driver import driver
 
-    before = driver._active  # what `reset` would rebuild by asking CUDA: kept as it was
-    env_before = os.environ.get(_PTXAS_ENV)
-    driver.set_active(_compile_only_driver(target))
-    if ptxas:
-        os.environ[_PTXAS_ENV] = ptxas
-    get_ptxas_version.cache_clear()  # the version in the key: of the ptxas set here
-    try:
-        return kernel.warmup(*args, grid=(1,), **dict(kwargs)).hash
-    finally:
-        driver._active = before
-        if env_before is None:
-            os.environ.pop(_PTXAS_ENV, None)
-        else:
-            os.environ[_PTXAS_ENV] = env_before
-        get_ptxas_version.cache_clear()
+    driver.set_active(_compile_only_driver(target, device))  # a child's own copy
+    return kernel.warmup(*args, grid=(1,), **dict(kwargs)).hash
 
 
-def _compile_only_driver(target: Any) -> Any:
+def _compile_only_driver(target: Any, device: int) -> Any:
     from triton.backends.nvidia.driver import CudaDriver
 
     class CompileOnlyDriver(CudaDriver):
@@ -142,7 +131,7 @@ def _compile_only_driver(target: Any) -> Any:
             return target
 
         def get_current_device(self) -> int:
-            return 0
+            return device
 
         def get_current_stream(self, device: int | None = None) -> int:
             return 0
@@ -151,36 +140,45 @@ def _compile_only_driver(target: Any) -> Any:
 
 
 def precompile(launches: Sequence[Launch]) -> list[str]:
-    """Compile `launches` in Inductor's worker processes, all at once; returns the hashes
-    of those that compiled there. Without a pool (one compile thread, a daemonic process)
-    nothing happens here and each kernel compiles at its first launch."""
-    if not launches:
+    """Compile `launches` in forked children, all at once; returns the hashes of those
+    that compiled there. With one CPU, or no fork, nothing happens here and each kernel
+    compiles at its first launch."""
+    workers = min(len(launches), _MAX_WORKERS, max(0, len(os.sched_getaffinity(0)) - 1))
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return []
+    start = time.perf_counter()
     try:
-        from torch._inductor.async_compile import AsyncCompile, get_compile_threads
-        from triton import knobs
         from triton.runtime.driver import driver
 
         target = driver.active.get_current_target()
-        if get_compile_threads() <= 1 or target.backend != "cuda":
+        device = driver.active.get_current_device()
+        if target.backend != "cuda":
             return []
-        ptxas = knobs.nvidia.ptxas.path
-        pool = AsyncCompile.process_pool()
-        futures = [pool.submit(compile_launch, *spec, target, ptxas) for spec in launches]
+        with warnings.catch_warnings():
+            # Python warns that forking a threaded process may deadlock the child in a
+            # lock another thread held. The children only run Triton's compiler.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("fork")
+            )
+            futures = [pool.submit(compile_launch, *spec, target, device) for spec in launches]
     except Exception as exc:  # noqa: BLE001 - only a speed-up
         log.debug("yirage: no compile workers for Triton kernels: %s", exc)
         return []
     hashes = []
-    start = time.perf_counter()
-    for spec, future in zip(launches, futures):
-        try:
-            hashes.append(future.result(timeout=_TIMEOUT_S))
-        except Exception as exc:  # noqa: BLE001 - it compiles at its first launch instead
-            log.debug("yirage: worker compile of %s.%s failed: %s", spec[0], spec[1], exc)
+    try:
+        for spec, future in zip(launches, futures):
+            try:
+                hashes.append(future.result(timeout=_TIMEOUT_S))
+            except Exception as exc:  # noqa: BLE001 - it compiles at its first launch instead
+                log.debug("yirage: worker compile of %s.%s failed: %s", spec[0], spec[1], exc)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     log.info(
-        "yirage: %d of %d Triton kernels compiled in the workers, %.2f s",
+        "yirage: %d of %d Triton kernels compiled in %d forked workers, %.2f s",
         len(hashes),
         len(launches),
+        workers,
         time.perf_counter() - start,
     )
     return hashes
