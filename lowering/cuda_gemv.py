@@ -272,17 +272,17 @@ def _precompile(tuner: _Tuner, mode: str, sites: list[_Site], report: Any) -> No
     """Compile the Triton candidates of every site whose config is not cached, all at once
     in the compile workers (lowering/triton_pool.py), before any is measured: a cold
     search otherwise compiles them one after another."""
-    from .triton_pool import precompile, recording
+    from .triton_pool import precompile_calls
 
-    with recording() as launches:
-        for site in sites:
-            if tuner.cached(site.kernel, site.key_dims(mode)):
-                continue
-            for cfg in site.candidates(mode):
-                if cfg["impl"] == "triton":
-                    site.ours(cfg)[0]()
+    calls = (
+        site.ours(cfg)[0]
+        for site in sites
+        if not tuner.cached(site.kernel, site.key_dims(mode))
+        for cfg in site.candidates(mode)
+        if cfg["impl"] == "triton"
+    )
     with report.stage("gemv_precompile"):
-        done = len(precompile(launches))
+        done = len(precompile_calls(calls))
     if done:
         tuner.stats["precompiled"] = tuner.stats.get("precompiled", 0) + done
 

@@ -313,7 +313,7 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
     if _static(b, t):
         dtype = q.dtype
 
-        def make_bench():
+        def make_call():
             kk = _kernels()
             qs = _rand((b, hq, 1, d), dtype)
             ks, vs = _rand((b, hkv, t, d), dtype), _rand((b, hkv, t, d), dtype)
@@ -329,11 +329,13 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
                     m = torch.zeros(m.shape, dtype=mask.dtype, device="cuda").masked_fill(
                         ~m, float("-inf")
                     )
-            return lambda c: _time(
-                lambda: kk.decode_attention(
-                    qs, ks, vs, m, pos, scale, c["split"], c["block_n"], c["num_warps"]
-                )
+            return lambda c: kk.decode_attention(
+                qs, ks, vs, m, pos, scale, c["split"], c["block_n"], c["num_warps"]
             )
+
+        def make_bench():
+            call = make_call()
+            return lambda c: _time(lambda: call(c))
 
     dims = {
         "b": b if _static(b) else "dyn",
@@ -345,7 +347,13 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
         "bound": "cp" if cp is not None else "mask" if mask is not None else "none",
     }
     max_len = t if _static(t) else 4096
-    cfg = tuner.pick("decode_attention", dims, _split_candidates(max_len), make_bench)
+    cands = _split_candidates(max_len)
+    if make_bench is not None and not tuner.cached("decode_attention", dims):
+        from .triton_pool import precompile_calls
+
+        call = make_call()
+        precompile_calls([lambda c=c: call(c) for c in cands])  # all at once, in children
+    cfg = tuner.pick("decode_attention", dims, cands, make_bench)
     op = torch.ops.yirage_cuda.decode_attention.default
     args = (a["q"], a["k"], a["v"], a["attn_mask"], a["cache_position"], float(scale))
     return op, (*args, cfg["split"], cfg["block_n"], cfg["num_warps"])

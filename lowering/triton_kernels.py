@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .triton_pool import launch
+
 # ---------------------------------------------------------------------------------------
 # RMSNorm (optionally with the residual add fused in front)
 
@@ -453,7 +455,9 @@ def decode_attention(
     # [B, Hq, 1, D] with a [B, 1, Hq, D] layout, like yirage::attention's (SDPA's) output.
     out = torch.empty((b, 1, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     mask_kind, smb, smn = _mask_rows(attn_mask, b)
-    wrap_triton(_decode_attn_split_kernel)[(b * hkv, num_splits)](
+    launch(
+        _decode_attn_split_kernel,
+        (b * hkv, num_splits),
         q,
         k_cache,
         v_cache,
@@ -487,7 +491,9 @@ def decode_attention(
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
     )
-    wrap_triton(_decode_attn_merge_kernel)[(b * hq,)](
+    launch(
+        _decode_attn_merge_kernel,
+        (b * hq,),
         mid_o,
         mid_lse,
         out,

@@ -35,7 +35,7 @@ import multiprocessing
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -75,6 +75,14 @@ def recording() -> Iterator[list[Launch]]:
         yield launches
     finally:
         _RECORDING.reset(token)
+
+
+def precompile_calls(calls: Iterable[Callable[[], Any]]) -> list[str]:
+    """Run each call with its launches recorded, then `precompile` them all."""
+    with recording() as launches:
+        for call in calls:
+            call()
+    return precompile(launches)
 
 
 def _spec(kernel: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Launch | None:
