@@ -17,6 +17,8 @@ Why `compile_fx(dynamo_gm, inner_compile=ours)` and not Inductor's custom-pass h
     Decode-shaped matmuls (M <= 4 rows against a frozen weight) go to our Triton GEMV
     (`yirage_cuda::gemv`; q/k/v as one `gemv3` launch, gate/up + activation as one
     `gemv_gated`) where it measured faster than cuBLAS on this GPU (cached per shape).
+    On a cache miss every candidate config of every shape compiles at once, in children
+    forked from this process (lowering/triton_pool.py), before any is measured.
     Ops the passes inserted that Inductor expects decomposed are re-decomposed, then
     compile_fx_inner runs: Inductor's post-grad passes, scheduling, fusion, Triton codegen
     and CUDA graphs follow unchanged. Our kernels enter Inductor's graph after AOTAutograd,
@@ -112,8 +114,9 @@ class TritonLowering(Lowering):
 
         from .triton_pool import warm_pool
 
-        # Inductor's compile workers (for its kernels and our GEMV candidates) start now,
-        # while AOTAutograd and our passes run, as Inductor's own backend starts them.
+        # Inductor's compile workers (for Inductor's kernels; ours compile in forked
+        # children, lowering/triton_pool.py) start now, while AOTAutograd and our passes
+        # run, as Inductor's own backend starts them.
         warm_pool()
 
         patches = inductor_config_patches(options, example_inputs)
