@@ -26,13 +26,13 @@ always could. No Triton import at module level: the CPU suite imports this modul
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import contextvars
 import importlib
 import logging
-import multiprocessing
 import os
+import select
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -152,7 +152,7 @@ def precompile(launches: Sequence[Launch]) -> list[str]:
     that compiled there. With one CPU, or no fork, nothing happens here and each kernel
     compiles at its first launch."""
     workers = min(len(launches), _MAX_WORKERS, max(0, len(os.sched_getaffinity(0)) - 1))
-    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers < 2 or not hasattr(os, "fork"):
         return []
     start = time.perf_counter()
     try:
@@ -160,33 +160,75 @@ def precompile(launches: Sequence[Launch]) -> list[str]:
 
         target = driver.active.get_current_target()
         device = driver.active.get_current_device()
-        if target.backend != "cuda":
-            return []
-        with warnings.catch_warnings():
-            # Python warns that forking a threaded process may deadlock the child in a
-            # lock another thread held. The children only run Triton's compiler.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("fork")
-            )
-            futures = [pool.submit(compile_launch, *spec, target, device) for spec in launches]
     except Exception as exc:  # noqa: BLE001 - only a speed-up
-        log.debug("yirage: no compile workers for Triton kernels: %s", exc)
+        log.debug("yirage: no Triton target to compile for: %s", exc)
         return []
-    hashes = []
-    try:
-        for spec, future in zip(launches, futures):
-            try:
-                hashes.append(future.result(timeout=_TIMEOUT_S))
-            except Exception as exc:  # noqa: BLE001 - it compiles at its first launch instead
-                log.debug("yirage: worker compile of %s.%s failed: %s", spec[0], spec[1], exc)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    if target.backend != "cuda":
+        return []
+    hashes = compile_in_children(launches, target, device, workers, _TIMEOUT_S)
     log.info(
-        "yirage: %d of %d Triton kernels compiled in %d forked workers, %.2f s",
+        "yirage: %d of %d Triton kernels compiled in %d forked children, %.2f s",
         len(hashes),
         len(launches),
         workers,
         time.perf_counter() - start,
     )
     return hashes
+
+
+def compile_in_children(
+    launches: Sequence[Launch], target: Any, device: int, workers: int, timeout_s: float
+) -> list[str]:
+    """`compile_launch` each launch in one of `workers` forked children (a share each);
+    returns the hashes they report. A child still busy after `timeout_s` is killed: its
+    kernels compile at their first launch instead.
+
+    Plain fork + pipe rather than a ProcessPoolExecutor: no manager thread and no exit
+    handler that joins the children, so a child stuck in a lock inherited from another
+    thread costs at most the timeout, never a hang at interpreter exit."""
+    children: list[tuple[int, int]] = []
+    with warnings.catch_warnings():
+        # Python warns that forking a threaded process may deadlock the child in a lock
+        # another thread held; the timeout bounds that, and the children only compile.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for part in (launches[i::workers] for i in range(workers)):
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: compile, report, leave without any exit handler
+                os.close(read)
+                _child(part, target, device, write)
+            os.close(write)
+            children.append((pid, read))
+    deadline = time.monotonic() + timeout_s
+    hashes: list[str] = []
+    for pid, read in children:
+        out = b""
+        while True:
+            ready, _, _ = select.select([read], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(read, 65536) if ready else b""
+            if not chunk:
+                break
+            out += chunk
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            log.debug("yirage: a compile child ran past %.0f s; killed", timeout_s)
+        os.close(read)
+        os.waitpid(pid, 0)
+        hashes.extend(h for h in out.decode().split() if h)
+    return hashes
+
+
+def _child(part: Sequence[Launch], target: Any, device: int, write: int) -> None:
+    code = 0
+    try:
+        done = []
+        for spec in part:
+            try:
+                done.append(compile_launch(*spec, target, device))
+            except Exception:  # noqa: BLE001 - that one compiles in the parent later
+                pass
+        os.write(write, " ".join(done).encode())
+    except BaseException:  # noqa: BLE001 - whatever happens, this process must end here
+        code = 1
+    finally:
+        os._exit(code)

@@ -7,6 +7,10 @@ compiled is checked on the GPU (tests/test_cuda.py).
 
 from __future__ import annotations
 
+import os
+import time
+
+import pytest
 import torch
 from yirage_dynamo.lowering import triton_pool
 
@@ -28,7 +32,13 @@ class _FakeKernel:
         return type("Compiled", (), {"hash": f"h{len(self.warmups)}"})()
 
 
+class _StuckKernel(_FakeKernel):
+    def warmup(self, *args, grid, **kwargs):
+        time.sleep(60)  # a child stuck in a lock it inherited, say
+
+
 FAKE = _FakeKernel()
+STUCK = _StuckKernel()
 
 
 def test_launches_inside_recording_are_recorded_not_run():
@@ -69,3 +79,27 @@ def test_worker_compile_warms_the_named_kernel_with_recorded_arguments():
 
 def test_precompile_of_nothing_starts_no_workers():
     assert triton_pool.precompile([]) == []
+
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+@needs_fork
+def test_children_compile_their_share_and_report_every_hash():
+    specs = [(__name__, "FAKE", (torch.float32, n), ()) for n in range(5)]
+    before = len(FAKE.warmups)
+    hashes = triton_pool.compile_in_children(specs, None, 0, workers=2, timeout_s=30)
+    # Child 1 compiled specs 0, 2, 4 and child 2 specs 1, 3, each on its own copy of FAKE.
+    assert sorted(hashes) == sorted(
+        [f"h{before + i}" for i in (1, 2, 3)] + [f"h{before + i}" for i in (1, 2)]
+    )
+    assert len(FAKE.warmups) == before  # the parent compiled nothing itself
+
+
+@needs_fork
+def test_a_stuck_child_is_killed_at_the_timeout_and_the_rest_still_report():
+    specs = [(__name__, "STUCK", (1,), ()), (__name__, "FAKE", (2,), ())]
+    start = time.monotonic()
+    hashes = triton_pool.compile_in_children(specs, None, 0, workers=2, timeout_s=1.0)
+    assert time.monotonic() - start < 10
+    assert len(hashes) == 1 and hashes[0].startswith("h")
