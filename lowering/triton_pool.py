@@ -49,8 +49,9 @@ Launch = tuple[str, str, tuple, tuple]
 _RECORDING: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar(
     "yirage_triton_recording", default=None
 )
-# Seconds to wait for a worker's compile before compiling here instead.
-_TIMEOUT_S = 120.0
+# Seconds to wait for the children (each compiles ~3 kernels in ~1 s) before killing them
+# and compiling here instead.
+_TIMEOUT_S = 30.0
 # Workers at most: a config search has ~4-7 candidates per kernel shape, ~20 in all.
 _MAX_WORKERS = 8
 
@@ -151,7 +152,7 @@ def precompile(launches: Sequence[Launch]) -> list[str]:
     """Compile `launches` in forked children, all at once; returns the hashes of those
     that compiled there. With one CPU, or no fork, nothing happens here and each kernel
     compiles at its first launch."""
-    workers = min(len(launches), _MAX_WORKERS, max(0, len(os.sched_getaffinity(0)) - 1))
+    workers = min(len(launches), _MAX_WORKERS, _compile_threads())
     if workers < 2 or not hasattr(os, "fork"):
         return []
     start = time.perf_counter()
@@ -174,6 +175,17 @@ def precompile(launches: Sequence[Launch]) -> list[str]:
         time.perf_counter() - start,
     )
     return hashes
+
+
+def _compile_threads() -> int:
+    """Inductor's compile parallelism (TORCHINDUCTOR_COMPILE_THREADS; 1 turns our children
+    off too, for a user who wants no compile subprocesses)."""
+    try:
+        from torch._inductor.async_compile import get_compile_threads
+
+        return get_compile_threads()
+    except Exception:  # noqa: BLE001 - an older or newer torch: the CPUs we may use
+        return os.cpu_count() or 1
 
 
 def compile_in_children(
