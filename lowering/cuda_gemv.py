@@ -272,8 +272,8 @@ def _pick_gemv(tuner: _Tuner, mode: str, site: _Site) -> dict[str, Any]:
 
 def _precompile(tuner: _Tuner, mode: str, sites: list[_Site], report: Any) -> None:
     """Compile the Triton candidates of every site whose config is not cached, all at once
-    in the compile workers (lowering/triton_pool.py), before any is measured: a cold
-    search otherwise compiles them one after another."""
+    in forked children (lowering/triton_pool.py), before any is measured: a cold search
+    otherwise compiles them one after another."""
     from .triton_pool import precompile_calls
 
     calls = (

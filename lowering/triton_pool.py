@@ -205,7 +205,13 @@ def compile_in_children(
         warnings.simplefilter("ignore", DeprecationWarning)
         for part in (launches[i::workers] for i in range(workers)):
             read, write = os.pipe()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # out of processes or memory: the rest compile here
+                os.close(read)
+                os.close(write)
+                log.debug("yirage: could not fork a compile child: %s", exc)
+                break
             if pid == 0:  # the child: compile, report, leave without any exit handler
                 os.close(read)
                 _child(part, target, device, write)

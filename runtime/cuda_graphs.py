@@ -121,8 +121,7 @@ class CudaGraphRunner:
         self.captures += 1
         self.graph = graph
         self.static_idx = statics
-        self.static_ptrs = [args[i].data_ptr() for i in statics]
-        # The same, by input position (the C++ check's layout).
+        # Static inputs' addresses by input position (0 elsewhere): the C++ check's layout.
         self.ptr_at = [a.data_ptr() if i in static_set else 0 for i, a in enumerate(args)]
         self.copied = [(i, buffers[i]) for i in copied]
         self.copy_back = [(i, buffers[i]) for i in copied if i in self.mutated]
@@ -142,7 +141,7 @@ class CudaGraphRunner:
         same = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
         if same is not None:
             return same(args, self.ptr_at, self.static_idx)
-        return [args[i].data_ptr() for i in self.static_idx] == self.static_ptrs
+        return all(args[i].data_ptr() == self.ptr_at[i] for i in self.static_idx)
 
     # ------------------------------------------------------------------ replay
     def _replay(self, args: list[Any]) -> Any:
