@@ -241,20 +241,50 @@ def _foldable(node: Node, constant: set[Node]) -> bool:
     return bool(inputs) and all(n in constant for n in inputs)
 
 
+# Tensors built from literals alone (arange(1), full([], -inf), ...) up to this many
+# elements are folded too: the program would otherwise create them on every call (an
+# ATen call each, a few microseconds on the CPU, per layer).
+_SMALL_LITERAL = 4096
+
+
+def _small_literal(node: Node) -> bool:
+    """A factory call with literal arguments only and a small, static result."""
+    if node.op != "call_function" or node.all_input_nodes:
+        return False
+    op = node.target
+    if not isinstance(op, torch._ops.OpOverload) or op.is_view or "empty" in op.__name__:
+        return False  # empty*: its contents are not a value
+    if op._schema.is_mutable or torch.Tag.nondeterministic_seeded in op.tags:
+        return False
+    v = node.meta.get("val")
+    if not isinstance(v, torch.Tensor) or any(not isinstance(d, int) for d in v.shape):
+        return False
+    return v.numel() <= _SMALL_LITERAL
+
+
 def constant_fold(gm: GraphModule, ctx: PassContext) -> int:
     """Evaluate subgraphs whose inputs are all constants once, at compile time.
 
     Only the frontier (a folded node with a non-folded user) is materialised, so a chain
-    like to(w, bf16) * 2 becomes one constant. Pure views are never folded.
+    like to(w, bf16) * 2 becomes one constant. Pure views are never folded. Small tensors
+    made from literals alone (`_small_literal`: the cache positions' arange(1), a mask's
+    fill values) count as constants too.
     """
     constant: set[Node] = {n for n in gm.graph.nodes if n.op == "get_attr"}
+    # Nodes computed from small literals alone: the same value for any model's weights.
+    literal: set[Node] = set()
     values: dict[Node, torch.Tensor] = {}
     folded = 0
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             continue
-        if _foldable(node, constant):
+        if _small_literal(node):
             constant.add(node)
+            literal.add(node)
+        elif _foldable(node, constant):
+            constant.add(node)
+            if all(n in literal for n in node.all_input_nodes):
+                literal.add(node)
     if len(constant) == sum(1 for n in gm.graph.nodes if n.op == "get_attr"):
         return 0
 
@@ -275,11 +305,16 @@ def constant_fold(gm: GraphModule, ctx: PassContext) -> int:
                 continue
             if all(u in constant for u in node.users):
                 continue
+            if node in literal and any(u.op == "output" for u in node.users):
+                continue  # returned, a shared constant could be changed by the caller
             result = value(node)
             if not isinstance(result, torch.Tensor):
                 continue
-            recipe = recipe_of(gm, node, constant)
-            recipe = recipe if isinstance(recipe, Recipe) else None
+            if node in literal:
+                recipe = Recipe("literal", result)
+            else:
+                recipe = recipe_of(gm, node, constant)
+                recipe = recipe if isinstance(recipe, Recipe) else None
             new = add_constant(gm, "_folded_", result, node, ctx.fake_mode, recipe)
             node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in constant)
             folded += 1

@@ -19,6 +19,20 @@ Rewrite (k0/v0 are the un-repeated K/V, e.g. the static cache written by index_c
 
     o = yirage.attention(q, k0, v0, mask, scale, is_causal, None)
 
+Also (counted as "attention_bool_mask"), match A only: a mask that is SDPA's own
+conversion of the caller's bool keep-mask to an additive one (AOTAutograd's lowering of
+SDPA inserts it) is replaced by the bool mask, so the per-layer conversion kernel goes
+away (every attention lowering reads bool masks):
+
+    m = where(keep, 0, c)   with keep bool, c -inf or <= -65504 (fp16's lowest; SDPA's
+                            cuDNN path uses -65536)
+    attention(q, k, v, m)   ->   attention(q, k, v, keep)
+
+A key hidden by c gets exp(s + c - max) == 0 in fp32 for any score below ~1e4, so the
+outputs agree; only a row with every key hidden differs (0 instead of the mean of V),
+and the bool mask is what the model passed (HF's eager attention builds its additive
+mask itself: match B keeps it).
+
 Rejected (reported): dropout, extra outputs read (logsumexp), non-constant scale.
 """
 
@@ -211,14 +225,60 @@ def _sdpa_site(node: Node, ops: dict, ctx: PassContext):
     )
 
 
+# An additive mask value at or below this hides a key (see the module docstring).
+_HIDES = -65504.0
+
+
+def _scalar(gm: GraphModule, node: Any) -> float | None:
+    """The value of a 0-d constant: a number, full([], v), scalar_tensor(v) or a folded one."""
+    if isinstance(node, int | float):
+        return float(node)
+    if not isinstance(node, Node):
+        return None
+    value = None
+    if node.op == "get_attr":
+        value = getattr(gm, node.target, None)
+    elif node.target is aten.full.default and list(node.args[0]) == []:
+        value = node.args[1]
+    elif node.target is aten.scalar_tensor.default:
+        value = node.args[0]
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 and value.dim() == 0 else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _keep_mask(gm: GraphModule, mask: Any) -> Node | None:
+    """`keep` if `mask` is where(keep, 0, hidden) over a bool keep-mask, else None."""
+    if not isinstance(mask, Node) or mask.target not in (
+        aten.where.self,
+        aten.where.ScalarSelf,
+        aten.where.ScalarOther,
+        aten.where.Scalar,
+    ):
+        return None
+    keep, shown, hidden = mask.args[:3]
+    kv, mv = val(keep), val(mask)
+    if not (isinstance(kv, torch.Tensor) and kv.dtype == torch.bool):
+        return None
+    if not isinstance(mv, torch.Tensor) or tuple(kv.shape) != tuple(mv.shape):
+        return None
+    low = _scalar(gm, hidden)
+    if _scalar(gm, shown) != 0.0 or low is None or not low <= _HIDES:
+        return None
+    return keep
+
+
 def fuse_attention(gm: GraphModule, ctx: PassContext) -> int:
     ensure_ops()
     ops = _sdpa_ops()
     count = 0
+    bool_masks = 0
     for node in list(gm.graph.nodes):
         if node._erased:
             continue
-        site = _sdpa_site(node, ops, ctx) or _eager_site(node, ctx)
+        site = _sdpa_site(node, ops, ctx)
+        from_sdpa = site is not None
+        site = site or _eager_site(node, ctx)
         if site is None:
             continue
         q, k, v, mask, scale, causal, anchor, matched = site
@@ -230,6 +290,10 @@ def fuse_attention(gm: GraphModule, ctx: PassContext) -> int:
         v0, v_chain = _unrepeat(v, qv.shape[1])
         if val(k0).shape[1] != val(v0).shape[1]:
             k0, v0, k_chain, v_chain = k, v, [], []
+        keep = _keep_mask(gm, mask) if from_sdpa else None
+        if keep is not None:
+            mask = keep
+            bool_masks += 1
         args = (q, k0, v0, mask, None if scale is None else float(scale), causal, None)
         fused = insert_call(gm, anchor, torch.ops.yirage.attention.default, args)
         anchor.replace_all_uses_with(fused)
@@ -239,4 +303,7 @@ def fuse_attention(gm: GraphModule, ctx: PassContext) -> int:
     if count:
         ctx.report.count_pattern(NAME, count)
         note_reference(ctx, "attention")
+    if bool_masks:
+        # The conversions left unused (shared by every layer of a whole graph) go in `dce`.
+        ctx.report.count_pattern(NAME + "_bool_mask", bool_masks)
     return count

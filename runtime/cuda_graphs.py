@@ -9,7 +9,8 @@ bookkeeping runs after the launch, off the critical path). What a step needs:
 
     call 1:  run the compiled function eagerly (Triton compiles/autotunes, cuBLAS warms up)
     call 2:  capture one call into a CUDA graph (private memory pool), then replay it
-    call n:  copy the non-static inputs into the captured buffers, replay, clone outputs
+    call n:  copy the non-static inputs into the captured buffers (one launch per dtype),
+             replay, clone outputs
 
 Static inputs are read in place by the graph: parameters, and tensors marked with
 `torch._dynamo.mark_static_address` (HF's static KV cache). Their addresses are checked
@@ -124,6 +125,7 @@ class CudaGraphRunner:
         # Static inputs' addresses by input position (0 elsewhere): the C++ check's layout.
         self.ptr_at = [a.data_ptr() if i in static_set else 0 for i, a in enumerate(args)]
         self.copied = [(i, buffers[i]) for i in copied]
+        self.copy_groups = _copy_groups(self.copied)
         self.copy_back = [(i, buffers[i]) for i in copied if i in self.mutated]
         self.outs = outs
         # Outputs that view a static input stay valid after later replays; others live
@@ -145,8 +147,13 @@ class CudaGraphRunner:
 
     # ------------------------------------------------------------------ replay
     def _replay(self, args: list[Any]) -> Any:
-        for i, buf in self.copied:
-            buf.copy_(args[i])
+        # One launch per dtype: a decode step's ids and positions are on the critical path
+        # between HF's per-step sync and the graph launch (each copy_ is its own launch).
+        for positions, bufs in self.copy_groups:
+            if len(bufs) == 1:
+                bufs[0].copy_(args[positions[0]])
+            else:
+                torch._foreach_copy_(bufs, [args[i] for i in positions])
         self.graph.replay()
         for i, buf in self.copy_back:
             args[i].copy_(buf)
@@ -158,6 +165,16 @@ class CudaGraphRunner:
         if isinstance(outs, list):
             return fresh
         return fresh[0]
+
+
+def _copy_groups(copied: list[tuple[int, torch.Tensor]]) -> list[tuple[list[int], list]]:
+    """(input positions, buffers) per (dtype, device): one `_foreach_copy_` each."""
+    groups: dict[tuple, tuple[list[int], list]] = {}
+    for i, buf in copied:
+        positions, bufs = groups.setdefault((buf.dtype, buf.device), ([], []))
+        positions.append(i)
+        bufs.append(buf)
+    return list(groups.values())
 
 
 def _reset_capture_state() -> None:

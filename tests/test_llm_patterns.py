@@ -343,3 +343,46 @@ def test_patterns_match_inductor_decomposed_graphs(inductor_decompositions, name
     assert _counts(report) == _decoder(2), report.rejected
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else BF16
     torch.testing.assert_close(out, ref, **tol)
+
+
+def _sdpa_bool_mask_inputs(dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g, dtype=dtype) for _ in range(3))
+    keep = torch.rand(2, 1, 5, 5, generator=g) > 0.4
+    keep[..., 0] = True  # every query row sees at least one key
+    return q, k, v, keep
+
+
+class _SdpaBoolMask(torch.nn.Module):
+    def forward(self, q, k, v, keep):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_bool_mask_is_read_as_bool_without_a_conversion_kernel(dtype):
+    # AOTAutograd lowers SDPA's bool mask to where(keep, 0, -inf): the attention op reads
+    # `keep` instead, and the conversion leaves the program.
+    inputs = _sdpa_bool_mask_inputs(dtype)
+    compiled = torch.compile(_SdpaBoolMask(), backend="yirage", options=_options())
+    with torch.no_grad():
+        out, ref = compiled(*inputs), _SdpaBoolMask()(*inputs)
+    (report,) = reports()
+    assert report.patterns.get("attention") == 1
+    assert report.patterns.get("attention_bool_mask") == 1, report.rejected
+    origins = [o for kernel in report.kernels for o in kernel.origins]
+    assert not [o for o in origins if "where" in o], origins
+    tol = BF16 if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+
+
+def test_additive_float_mask_with_small_values_is_kept():
+    # A float mask the caller computed (-5 does not hide a key) is not a bool mask.
+    q, k, v, keep = _sdpa_bool_mask_inputs()
+    bias = torch.where(keep, 0.0, -5.0)
+    compiled = torch.compile(_SdpaBoolMask(), backend="yirage", options=_options())
+    with torch.no_grad():
+        out, ref = compiled(q, k, v, bias), _SdpaBoolMask()(q, k, v, bias)
+    (report,) = reports()
+    assert report.patterns.get("attention") == 1
+    assert "attention_bool_mask" not in report.patterns
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
