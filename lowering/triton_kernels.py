@@ -291,12 +291,15 @@ def _decode_attn_split_kernel(
     MASK,
     MO,
     MLSE,
+    OUT,
     n_cp,
     T,
     scale,
     G,
     HKV,
     NUM_SPLITS,
+    sob,
+    soh,
     sqb,
     sqh,
     skb,
@@ -315,7 +318,10 @@ def _decode_attn_split_kernel(
     MASK_KIND: tl.constexpr,
     HAS_CP: tl.constexpr,
     IEEE: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
+    # DIRECT: one split covers the cache, so this program writes the final output and
+    # no merge kernel runs.
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // HKV
@@ -381,14 +387,21 @@ def _decode_attn_split_kernel(
             m_i = m_new
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    row = b * (HKV * G) + hk * G + g  # flat (batch, query head)
-    tl.store(
-        MO + (row * NUM_SPLITS + split)[:, None] * BLOCK_D + d[None, :],
-        out,
-        mask=gm[:, None],
-    )
-    tl.store(MLSE + row * NUM_SPLITS + split, lse, mask=gm)
+    if DIRECT:
+        tl.store(
+            OUT + b * sob + (hk * G + g)[:, None] * soh + d[None, :],
+            out.to(OUT.dtype.element_ty),
+            mask=gm[:, None] & dm[None, :],
+        )
+    else:
+        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        row = b * (HKV * G) + hk * G + g  # flat (batch, query head)
+        tl.store(
+            MO + (row * NUM_SPLITS + split)[:, None] * BLOCK_D + d[None, :],
+            out,
+            mask=gm[:, None],
+        )
+        tl.store(MLSE + row * NUM_SPLITS + split, lse, mask=gm)
 
 
 @triton.jit
@@ -449,11 +462,15 @@ def decode_attention(
     k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
     num_splits = triton.cdiv(max_len, split)
+    direct = num_splits == 1
     block_d = triton.next_power_of_2(d)
-    mid_o = torch.empty((b * hq, num_splits, block_d), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((b * hq, num_splits), dtype=torch.float32, device=q.device)
     # [B, Hq, 1, D] with a [B, 1, Hq, D] layout, like yirage::attention's (SDPA's) output.
     out = torch.empty((b, 1, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    if direct:  # the split kernel writes `out`; the partial-result buffers are not read
+        mid_o = mid_lse = out
+    else:
+        mid_o = torch.empty((b * hq, num_splits, block_d), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((b * hq, num_splits), dtype=torch.float32, device=q.device)
     mask_kind, smb, smn = _mask_rows(attn_mask, b)
     launch(
         _decode_attn_split_kernel,
@@ -465,12 +482,15 @@ def decode_attention(
         attn_mask if attn_mask is not None else q,
         mid_o,
         mid_lse,
+        out,
         cache_position.shape[0] if cache_position is not None else 0,
         max_len,
         scale,
         group,
         hkv,
         num_splits,
+        out.stride(0),
+        out.stride(1),
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -489,8 +509,11 @@ def decode_attention(
         MASK_KIND=mask_kind,
         HAS_CP=cache_position is not None,
         IEEE=q.dtype == torch.float32,
+        DIRECT=direct,
         num_warps=num_warps,
     )
+    if direct:
+        return out
     launch(
         _decode_attn_merge_kernel,
         (b * hq,),

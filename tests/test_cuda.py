@@ -301,8 +301,10 @@ def test_triton_decode_attention_applies_padding_mask(mask_dtype):
     ref = torch.ops.yirage.attention(
         q, kc[..., : pos + 1, :], vc[..., : pos + 1, :], mask[..., : pos + 1], None, False, cp
     )
-    out = k.decode_attention(q, kc, vc, mask, cp, 1 / math.sqrt(d), 64, 32, 4)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # 4 splits and a merge; one split over the whole cache, written directly.
+    for split, block_n, nw in [(64, 32, 4), (256, 64, 4)]:
+        out = k.decode_attention(q, kc, vc, mask, cp, 1 / math.sqrt(d), split, block_n, nw)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 @needs_triton
@@ -341,19 +343,21 @@ def test_triton_decode_attention_follows_cache_position_under_cuda_graph():
     b, hq, hkv, d, max_len = 1, 8, 2, 64, 1024
     q, kc, vc, _ = _attention_inputs(b, hq, hkv, d, max_len, torch.bfloat16, max_len - 1)
     cp = torch.tensor([5], device="cuda")
-    fn = lambda: k.decode_attention(q, kc, vc, None, cp, 0.125, 128, 64, 4)  # noqa: E731
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    for pos in (5, 300, 1023):
-        cp.fill_(pos)
-        graph.replay()
-        ref = torch.ops.yirage.attention(
-            q, kc[:, :, : pos + 1], vc[:, :, : pos + 1], None, 0.125, False, cp
-        )
-        torch.testing.assert_close(out, ref, **_tol(torch.bfloat16))
+    for split in (128, 1024):  # split + merge; one direct split
+        fn = lambda: k.decode_attention(q, kc, vc, None, cp, 0.125, split, 64, 4)  # noqa: B023, E731
+        cp.fill_(5)
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        for pos in (5, 300, 1023):
+            cp.fill_(pos)
+            graph.replay()
+            ref = torch.ops.yirage.attention(
+                q, kc[:, :, : pos + 1], vc[:, :, : pos + 1], None, 0.125, False, cp
+            )
+            torch.testing.assert_close(out, ref, **_tol(torch.bfloat16))
 
 
 # --------------------------------------------------------------------------- GEMV
@@ -530,6 +534,42 @@ def test_gemv_compiled_in_the_workers_is_the_kernel_its_launch_runs():
         torch.testing.assert_close(out, x @ w.t(), **_tol(torch.bfloat16))
     compiled = triton_gemv._gemv_kernel.device_caches[torch.cuda.current_device()][0]
     assert set(hashes) <= {k.hash for k in compiled.values()}
+
+
+@needs_triton
+def test_workers_also_build_the_launchers_so_the_first_launch_only_loads_them(
+    monkeypatch, tmp_path
+):
+    """Triton launches through a C extension it builds per argument signature (~0.3 s of
+    gcc on a kernel's first launch): the forked workers build it into the cache too."""
+    import sys
+
+    import triton.runtime.build as build
+    from yirage_dynamo.lowering import triton_pool
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # no launcher built yet
+    builds: list = []
+    real = build._build
+
+    def counting(*args, **kwargs):
+        builds.append(args[0] if args else kwargs.get("name"))
+        return real(*args, **kwargs)
+
+    for mod in (build, sys.modules.get("triton.backends.nvidia.driver")):
+        if hasattr(mod, "_build"):
+            monkeypatch.setattr(mod, "_build", counting)
+    kk = _ops()
+    x, w, _ = _gemv_inputs(1, 768, 1536, torch.float16, False)
+    cfgs = [(2, 128, 4), (1, 128, 4)]  # launched by no other test; one alone is not forked
+    with triton_pool.recording() as launches:
+        for cfg in cfgs:
+            kk.gemv(x, w.t(), None, *cfg)
+    assert len(triton_pool.precompile(launches)) == 2
+    assert list(tmp_path.rglob("__triton_launcher*")), "no launcher in the fresh cache"
+    for cfg in cfgs:
+        out = kk.gemv(x, w.t(), None, *cfg)
+        torch.testing.assert_close(out, x @ w.t(), **_tol(torch.bfloat16))
+    assert builds == []  # the workers' builds ran in their own processes
 
 
 @needs_triton
