@@ -124,8 +124,7 @@ class CudaGraphRunner:
         self.static_idx = statics
         # Static inputs' addresses by input position (0 elsewhere): the C++ check's layout.
         self.ptr_at = [a.data_ptr() if i in static_set else 0 for i, a in enumerate(args)]
-        self.copied = [(i, buffers[i]) for i in copied]
-        self.copy_groups = _copy_groups(self.copied)
+        self.copy_groups = _copy_groups([(i, buffers[i]) for i in copied])
         self.copy_back = [(i, buffers[i]) for i in copied if i in self.mutated]
         self.outs = outs
         # Outputs that view a static input stay valid after later replays; others live
