@@ -501,16 +501,6 @@ def render_attention(region: GraphModule) -> RenderedKernel:
     fv = _val(final)
     shape = "(" + "".join(r.py_size(x) + ", " for x in fv.shape) + ")"
     stride = "(" + "".join(r.py_size(x) + ", " for x in fv.stride()) + ")"
-    return RenderedKernel(
-        body=body,
-        params=signature.params,
-        outputs=[(shape, stride, out.dtype)],
-        symbol_sources=symbol_sources,
-        n_placeholders=len(placeholders),
-        multi_output=False,
-        origins=[f"{n.name}: {n.target}" for n in nodes if n.op == "call_function"],
-        stride_checks=signature.stride_checks,
-        c_types=signature.c_types,
-        contiguous_inputs=signature.contiguous,
-        guards=guards,
+    return signature.kernel(
+        body, nodes, [(shape, stride, out.dtype)], symbol_sources, guards=guards
     )

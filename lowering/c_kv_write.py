@@ -328,16 +328,4 @@ def render_kv_write(region: GraphModule) -> RenderedKernel:
     symbol_sources = signature.symbols(placeholders)
     src = [f'extern "C" int64_t FUNC({", ".join(signature.sig)}) {{']
     src += ["  " + ln for ln in body] + ["}", ""]
-    return RenderedKernel(
-        body="\n".join(src),
-        params=signature.params,
-        outputs=[],
-        symbol_sources=symbol_sources,
-        n_placeholders=len(placeholders),
-        multi_output=False,
-        origins=[f"{n.name}: {n.target}" for n in nodes if n.op == "call_function"],
-        stride_checks=signature.stride_checks,
-        c_types=signature.c_types,
-        contiguous_inputs=signature.contiguous,
-        returns_status=True,
-    )
+    return signature.kernel("\n".join(src), nodes, [], symbol_sources, returns_status=True)

@@ -99,6 +99,30 @@ class Signature:
         self.c_types.append(ctype)
         self.params.append(KernelParam("out", j))
 
+    def kernel(
+        self,
+        body: str,
+        nodes: list[Node],
+        outputs: list[tuple[str, str, torch.dtype]],
+        symbol_sources: dict[str, str],
+        **extra: Any,
+    ) -> RenderedKernel:
+        """The RenderedKernel of a one-region kernel with this signature (`nodes`: the
+        region's graph nodes; `extra`: guards, returns_status)."""
+        return RenderedKernel(
+            body=body,
+            params=self.params,
+            outputs=outputs,
+            symbol_sources=symbol_sources,
+            n_placeholders=sum(1 for n in nodes if n.op == "placeholder"),
+            multi_output=False,
+            origins=[f"{n.name}: {n.target}" for n in nodes if n.op == "call_function"],
+            stride_checks=self.stride_checks,
+            c_types=self.c_types,
+            contiguous_inputs=self.contiguous,
+            **extra,
+        )
+
     def symbols(self, placeholders: list[Node]) -> dict[str, str]:
         """Appends the size symbols as int64 parameters; returns where each is read."""
         sources = self.renderer.find_symbols(placeholders)

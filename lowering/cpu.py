@@ -104,9 +104,9 @@ class CppLowering(Lowering):
         return None
 
     def cache_salt(self) -> str:
-        from . import c_attention, c_kv_write
+        from . import c_attention, c_gemv, c_kv_write
 
-        envs = (c_attention.ENABLE_ENV, c_kv_write.ENABLE_ENV)
+        envs = (c_attention.ENABLE_ENV, c_kv_write.ENABLE_ENV, c_gemv.ENABLE_ENV)
         return ",".join(f"{e}={os.environ.get(e, '1')}" for e in envs)
 
     def decompositions(self) -> dict[Any, Callable]:
@@ -135,10 +135,13 @@ class CppLowering(Lowering):
 
     def render(self, region: GraphModule, name: str) -> CKernelSource:
         from .c_attention import is_attention_region, render_attention
+        from .c_gemv import is_gemv_region, render_gemv
         from .c_kv_write import is_kv_write_region, render_kv_write
 
         if is_attention_region(region):  # yirage::attention outlined by lower()
             return CKernelSource(name, render_attention(region), region)
+        if is_gemv_region(region):  # decode-shaped aten.mm outlined by lower()
+            return CKernelSource(name, render_gemv(region), region)
         if is_kv_write_region(region):  # static-cache index_copy_s outlined by lower()
             return CKernelSource(name, render_kv_write(region), region)
         return CKernelSource(name, CRenderer(CPP).render(region), region)
@@ -203,6 +206,10 @@ class CppLowering(Lowering):
         from .c_kv_write import outline_kv_writes
 
         outline_kv_writes(gm, ctx)
+        # Decode-shaped GEMMs (M <= 4 rows) become our GEMV kernel: no MKL call per weight.
+        from .c_gemv import outline_gemvs
+
+        outline_gemvs(gm, ctx)
         sources: list[KernelSource] = []
         for node in gm.graph.nodes:
             if node.op != "call_module":
