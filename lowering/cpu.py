@@ -104,9 +104,12 @@ class CppLowering(Lowering):
         return None
 
     def cache_salt(self) -> str:
+        from yirage_dynamo.runtime import kernel_program
+
         from . import c_attention, c_gemv, c_kv_write
 
         envs = (c_attention.ENABLE_ENV, c_kv_write.ENABLE_ENV, c_gemv.ENABLE_ENV)
+        envs += (kernel_program.ENABLE_ENV,)
         return ",".join(f"{e}={os.environ.get(e, '1')}" for e in envs)
 
     def decompositions(self) -> dict[Any, Callable]:

@@ -210,10 +210,61 @@ static PyObject* y_call_checked(PyObject*, PyObject* const* args, Py_ssize_t n) 
   Py_RETURN_NONE;
 }
 
+// A kernel program (runtime/kernel_program.py): args = (program, table, *pointers).
+// program: [n_pointers, n_steps, then per step: packed fn, has_status, n_args,
+// n_args x (table entry, byte offset)]. The call's pointers fill the table's first
+// entries; every argument is a table entry plus an offset.
+static PyObject* y_run_program(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  if (n < 2) {
+    PyErr_SetString(PyExc_TypeError, "run_program(program, table, *pointers)");
+    return NULL;
+  }
+  const int64_t* prog = (const int64_t*)PyLong_AsVoidPtr(args[0]);
+  int64_t* table = (int64_t*)PyLong_AsVoidPtr(args[1]);
+  if (prog == NULL || table == NULL) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null program or table");
+    return NULL;
+  }
+  if (n - 2 != prog[0]) {
+    PyErr_SetString(PyExc_TypeError, "run_program: wrong number of pointers");
+    return NULL;
+  }
+  for (Py_ssize_t i = 2; i < n; ++i) {
+    long long v = PyLong_AsLongLong(args[i]);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    table[i - 2] = (int64_t)v;
+  }
+  int64_t failed = 0;
+  Py_BEGIN_ALLOW_THREADS
+  const int64_t steps = prog[1];
+  const int64_t* p = prog + 2;
+  int64_t slots[256];
+  for (int64_t s = 0; s < steps; ++s) {
+    void* fn = (void*)(intptr_t)p[0];
+    const int64_t status = p[1], na = p[2];
+    p += 3;
+    for (int64_t i = 0; i < na; ++i) slots[i] = table[p[2 * i]] + p[2 * i + 1];
+    p += 2 * na;
+    if (status) {
+      if (((y_status_fn)fn)(slots) != 0) { failed = 1; break; }
+    } else {
+      ((y_packed_fn)fn)(slots);
+    }
+  }
+  Py_END_ALLOW_THREADS
+  if (failed) {
+    PyErr_SetString(PyExc_IndexError, "index out of range in a yirage kernel");
+    return NULL;
+  }
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef y_methods[] = {
     {"call", (PyCFunction)(void (*)(void))y_call, METH_FASTCALL, "call(fn, *slots)"},
     {"call_checked", (PyCFunction)(void (*)(void))y_call_checked, METH_FASTCALL,
      "call_checked(fn, *slots): IndexError if fn returns nonzero"},
+    {"run_program", (PyCFunction)(void (*)(void))y_run_program, METH_FASTCALL,
+     "run_program(program, table, *pointers): a kernel program's calls in order"},
     {NULL, NULL, 0, NULL}};
 static struct PyModuleDef y_module = {PyModuleDef_HEAD_INIT, "yirage_fastcall", NULL, -1,
                                       y_methods};
@@ -374,6 +425,11 @@ def make_launcher(
     exec(compile(src, f"<yirage_launcher_{name}>", "exec"), ns)
     launcher = ns[name]
     launcher.kernel_name = name
+    # For kernel programs (runtime/kernel_program.py): what the kernel takes, its packed
+    # entry and the trampoline that can run a list of such calls.
+    launcher.rendered = kernel
+    launcher.packed_address = packed
+    launcher.run_program = getattr(getattr(fast_call, "__self__", None), "run_program", None)
     launcher.accepts_out = single
     launcher.source = src
     return launcher

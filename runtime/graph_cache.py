@@ -322,6 +322,8 @@ def arm(
     report.extern_calls = stored["extern_calls"]
     report.memory = stored["memory"]
     report.nodes_in, report.nodes_out = stored["nodes_in"], stored["nodes_out"]
+    if run.program_note:
+        report.notes.append(run.program_note)
     return run
 
 

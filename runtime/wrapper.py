@@ -103,6 +103,7 @@ class WrapperCodegen:
         self.names.globals["torch"] = torch
         self.names.specs["torch"] = ("torch",)
         self.var: dict[Node, str] = {}
+        self.program_note = ""
 
     def arg(self, a: Any) -> str:
         if isinstance(a, Node):
@@ -184,6 +185,34 @@ class WrapperCodegen:
         fast = f"{b}.as_strided({list(size)}, {list(stride)}, {b}.storage_offset() + {delta})"
         return fast, f"{b}.stride() == {base_layout[1]!r}"
 
+    def kernel_program(self, plain: list[str]) -> str:
+        """Insert the kernel-program fast path (runtime/kernel_program.py) after `plain`'s
+        input unpacking, where the graph qualifies; the module-level source it needs."""
+        if not any(hasattr(k, "rendered") for k in self.kernels.values()):
+            return ""
+        from .kernel_program import plan_program
+
+        planned = plan_program(self.gm, self.kernels, self.plan, self.var, self.names.bind)
+        if isinstance(planned, str):
+            self.program_note = f"kernel program not used: {planned}"
+            return ""
+        spec, checks, allocs, ret = planned
+        fast = ["args.clear()"]
+        if self.plan is not None:
+            sig = self.plan.sig_source(
+                [self.var[n] for n in self.gm.graph.find_nodes(op="placeholder")]
+            )
+            fast += [
+                f"_bufs = _arena({sig})",
+                "if _bufs is not _prog.bufs:",
+                "    _prog.refresh(_bufs)",
+            ]
+        ptrs = "".join(f", {name}.data_ptr()" for name in spec.dynamic)
+        fast += [*allocs, f"_prog_run(_prog_code, _prog_table{ptrs})", f"return {ret}"]
+        cond = " and ".join(["_prog_run is not None", *checks])
+        plain[1:1] = [f"if {cond}:", *(f"    {line}" for line in fast)]
+        return f"_PROGRAM = {spec.literal()}\n\n\n"
+
     def out_kwarg(self, node: Node) -> list[str]:
         """`out=<arena view>` for a planned buffer, else nothing."""
         k = self.plan.index.get(node.name) if self.plan is not None else None
@@ -259,10 +288,11 @@ class WrapperCodegen:
                 stmt = f"del {', '.join(dict.fromkeys(dead))}"
                 plain.append(stmt)
                 profiled.append(stmt)
+        prelude = self.kernel_program(plain)
         body = "\n    ".join(plain)
         pbody = "\n    ".join(profiled)
         return (
-            f"def call(args):\n    {body}\n\n\n"
+            prelude + f"def call(args):\n    {body}\n\n\n"
             f"def call_profiled(args):\n    {pbody}\n\n\n"
             "def run(args):\n"
             "    if _profiler._is_profiler_enabled:\n"
@@ -334,6 +364,9 @@ def build_wrapper(gm: GraphModule, ctx: Any, kernels: dict[str, Callable]) -> Ca
             "plan": plan,
             "stable": stable,
         }
+        note = gen.program_note or getattr(run, "program_note", "")
+        if note:
+            ctx.report.notes.append(note)
         ctx.report.extern_calls = sum(
             1 for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
         )
@@ -361,11 +394,16 @@ def exec_wrapper(
     # how profiling.kernel_time_table tells our calls apart from other annotations.
     namespace["_wrapper_range"] = f"[yirage] wrapper_{digest}"
     exec(compile(source, f"<yirage_wrapper_{digest}>", "exec"), namespace)
+    if "_PROGRAM" in namespace:
+        from .kernel_program import install
+
+        install(namespace)
     run = namespace["run"]
     run._boxed_call = True
     run.source = source
     run.arena = namespace.get("_arena")
     run.wrapper_name = f"wrapper_{digest}"
+    run.program_note = namespace.get("_prog_note", "")
     return run
 
 
