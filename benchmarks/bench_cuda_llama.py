@@ -89,6 +89,9 @@ ENV_VARIANTS = {
     "yirage_trees": {"YIRAGE_CUDA_GRAPHS": "inductor"},
     "yirage_whole": {"YIRAGE_REGIONAL": "0"},
     "yirage_samelayers": {"YIRAGE_REGIONAL_FUSE_ACROSS": "0"},
+    # Programmatic dependent launch (Hopper+): Inductor's kernels start while the previous
+    # one drains, waiting (griddepcontrol.wait) only before reading its results.
+    "yirage_pdl": {"YIRAGE_INDUCTOR_CONFIG": '{"triton.enable_pdl": true}'},
 }
 
 
@@ -258,6 +261,10 @@ def variant_configs(options: dict) -> dict[str, Any]:
     configs = {
         "eager": None,
         "inductor": transformers.CompileConfig(),
+        # reduce-overhead spelled as options (torch.compile takes mode or options), + PDL.
+        "inductor_pdl": transformers.CompileConfig(
+            mode=None, options={"triton.cudagraphs": True, "triton.enable_pdl": True}
+        ),
         "yirage": transformers.CompileConfig(
             backend=yirage, mode=None, options=dict(options) or None
         ),

@@ -13,9 +13,9 @@ argument parser and dispatcher of `torch.mm`).
 
 Kernel: each OpenMP thread takes a contiguous range of 4-row blocks of W (static
 schedule: one long sequential stream per thread, which the hardware prefetcher follows).
-A block's 4 rows are read once into 4 independent FMA accumulators (AVX-512: 16 floats
-per load; AVX2: 8; other targets: `omp simd`), and reused for each of the M rows of x
-(from L1). Sums are fp32, in a different order from MKL's (as any blocked GEMV).
+A block's 4 rows are read once into 4 independent 16-float accumulators (compiler
+vector types: AVX-512, AVX2 or NEON code from one source), and reused for each of the M
+rows of x (from L1). Sums are fp32, in a different order from MKL's (as any blocked GEMV).
 
 Handled: fp32 x, W and y, static shapes, x rows contiguous, W row-major (the transpose of
 an nn.Linear weight, frozen or not: the launcher checks its strides at run time, other
@@ -44,10 +44,26 @@ PARALLEL_WORK = 1 << 16
 _IMPL = r"""
 #ifndef YIRAGE_GEMV_IMPL
 #define YIRAGE_GEMV_IMPL
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
 namespace ygemv {
+// 16 floats as a compiler vector: one AVX-512 register, two AVX2 or four NEON ones. No
+// intrinsics header (<immintrin.h> alone costs ~0.26 s of every build).
+typedef float vf __attribute__((vector_size(64)));
+typedef int vi __attribute__((vector_size(64)));
+static inline vf load16(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
+#if defined(__clang__)
+#define YG_SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define YG_SHUFFLE(v, ...) __builtin_shuffle(v, (vi){__VA_ARGS__})
+#endif
+// Tree sum (4 shuffles): a lane-by-lane sum costs as much as the dot product at K ~ 576.
+static inline float hsum16(vf v) {
+  v += YG_SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += YG_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15);
+  v += YG_SHUFFLE(v, 2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  v += YG_SHUFFLE(v, 1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return v[0];
+}
+
 // y[m * ys + n] = sum_k x[m * xs + k] * w[n * K + k] for rows n0..n0+3.
 template <int M>
 static inline void block4(const float* __restrict x, int64_t xs, const float* __restrict w,
@@ -58,41 +74,16 @@ static inline void block4(const float* __restrict x, int64_t xs, const float* __
   const float* w3 = w2 + K;
   for (int m = 0; m < M; ++m) {
     const float* xm = x + m * xs;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
     int64_t k = 0;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; k + 16 <= K; k += 16) {
-      const __m512 xv = _mm512_loadu_ps(xm + k);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), xv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + k), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + k), xv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + k), xv, a3);
+      const vf xv = load16(xm + k);
+      a0 += load16(w0 + k) * xv;
+      a1 += load16(w1 + k) * xv;
+      a2 += load16(w2 + k) * xv;
+      a3 += load16(w3 + k) * xv;
     }
-    s0 = _mm512_reduce_add_ps(a0); s1 = _mm512_reduce_add_ps(a1);
-    s2 = _mm512_reduce_add_ps(a2); s3 = _mm512_reduce_add_ps(a3);
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; k + 8 <= K; k += 8) {
-      const __m256 xv = _mm256_loadu_ps(xm + k);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
-    }
-    float t[8];
-    _mm256_storeu_ps(t, a0); for (int i = 0; i < 8; ++i) s0 += t[i];
-    _mm256_storeu_ps(t, a1); for (int i = 0; i < 8; ++i) s1 += t[i];
-    _mm256_storeu_ps(t, a2); for (int i = 0; i < 8; ++i) s2 += t[i];
-    _mm256_storeu_ps(t, a3); for (int i = 0; i < 8; ++i) s3 += t[i];
-#else
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t j = 0; j < K; ++j) {
-      const float xv = xm[j];
-      s0 += w0[j] * xv; s1 += w1[j] * xv; s2 += w2[j] * xv; s3 += w3[j] * xv;
-    }
-    k = K;
-#endif
+    float s0 = hsum16(a0), s1 = hsum16(a1), s2 = hsum16(a2), s3 = hsum16(a3);
     for (; k < K; ++k) {
       const float xv = xm[k];
       s0 += w0[k] * xv; s1 += w1[k] * xv; s2 += w2[k] * xv; s3 += w3[k] * xv;
