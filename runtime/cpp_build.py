@@ -242,6 +242,7 @@ static PyObject* y_run_program(PyObject*, PyObject* const* args, Py_ssize_t n) {
   for (int64_t s = 0; s < steps; ++s) {
     void* fn = (void*)(intptr_t)p[0];
     const int64_t status = p[1], na = p[2];
+    if (na < 0 || na > 256) { failed = 2; break; }
     p += 3;
     for (int64_t i = 0; i < na; ++i) slots[i] = table[p[2 * i]] + p[2 * i + 1];
     p += 2 * na;
@@ -253,7 +254,8 @@ static PyObject* y_run_program(PyObject*, PyObject* const* args, Py_ssize_t n) {
   }
   Py_END_ALLOW_THREADS
   if (failed) {
-    PyErr_SetString(PyExc_IndexError, "index out of range in a yirage kernel");
+    if (failed == 2) PyErr_SetString(PyExc_ValueError, "run_program: over 256 arguments");
+    else PyErr_SetString(PyExc_IndexError, "index out of range in a yirage kernel");
     return NULL;
   }
   Py_RETURN_NONE;

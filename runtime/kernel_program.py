@@ -124,15 +124,15 @@ def _plan(gm, kernels, plan, var, bind):
     results = [out_node.args[0]] if single else list(out_node.args[0])
     outputs = {a for a in results if isinstance(a, Node)}
 
-    def alloc(name: str, shape: str, stride: str, dtype: torch.dtype, node: Node) -> str:
+    def alloc(name: str, shape: str, stride: str, dtype: torch.dtype, node: Node, j: int) -> str:
         nonlocal temp_bytes
         allocs.append(
             f"{name} = torch.empty_strided({shape}, {stride}, dtype={dtype}, device='cpu')"
         )
-        if node not in outputs:
-            v = node.meta.get("val")
-            vals = v if isinstance(v, list | tuple) else [v]
-            temp_bytes += sum(x.numel() * x.itemsize for x in vals if x is not None) // len(vals)
+        v = node.meta.get("val")
+        v = v[j] if isinstance(v, list | tuple) else v
+        if node not in outputs and isinstance(v, torch.Tensor):
+            temp_bytes += v.numel() * v.itemsize
         dynamic.append(name)
         return f"d:{name}"
 
@@ -173,7 +173,7 @@ def _plan(gm, kernels, plan, var, bind):
                     arena.append(k)
                     outs.append((f"a:{k}", 0))
                 else:
-                    outs.append((alloc(f"{var[node]}_{j}", shape, stride, dtype, node), 0))
+                    outs.append((alloc(f"{var[node]}_{j}", shape, stride, dtype, node, j), 0))
             if kernel.multi_output:
                 multi[node] = [key for key, _ in outs]
             elif outs:
