@@ -33,6 +33,7 @@ import ctypes
 import dataclasses
 import operator
 import os
+import re
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ MAX_TEMP_BYTES = 64 << 20
 class ProgramSpec:
     """What the wrapper source embeds (a literal: the whole-graph cache rebuilds it)."""
 
-    dynamic: list[str]  # wrapper variables whose data_ptr() fills entries 0..n-1
+    dynamic: list[str]  # Python expressions (pointers, sizes) filling entries 0..n-1
     constants: list[tuple[str, tuple[int, ...]]]  # (global, strides the kernels assume)
     arena: list[int]  # memory-plan buffer k of each arena entry
     steps: list[tuple[str, bool, list[tuple[int, int]]]]  # (launcher, status, args)
@@ -94,20 +95,82 @@ def _entry_check(var: str, v: torch.Tensor) -> str:
 
 
 def plan_program(
-    gm: GraphModule, kernels: dict[str, Any], plan: Any, var: dict[Node, str], bind: Any
+    gm: GraphModule, kernels: dict[str, Any], plan: Any, var: dict[Node, str], bind: Any, expr: Any
 ) -> tuple[ProgramSpec, list[str], list[str], str] | str:
-    """(spec, entry checks, allocation lines, return expression) of the fast path, or
-    why the graph does not qualify. `var`: each node's wrapper variable; `bind(value,
-    hint)`: the wrapper global naming a constant."""
+    """(spec, entry checks, lines before the call, return expression) of the fast path,
+    or why the graph does not qualify. `var`: each node's wrapper variable; `bind(value,
+    hint)`: the wrapper global naming a constant; `expr(node)`: a node's Python expression
+    (for ATen calls that run before the program, e.g. the embedding of a whole model)."""
     if os.environ.get(ENABLE_ENV, "1") == "0":
         return f"{ENABLE_ENV}=0"
     try:
-        return _plan(gm, kernels, plan, var, bind)
+        return _plan(gm, kernels, plan, var, bind, expr)
     except _Unfit as exc:
         return str(exc)
 
 
-def _plan(gm, kernels, plan, var, bind):
+def _symbol_sources(gm: GraphModule, var: dict[Node, str]) -> dict[Any, str]:
+    """Size symbol (sympy) -> the wrapper expression that reads it from a graph input."""
+    found: dict[Any, str] = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        v = node.meta.get("val")
+        if isinstance(v, torch.SymInt) and v.node.expr.is_Symbol:
+            found.setdefault(v.node.expr, var[node])
+        if isinstance(v, torch.Tensor):
+            for d, size in enumerate(v.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                    found.setdefault(size.node.expr, f"{var[node]}.size({d})")
+    return found
+
+
+_SOURCE = re.compile(r"^a(\d+)(?:\.size\((\d+)\))?$")
+
+
+def _size_value(node: Node, source: str, symbols: dict[Any, str]) -> str:
+    """The wrapper expression of a kernel's size symbol, read as `source` (the launcher's
+    "a{i}" or "a{i}.size(d)") from the kernel call's arguments."""
+    m = _SOURCE.match(source)
+    if m is None:
+        raise _Unfit(f"size read as {source!r}")
+    a = node.args[int(m.group(1))]
+    v = a.meta.get("val") if isinstance(a, Node) else a
+    if m.group(2) is not None:
+        v = v.shape[int(m.group(2))] if isinstance(v, torch.Tensor) else None
+    if isinstance(v, int | torch.SymInt):
+        return _graph_size(v, symbols)
+    raise _Unfit(f"size {source} of {node.target} is not a size")
+
+
+def _graph_size(x: Any, symbols: dict[Any, str]) -> str:
+    """A size as Python: a literal, or a sum/product of sizes read from graph inputs."""
+    if not isinstance(x, torch.SymInt):
+        return str(int(x))
+    e = x.node.expr
+    if e in symbols:
+        return symbols[e]
+    names = {str(sym): symbols.get(sym) for sym in e.free_symbols}
+    text = str(e)
+    if None in names.values() or not re.fullmatch(r"[\w +*()-]+", text):
+        raise _Unfit(f"size {e} is not read from graph inputs")
+    return "(" + re.sub(r"\b\w+\b", lambda m: f"({names.get(m[0], m[0])})", text) + ")"
+
+
+def _graph_sizes(sizes: Any, symbols: dict[Any, str]) -> str:
+    """A Python tuple of sizes, each a literal or read from a graph input."""
+    out = []
+    for x in sizes:
+        out.append(_graph_size(x, symbols))
+    return "(" + "".join(f"{x}, " for x in out) + ")"
+
+
+def _plan(gm, kernels, plan, var, bind, expr):
+    from yirage_dynamo.lowering.c_renderer import CRenderer
+
+    symbols = _symbol_sources(gm, var)
+    # Nodes whose value the fast path has as a Python variable (or inline expression).
+    in_python: set[Node] = set(gm.graph.find_nodes(op="placeholder"))
+    in_python |= set(gm.graph.find_nodes(op="get_attr"))
+    prelude: list[str] = []  # ATen calls before the first kernel, run by the wrapper
     dynamic: list[str] = []
     constants: list[tuple[str, tuple[int, ...]]] = []
     arena: list[int] = []
@@ -126,6 +189,10 @@ def _plan(gm, kernels, plan, var, bind):
 
     def alloc(name: str, shape: str, stride: str, dtype: torch.dtype, node: Node, j: int) -> str:
         nonlocal temp_bytes
+        if any(c.isalpha() for c in shape + stride):  # kernel symbols: graph terms instead
+            val = node.meta.get("val")
+            val = val[j] if isinstance(val, list | tuple) else val
+            shape, stride = (_graph_sizes(val.shape, symbols), _graph_sizes(val.stride(), symbols))
         allocs.append(
             f"{name} = torch.empty_strided({shape}, {stride}, dtype={dtype}, device='cpu')"
         )
@@ -133,8 +200,8 @@ def _plan(gm, kernels, plan, var, bind):
         v = v[j] if isinstance(v, list | tuple) else v
         if node not in outputs and isinstance(v, torch.Tensor):
             temp_bytes += v.numel() * v.itemsize
-        dynamic.append(name)
-        return f"d:{name}"
+        dynamic.append(f"{name}.data_ptr()")
+        return f"d:{name}.data_ptr()"
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -142,12 +209,16 @@ def _plan(gm, kernels, plan, var, bind):
                 continue
             v = node.meta.get("val")
             if isinstance(v, torch.Tensor):
-                v = _static_val(node)
                 if v.device.type != "cpu":
                     raise _Unfit(f"{node.name} is not a CPU tensor")
-                checks.append(_entry_check(var[node], v))
-                dynamic.append(var[node])
-                where[node] = (f"d:{var[node]}", 0)
+                if all(type(x) is int for x in (*v.shape, *v.stride())):
+                    checks.append(_entry_check(var[node], v))
+                elif CRenderer().is_contiguous(v):  # symbolic sizes: contiguity only
+                    checks.append(f"{var[node]}.is_contiguous()")
+                else:
+                    raise _Unfit(f"{node.name} has a symbolic non-contiguous layout")
+                dynamic.append(f"{var[node]}.data_ptr()")
+                where[node] = (f"d:{var[node]}.data_ptr()", 0)
             continue
         if node.op == "get_attr":
             value = getattr(gm, node.target)
@@ -164,8 +235,11 @@ def _plan(gm, kernels, plan, var, bind):
             kernel = getattr(fn, "rendered", None)
             if kernel is None or getattr(fn, "run_program", None) is None:
                 raise _Unfit(f"{node.target} has no compiled kernel with a packed entry")
-            if kernel.guards or kernel.symbol_sources:
-                raise _Unfit(f"{node.target} has size symbols or guards")
+            for guard in kernel.guards:  # the launcher's conditions, over graph inputs
+                for sym, src in kernel.symbol_sources.items():
+                    value = _size_value(node, src, symbols)
+                    guard = re.sub(rf"\b{re.escape(sym)}\b", f"({value})", guard)
+                checks.append(f"({guard})")
             outs: list[tuple[str, int]] = []
             for j, (shape, stride, dtype) in enumerate(kernel.outputs):
                 k = plan.index.get(node.name) if plan is not None else None
@@ -179,7 +253,7 @@ def _plan(gm, kernels, plan, var, bind):
             elif outs:
                 where[node] = outs[0]
                 if outs[0][0].startswith("d:"):
-                    allocated[node] = outs[0][0][2:]
+                    allocated[node] = _var_of(outs[0][0])
             slots = []
             for p in kernel.params:
                 if p.kind == "out":
@@ -189,20 +263,49 @@ def _plan(gm, kernels, plan, var, bind):
                     if a not in where:
                         raise _Unfit(f"{node.target} reads {getattr(a, 'name', a)}, not mapped")
                     slots.append(where[a])
+                elif p.kind == "sym":
+                    value = _size_value(node, kernel.symbol_sources[p.symbol], symbols)
+                    if value not in dynamic:
+                        dynamic.append(value)
+                    slots.append((f"d:{value}", 0))
                 else:
                     raise _Unfit(f"{node.target} takes a {p.kind} argument")
             steps.append((var_name(fn, bind), bool(kernel.returns_status), slots))
             continue
         if node.target is operator.getitem and node.args[0] in multi:
             where[node] = (multi[node.args[0]][node.args[1]], 0)
-            allocated[node] = where[node][0][2:]
+            allocated[node] = _var_of(where[node][0])
             continue
         if node.op == "call_function" and _is_view(node) and node.args[0] in where:
+            if not steps and node.args[0] in in_python:
+                # A view the wrapper can evaluate too (an ATen call before the program
+                # may read it): inline when the wrapper elides it, else its own line.
+                if not var[node].startswith("("):
+                    prelude.append(f"{var[node]} = {expr(node)}")
+                in_python.add(node)
             v, base = _static_val(node), _static_val(node.args[0])
             if v.dtype != base.dtype:
                 raise _Unfit(f"{node.name} changes dtype")
             key, off = where[node.args[0]]
             where[node] = (key, off + (v.storage_offset() - base.storage_offset()) * v.itemsize)
+            continue
+        if (
+            not steps
+            and node.op == "call_function"
+            and isinstance(node.target, torch._ops.OpOverload)
+        ):
+            # Before the first kernel (e.g. the embedding of a whole-model graph): the
+            # wrapper runs it, and its result is an input of the program.
+            v = node.meta.get("val")
+            if not isinstance(v, torch.Tensor) or any(
+                a not in in_python for a in node.all_input_nodes
+            ):
+                raise _Unfit(f"{node.name} ({node.target}) is not one of our kernels")
+            prelude.append(f"{var[node]} = {expr(node)}")
+            in_python.add(node)
+            dynamic.append(f"{var[node]}.data_ptr()")
+            where[node] = (f"d:{var[node]}.data_ptr()", 0)
+            allocated[node] = var[node]
             continue
         raise _Unfit(f"{node.name} ({node.target}) is not one of our kernels")
     if temp_bytes > MAX_TEMP_BYTES:
@@ -215,16 +318,16 @@ def _plan(gm, kernels, plan, var, bind):
             rets.append(var[a])
         elif isinstance(a, Node) and a in allocated:
             rets.append(allocated[a])
-        elif isinstance(a, Node) and where.get(a, ("", 0))[0][2:] in allocated.values():
+        elif isinstance(a, Node) and _var_of(where.get(a, ("", 0))[0]) in allocated.values():
             # A view of a tensor allocated here (e.g. the logits' [1, V] -> [1, 1, V]).
             v, (key, off) = _static_val(a), where[a]
             at = f"{tuple(v.shape)}, {tuple(v.stride())}, {off // v.itemsize}"
-            rets.append(f"{key[2:]}.as_strided({at})")
+            rets.append(f"{_var_of(key)}.as_strided({at})")
         else:
             raise _Unfit(f"output {getattr(a, 'name', a)} is not a tensor the wrapper allocates")
     ret = rets[0] if single else "(" + "".join(f"{r}, " for r in rets) + ")"
-    for name in dynamic:
-        keys[f"d:{name}"] = len(keys)
+    for value in dynamic:
+        keys[f"d:{value}"] = len(keys)
     for name, _ in constants:
         keys.setdefault(f"c:{name}", len(keys))
     for k in arena:
@@ -235,7 +338,12 @@ def _plan(gm, kernels, plan, var, bind):
         arena=list(dict.fromkeys(arena)),
         steps=[(n, s, [(keys[k], off) for k, off in args]) for n, s, args in steps],
     )
-    return spec, checks, allocs, ret
+    return spec, checks, prelude + allocs, ret
+
+
+def _var_of(key: str) -> str:
+    """The wrapper variable behind a dynamic pointer entry ("d:<var>.data_ptr()")."""
+    return key[2:].removesuffix(".data_ptr()") if key.endswith(".data_ptr()") else ""
 
 
 def var_name(fn: Any, bind: Any) -> str:

@@ -192,7 +192,14 @@ class WrapperCodegen:
             return ""
         from .kernel_program import plan_program
 
-        planned = plan_program(self.gm, self.kernels, self.plan, self.var, self.names.bind)
+        planned = plan_program(
+            self.gm,
+            self.kernels,
+            self.plan,
+            self.var,
+            self.names.bind,
+            lambda node: self.call_expr(node)[0],
+        )
         if isinstance(planned, str):
             self.program_note = f"kernel program not used: {planned}"
             return ""
@@ -207,7 +214,7 @@ class WrapperCodegen:
                 "if _bufs is not _prog.bufs:",
                 "    _prog.refresh(_bufs)",
             ]
-        ptrs = "".join(f", {name}.data_ptr()" for name in spec.dynamic)
+        ptrs = "".join(f", {value}" for value in spec.dynamic)
         fast += [*allocs, f"_prog_run(_prog_code, _prog_table{ptrs})", f"return {ret}"]
         cond = " and ".join(["_prog_run is not None", *checks])
         plain[1:1] = [f"if {cond}:", *(f"    {line}" for line in fast)]

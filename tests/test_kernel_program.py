@@ -143,3 +143,38 @@ def test_whole_graph_cache_hit_rebuilds_the_program():
         notes.append((report.graph_cache, [n for n in report.notes if "program" in n]))
     assert [state for state, _ in notes] == ["stored", "hit"]
     assert notes[1][1] and notes[1][1][0].startswith("kernel program:"), notes
+
+
+def _embedded_step(ids, table, w, cache, pos):
+    """A whole-model shape: an ATen embedding first, then only our kernels."""
+    x = torch.nn.functional.embedding(ids, table).view(1, 48)
+    return _step(x, w, cache, pos)
+
+
+def test_symbolic_cache_length_and_a_leading_aten_call_still_run_as_one_program(tmp_path):
+    """HF generate() with a new length recompiles with the cache length symbolic; the
+    graph starts with the embedding (ATen). Both stay on the one-call path."""
+    table = torch.randn(100, 48)
+    compiled = yirage_compile(_embedded_step, debug=True, debug_dir=str(tmp_path / "dbg"))
+    for length, start in ((8, 3), (12, 9), (20, 0)):  # one compile serves every length
+        x, w, cache, pos = _inputs(start)
+        args = [torch.tensor([[7]]), table, w, torch.randn(1, 2, length, 16), pos]
+        mine, ref = [a.clone() for a in args], [a.clone() for a in args]
+        torch._dynamo.mark_dynamic(mine[3], 2)
+        with torch.no_grad():
+            got = compiled(*mine)
+            want = _embedded_step(*ref)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine[3], ref[3])
+    reports = yirage_dynamo.reports()
+    assert len(reports) == 1, [r.graph_id for r in reports]
+    assert any(n.startswith("kernel program: 5 kernels") for n in reports[0].notes), reports[
+        0
+    ].notes
+    call = wrapper_call(tmp_path / "dbg")
+    before, program_call = call.split("_prog_run(")
+    assert "aten_embedding" in before, call
+    # The cache length reaches the program as a size argument, not a pointer.
+    sizes = [a for a in program_call.split(")\n")[0].split(", ")[2:] if "data_ptr" not in a]
+    assert sizes, program_call
