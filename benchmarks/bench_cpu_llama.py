@@ -159,7 +159,9 @@ def interleaved(backends: list[str], prompt: int, new: int, threads: int, rounds
         ids = torch.randint(0, SMOL["vocab_size"], (1, prompt))
         models = {b: _model(SMOL) for b in backends}
         for b in backends:  # compile (not timed here) and warm up
-            _generate(models[b], ids, 4, None if b == "eager" else b)
+            # The measured length: another static-cache size would recompile the step
+            # with the cache length symbolic, and the rounds would time that graph.
+            _generate(models[b], ids, new, None if b == "eager" else b)
         for r in range(rounds):
             order = backends[r % len(backends) :] + backends[: r % len(backends)]
             for b in order:
