@@ -55,10 +55,7 @@ MAX_GROUP_FLOATS = 8192
 _IMPL = r"""
 #ifndef YIRAGE_ATTN_IMPL
 #define YIRAGE_ATTN_IMPL
-#include <vector>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include <cstdlib>
 namespace yattn {
 template <int K> static inline float ld(const void* p, int64_t i) {
   if (K == 0) return ((const float*)p)[i];
@@ -86,65 +83,72 @@ static inline float fexp(float x) {
   const float p2 = __builtin_bit_cast(float, ((int32_t)n + 127) << 23);
   return y * p2 * (float)(x >= -87.0f);  // a multiply, not a branch: it vectorises
 }
-#if defined(__AVX512F__)
-// fexp on 16 lanes (same polynomial; NaN stays NaN).
-static inline __m512 fexp16(__m512 x) {
-  const __m512 c = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(
-      _mm512_fmadd_ps(c, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), c);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(y, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  const __m512 res = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-  const __mmask16 low = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  return _mm512_mask_mov_ps(_mm512_mask_mov_ps(res, low, _mm512_setzero_ps()), nan, x);
-}
+// 16 floats as a compiler vector (AVX-512, AVX2 or NEON code from one source; no
+// <immintrin.h>, which alone costs ~0.28 s of every build).
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+static inline vf16 load16(const float* p) { vf16 v; __builtin_memcpy(&v, p, 64); return v; }
+static inline void store16(float* p, vf16 v) { __builtin_memcpy(p, &v, 64); }
+// Sum of the lanes, halving the width each step (as _mm512_reduce_add_ps).
+static inline float hsum16(vf16 v) {
+#if !defined(__clang__) && __GNUC__ < 12  // no __builtin_shufflevector
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+#else
+  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
+  b += __builtin_shufflevector(b, b, 1, 0, 3, 2);
+  return b[0];
 #endif
+}
+// fexp on 16 lanes (same polynomial; NaN stays NaN).
+static inline vf16 fexp16(vf16 x) {
+  const vf16 zero = {};
+  const vf16 c = x < -87.0f ? zero - 87.0f : x;  // max(x, -87); NaN compares false
+  // Nearest integer of c / ln2 by the 1.5 * 2^23 trick (c >= -87: far inside its range);
+  // it differs from the scalar floor(x + 0.5) only at exact halves, where either n keeps
+  // the reduced argument within the polynomial's range.
+  const vf16 n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  vf16 r = c - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vf16 y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
+  const vf16 res = y * (vf16)e;
+  return x != x ? x : (x < -87.0f ? zero : res);
+}
 // q . k over D features. With an `omp simd` reduction GCC finishes each dot lane by lane,
 // in order, through memory (16 dependent adds): explicit vectors with a tree reduction are
-// several times faster. Other ISAs / layouts take the plain loop.
+// several times faster. Other layouts take the plain loop.
 template <int QK, int D>
 static inline float dot(const float* qj, const void* k, int64_t kr, int64_t ks) {
-#if defined(__AVX512F__)
   if constexpr (D % 16 == 0 && QK != 2) {
     if (ks == 1) {
-      __m512 a = _mm512_setzero_ps();
+      vf16 a = {};
       for (int d = 0; d < D; d += 16) {
-        __m512 kv;
+        vf16 kv;
         if (QK == 0) {
-          kv = _mm512_loadu_ps((const float*)k + kr + d);
+          kv = load16((const float*)k + kr + d);
         } else {  // bf16: the high half of an fp32
-          const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)k + kr + d));
-          kv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+          vh16 h;
+          __builtin_memcpy(&h, (const uint16_t*)k + kr + d, 32);
+          kv = (vf16)(__builtin_convertvector(h, vi16) << 16);
         }
-        a = _mm512_fmadd_ps(_mm512_loadu_ps(qj + d), kv, a);
+        a += load16(qj + d) * kv;
       }
-      return _mm512_reduce_add_ps(a);
+      return hsum16(a);
     }
   }
-#elif defined(__AVX2__) && defined(__FMA__)
-  if constexpr (D % 8 == 0 && QK == 0) {
-    if (ks == 1) {
-      __m256 a = _mm256_setzero_ps();
-      for (int d = 0; d < D; d += 8)
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), _mm256_loadu_ps((const float*)k + kr + d), a);
-      __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-      r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-      r = _mm_add_ss(r, _mm_movehdup_ps(r));
-      return _mm_cvtss_f32(r);
-    }
-  }
-#endif
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int d = 0; d < D; ++d) acc += qj[d] * ld<QK>(k, kr + d * ks);
@@ -245,11 +249,8 @@ static inline __attribute__((always_inline)) void item(
     float* __restrict__ row = sc + j * T;
     const int n = (int)lim;
     int t0 = 0;
-#if defined(__AVX512F__)
     t0 = n - n % 16;  // GCC leaves fexp's loop scalar: 16 lanes by hand
-    for (int t = 0; t < t0; t += 16)
-      _mm512_storeu_ps(row + t, fexp16(_mm512_sub_ps(_mm512_loadu_ps(row + t), _mm512_set1_ps(mj))));
-#endif
+    for (int t = 0; t < t0; t += 16) store16(row + t, fexp16(load16(row + t) - mj));
     for (int t = t0; t < n; ++t) row[t] = fexp(row[t] - mj);
 #pragma omp simd reduction(+ : s_)
     for (int t = 0; t < n; ++t) s_ += row[t];
@@ -289,14 +290,20 @@ static inline __attribute__((always_inline)) void run(
   if (items > 1 && items * G * g.T * (g.D + g.Dv) >= parallel_work) {
 #pragma omp parallel
     {
-      std::vector<float> buf(need);
+      float* buf = (float*)std::malloc(need * sizeof(float));
 #pragma omp for schedule(static)
-      for (int64_t it = 0; it < items; ++it) item<QK, MK, CK, G, D, Dv>(g, q, k, v, m, cp, o, it, buf.data());
+      for (int64_t it = 0; it < items; ++it) item<QK, MK, CK, G, D, Dv>(g, q, k, v, m, cp, o, it, buf);
+      std::free(buf);
     }
   } else {  // small (decode) steps never enter the OpenMP runtime
-    static thread_local std::vector<float> buf;
-    if (buf.size() < need) buf.resize(need);
-    for (int64_t it = 0; it < items; ++it) item<QK, MK, CK, G, D, Dv>(g, q, k, v, m, cp, o, it, buf.data());
+    static thread_local float* buf = nullptr;
+    static thread_local size_t cap = 0;
+    if (cap < need) {
+      std::free(buf);
+      buf = (float*)std::malloc(need * sizeof(float));
+      cap = need;
+    }
+    for (int64_t it = 0; it < items; ++it) item<QK, MK, CK, G, D, Dv>(g, q, k, v, m, cp, o, it, buf);
   }
 }
 }  // namespace yattn

@@ -48,20 +48,24 @@ namespace ygemv {
 // 16 floats as a compiler vector: one AVX-512 register, two AVX2 or four NEON ones. No
 // intrinsics header (<immintrin.h> alone costs ~0.26 s of every build).
 typedef float vf __attribute__((vector_size(64)));
-typedef int vi __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
 static inline vf load16(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
-#if defined(__clang__)
-#define YG_SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
-#else
-#define YG_SHUFFLE(v, ...) __builtin_shuffle(v, (vi){__VA_ARGS__})
-#endif
-// Tree sum (4 shuffles): a lane-by-lane sum costs as much as the dot product at K ~ 576.
+// Sum of the lanes, halving the width each step: a lane-by-lane sum costs as much as the
+// dot product at K ~ 576.
 static inline float hsum16(vf v) {
-  v += YG_SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += YG_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15);
-  v += YG_SHUFFLE(v, 2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  v += YG_SHUFFLE(v, 1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return v[0];
+#if !defined(__clang__) && __GNUC__ < 12  // no __builtin_shufflevector
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+#else
+  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
+  b += __builtin_shufflevector(b, b, 1, 0, 3, 2);
+  return b[0];
+#endif
 }
 
 // y[m * ys + n] = sum_k x[m * xs + k] * w[n * K + k] for rows n0..n0+3.
