@@ -83,30 +83,10 @@ static inline float fexp(float x) {
   const float p2 = __builtin_bit_cast(float, ((int32_t)n + 127) << 23);
   return y * p2 * (float)(x >= -87.0f);  // a multiply, not a branch: it vectorises
 }
-// 16 floats as a compiler vector (AVX-512, AVX2 or NEON code from one source; no
-// <immintrin.h>, which alone costs ~0.28 s of every build).
-typedef float vf16 __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
+// y_vf16 etc.: the prelude's compiler vectors.
+typedef y_vf16 vf16;
 typedef int32_t vi16 __attribute__((vector_size(64)));
 typedef uint16_t vh16 __attribute__((vector_size(32)));
-static inline vf16 load16(const float* p) { vf16 v; __builtin_memcpy(&v, p, 64); return v; }
-static inline void store16(float* p, vf16 v) { __builtin_memcpy(p, &v, 64); }
-// Sum of the lanes, halving the width each step (as _mm512_reduce_add_ps).
-static inline float hsum16(vf16 v) {
-#if !defined(__clang__) && __GNUC__ < 12  // no __builtin_shufflevector
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-#else
-  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
-  b += __builtin_shufflevector(b, b, 1, 0, 3, 2);
-  return b[0];
-#endif
-}
 // fexp on 16 lanes (same polynomial; NaN stays NaN).
 static inline vf16 fexp16(vf16 x) {
   const vf16 zero = {};
@@ -138,15 +118,15 @@ static inline float dot(const float* qj, const void* k, int64_t kr, int64_t ks) 
       for (int d = 0; d < D; d += 16) {
         vf16 kv;
         if (QK == 0) {
-          kv = load16((const float*)k + kr + d);
+          kv = y_load16((const float*)k + kr + d);
         } else {  // bf16: the high half of an fp32
           vh16 h;
           __builtin_memcpy(&h, (const uint16_t*)k + kr + d, 32);
           kv = (vf16)(__builtin_convertvector(h, vi16) << 16);
         }
-        a += load16(qj + d) * kv;
+        a += y_load16(qj + d) * kv;
       }
-      return hsum16(a);
+      return y_hsum16(a);
     }
   }
   float acc = 0.0f;
@@ -250,7 +230,7 @@ static inline __attribute__((always_inline)) void item(
     const int n = (int)lim;
     int t0 = 0;
     t0 = n - n % 16;  // GCC leaves fexp's loop scalar: 16 lanes by hand
-    for (int t = 0; t < t0; t += 16) store16(row + t, fexp16(load16(row + t) - mj));
+    for (int t = 0; t < t0; t += 16) y_store16(row + t, fexp16(y_load16(row + t) - mj));
     for (int t = t0; t < n; ++t) row[t] = fexp(row[t] - mj);
 #pragma omp simd reduction(+ : s_)
     for (int t = 0; t < n; ++t) s_ += row[t];

@@ -45,29 +45,6 @@ _IMPL = r"""
 #ifndef YIRAGE_GEMV_IMPL
 #define YIRAGE_GEMV_IMPL
 namespace ygemv {
-// 16 floats as a compiler vector: one AVX-512 register, two AVX2 or four NEON ones. No
-// intrinsics header (<immintrin.h> alone costs ~0.26 s of every build).
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-static inline vf load16(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
-// Sum of the lanes, halving the width each step: a lane-by-lane sum costs as much as the
-// dot product at K ~ 576.
-static inline float hsum16(vf v) {
-#if !defined(__clang__) && __GNUC__ < 12  // no __builtin_shufflevector
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-#else
-  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
-  b += __builtin_shufflevector(b, b, 1, 0, 3, 2);
-  return b[0];
-#endif
-}
-
 // y[m * ys + n] = sum_k x[m * xs + k] * w[n * K + k] for rows n0..n0+3.
 template <int M>
 static inline void block4(const float* __restrict x, int64_t xs, const float* __restrict w,
@@ -78,16 +55,16 @@ static inline void block4(const float* __restrict x, int64_t xs, const float* __
   const float* w3 = w2 + K;
   for (int m = 0; m < M; ++m) {
     const float* xm = x + m * xs;
-    vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    y_vf16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-      const vf xv = load16(xm + k);
-      a0 += load16(w0 + k) * xv;
-      a1 += load16(w1 + k) * xv;
-      a2 += load16(w2 + k) * xv;
-      a3 += load16(w3 + k) * xv;
+      const y_vf16 xv = y_load16(xm + k);
+      a0 += y_load16(w0 + k) * xv;
+      a1 += y_load16(w1 + k) * xv;
+      a2 += y_load16(w2 + k) * xv;
+      a3 += y_load16(w3 + k) * xv;
     }
-    float s0 = hsum16(a0), s1 = hsum16(a1), s2 = hsum16(a2), s3 = hsum16(a3);
+    float s0 = y_hsum16(a0), s1 = y_hsum16(a1), s2 = y_hsum16(a2), s3 = y_hsum16(a3);
     for (; k < K; ++k) {
       const float xv = xm[k];
       s0 += w0[k] * xv; s1 += w1[k] * xv; s2 += w2[k] * xv; s3 += w3[k] * xv;
