@@ -29,12 +29,12 @@ import os
 from typing import Any
 
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 
 from yirage_dynamo import ops
 
 from .c_attention_graph import output_views, strip_repeat_kv
-from .c_ops import RenderedKernel, Unsupported
+from .c_ops import RenderedKernel, Unsupported, region_graph, region_module
 from .c_renderer import CRenderer, Signature
 
 ATTENTION = ops.OPS["attention"]
@@ -382,22 +382,13 @@ def outline_attention(gm: GraphModule, ctx: Any) -> int:
         a = _args(node)
         inputs = [a[n] for n in ("q", "k", "v", "attn_mask", "cache_position")]
         inputs = [x for x in inputs if isinstance(x, Node)]
-        sub = Graph()
-        env = {}
-        for x in inputs:
-            env[x] = sub.placeholder(x.name)
-            env[x].meta = dict(x.meta)
+        sub, env = region_graph(inputs)
         env[node] = sub.node_copy(node, env.__getitem__)
         chain = output_views(node)
         for v in chain:
             env[v] = sub.node_copy(v, env.__getitem__)
         sub.output(env[chain[-1] if chain else node])
-        name, i = f"attention_{count}", count
-        while hasattr(gm, name):
-            i += 1
-            name = f"attention_{i}"
-        region = GraphModule(torch.nn.Module(), sub, class_name=name)
-        region.meta[REGION_TAG] = True
+        name, region = region_module(gm, sub, "attention", count, REGION_TAG)
         try:
             render_attention(region)  # e.g. size symbols no input binds: keep the node
         except Unsupported as exc:

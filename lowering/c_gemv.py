@@ -28,9 +28,9 @@ import os
 from typing import Any
 
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 
-from .c_ops import RenderedKernel, Unsupported
+from .c_ops import RenderedKernel, Unsupported, region_graph, region_module
 from .c_renderer import CRenderer, Signature
 
 aten = torch.ops.aten
@@ -156,19 +156,10 @@ def outline_gemvs(gm: GraphModule, ctx: Any) -> int:
             if small:  # a GEMM (prefill) staying on MKL is not news
                 ctx.report.notes.append(f"mm {node.name} stays an ATen call: {why}")
             continue
-        sub = Graph()
-        env = {}
-        for x in node.args:
-            env[x] = sub.placeholder(x.name)
-            env[x].meta = dict(x.meta)
+        sub, env = region_graph(list(node.args))
         env[node] = sub.node_copy(node, env.__getitem__)
         sub.output(env[node])
-        name, i = f"gemv_{count}", count
-        while hasattr(gm, name):
-            i += 1
-            name = f"gemv_{i}"
-        region = GraphModule(torch.nn.Module(), sub, class_name=name)
-        region.meta[REGION_TAG] = True
+        name, region = region_module(gm, sub, "gemv", count, REGION_TAG)
         gm.add_submodule(name, region)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, tuple(node.args))
@@ -188,8 +179,9 @@ def render_gemv(region: GraphModule) -> RenderedKernel:
     nodes = list(region.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     node = next(n for n in nodes if n.op == "call_function")
-    if why_not(node) is not None:
-        raise Unsupported(why_not(node))
+    why = why_not(node)
+    if why is not None:
+        raise Unsupported(why)
     xv, wv, yv = _val(node.args[0]), _val(node.args[1]), _val(node)
     m, k = xv.shape
     n = wv.shape[1]

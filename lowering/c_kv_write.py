@@ -31,9 +31,9 @@ import os
 from typing import Any
 
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 
-from .c_ops import RenderedKernel, Unsupported
+from .c_ops import RenderedKernel, Unsupported, region_graph, region_module
 from .c_renderer import CRenderer, Signature
 
 aten = torch.ops.aten
@@ -224,11 +224,7 @@ def _make_region(
             inputs.append(base)
     if bump is not None:
         inputs.append(bump.args[0])
-    sub = Graph()
-    env: dict[Node, Node] = {}
-    for x in inputs:
-        env[x] = sub.placeholder(x.name)
-        env[x].meta = dict(x.meta)
+    sub, env = region_graph(inputs)
     if bump is not None:  # first, as in the graph (it also happens if an index is bad)
         env[bump] = sub.node_copy(bump, env.__getitem__)
     for c, (_, chain) in zip(copies, bases):
@@ -237,12 +233,7 @@ def _make_region(
                 env[v] = sub.node_copy(v, env.__getitem__)
         env[c] = sub.node_copy(c, env.__getitem__)
     sub.output(None)
-    name, i = f"kv_write_{count}", count
-    while hasattr(gm, name):
-        i += 1
-        name = f"kv_write_{i}"
-    region = GraphModule(torch.nn.Module(), sub, class_name=name)
-    region.meta[REGION_TAG] = True
+    name, region = region_module(gm, sub, "kv_write", count, REGION_TAG)
     try:
         render_kv_write(region)
     except Unsupported as exc:

@@ -12,7 +12,7 @@ import hashlib
 from typing import Any
 
 import torch
-from torch.fx import Node
+from torch.fx import Graph, GraphModule, Node
 from yirage_dynamo.passes.fusion import VIEW_OPS
 
 aten = torch.ops.aten
@@ -193,3 +193,27 @@ def _norm_dims(dims: Any, ndim: int) -> tuple[int, ...]:
 class _Scope:
     def __init__(self) -> None:
         self.lines: list[str] = []
+
+
+def region_graph(inputs: list[Node]) -> tuple[Graph, dict[Node, Node]]:
+    """The graph of a one-op region outlined at lowering time (attention, GEMV, cache
+    write): one placeholder per input node, its meta copied; and the node map to extend."""
+    sub = Graph()
+    env: dict[Node, Node] = {}
+    for x in inputs:
+        env[x] = sub.placeholder(x.name)
+        env[x].meta = dict(x.meta)
+    return sub, env
+
+
+def region_module(
+    gm: GraphModule, sub: Graph, prefix: str, start: int, tag: str
+) -> tuple[str, GraphModule]:
+    """(first free name `prefix_N` from `start` in gm, the region module marked `tag`);
+    not yet added to gm (the caller renders it first)."""
+    i = start
+    while hasattr(gm, f"{prefix}_{i}"):
+        i += 1
+    region = GraphModule(torch.nn.Module(), sub, class_name=f"{prefix}_{i}")
+    region.meta[tag] = True
+    return f"{prefix}_{i}", region

@@ -157,10 +157,7 @@ def _graph_size(x: Any, symbols: dict[Any, str]) -> str:
 
 def _graph_sizes(sizes: Any, symbols: dict[Any, str]) -> str:
     """A Python tuple of sizes, each a literal or read from a graph input."""
-    out = []
-    for x in sizes:
-        out.append(_graph_size(x, symbols))
-    return "(" + "".join(f"{x}, " for x in out) + ")"
+    return "(" + "".join(f"{_graph_size(x, symbols)}, " for x in sizes) + ")"
 
 
 def _plan(gm, kernels, plan, var, bind, expr):
@@ -189,15 +186,13 @@ def _plan(gm, kernels, plan, var, bind, expr):
 
     def alloc(name: str, shape: str, stride: str, dtype: torch.dtype, node: Node, j: int) -> str:
         nonlocal temp_bytes
+        v = node.meta.get("val")
+        v = v[j] if isinstance(v, list | tuple) else v
         if any(c.isalpha() for c in shape + stride):  # kernel symbols: graph terms instead
-            val = node.meta.get("val")
-            val = val[j] if isinstance(val, list | tuple) else val
-            shape, stride = (_graph_sizes(val.shape, symbols), _graph_sizes(val.stride(), symbols))
+            shape, stride = _graph_sizes(v.shape, symbols), _graph_sizes(v.stride(), symbols)
         allocs.append(
             f"{name} = torch.empty_strided({shape}, {stride}, dtype={dtype}, device='cpu')"
         )
-        v = node.meta.get("val")
-        v = v[j] if isinstance(v, list | tuple) else v
         if node not in outputs and isinstance(v, torch.Tensor):
             temp_bytes += v.numel() * v.itemsize
         dynamic.append(f"{name}.data_ptr()")
@@ -270,7 +265,8 @@ def _plan(gm, kernels, plan, var, bind, expr):
                     slots.append((f"d:{value}", 0))
                 else:
                     raise _Unfit(f"{node.target} takes a {p.kind} argument")
-            steps.append((var_name(fn, bind), bool(kernel.returns_status), slots))
+            name = bind(fn, getattr(fn, "kernel_name", "kernel"))  # already bound: its name
+            steps.append((name, bool(kernel.returns_status), slots))
             continue
         if node.target is operator.getitem and node.args[0] in multi:
             where[node] = (multi[node.args[0]][node.args[1]], 0)
@@ -344,10 +340,6 @@ def _plan(gm, kernels, plan, var, bind, expr):
 def _var_of(key: str) -> str:
     """The wrapper variable behind a dynamic pointer entry ("d:<var>.data_ptr()")."""
     return key[2:].removesuffix(".data_ptr()") if key.endswith(".data_ptr()") else ""
-
-
-def var_name(fn: Any, bind: Any) -> str:
-    return bind(fn, getattr(fn, "kernel_name", "kernel"))
 
 
 class Program:
