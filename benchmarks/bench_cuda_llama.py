@@ -18,6 +18,8 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
                  (YIRAGE_CUDA_GRAPHS=inductor)
   yirage_whole   yirage compiling the graph whole instead of by its repeated decoder layers
                  (YIRAGE_REGIONAL=0; yirage_dynamo/regional.py)
+  yirage_pdl_gemv  yirage with the decode GEMVs launched with programmatic dependent launch
+                 (YIRAGE_CUDA_PDL=gemv); yirage_pdl_all: Inductor's kernels too (=all)
   yirage_samelayers  regional, but the closing residual add stays in its layer (as on the
                  CPU): one program for all layers, one more kernel per layer
                  (YIRAGE_REGIONAL_FUSE_ACROSS=0)
@@ -92,6 +94,10 @@ ENV_VARIANTS = {
     # Programmatic dependent launch (Hopper+): Inductor's kernels start while the previous
     # one drains, waiting (griddepcontrol.wait) only before reading its results.
     "yirage_pdl": {"YIRAGE_INDUCTOR_CONFIG": '{"triton.enable_pdl": true}'},
+    # Our GEMVs launched with PDL, each streaming its first weight tile before it waits
+    # for the previous kernel (lowering/cuda_gemv.py); "_all": Inductor's kernels too.
+    "yirage_pdl_gemv": {"YIRAGE_CUDA_PDL": "gemv"},
+    "yirage_pdl_all": {"YIRAGE_CUDA_PDL": "all"},
 }
 
 
@@ -206,7 +212,7 @@ def run_variant(runner: Runner, name: str, compile_config, repeats: int) -> dict
     }
 
 
-def profile_decode(runner: Runner, compile_config, steps: int = 32) -> str:
+def profile_decode(runner: Runner, compile_config, steps: int = 32, top: int = 14) -> str:
     """Where a decode step's time goes: GPU busy time per token vs wall time per token,
     and the kernels that take it (torch.profiler; the variant is already compiled)."""
     from torch.profiler import ProfilerActivity, profile
@@ -221,7 +227,7 @@ def profile_decode(runner: Runner, compile_config, steps: int = 32) -> str:
         f"{steps} tokens: wall {wall * 1e3 / steps:.3f} ms/token, "
         f"GPU busy {busy / steps:.3f} ms/token (prefill included)"
     ]
-    for e in events[:14]:
+    for e in events[:top]:
         lines.append(
             f"  {e.self_device_time_total / 1e3 / steps:8.4f} ms/tok {e.count // steps:5d}x/tok  "
             f"{e.key[:90]}"
@@ -280,7 +286,9 @@ def variant_configs(options: dict) -> dict[str, Any]:
     return configs
 
 
-def bench_interleaved(key: str, variants: list[str], rounds: int, options: dict) -> str:
+def bench_interleaved(
+    key: str, variants: list[str], rounds: int, options: dict, profile: bool = False
+) -> str:
     """Decode ms/token of compiled variants measured in alternation, in one process.
 
     Each variant is compiled once (its compiled call kept aside); then every round runs
@@ -325,6 +333,12 @@ def bench_interleaved(key: str, variants: list[str], rounds: int, options: dict)
             f"| {key} | {name} | {med:.3f} | {1e3 / med:.1f} | "
             f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |"
         )
+    if profile:  # every kernel of a step, per variant, after the timed rounds
+        for name in variants:
+            model._compiled_call = compiled[name]
+            model._last_compile_config = configs[name]
+            lines.append(f"\n--- profile {key} {name} ---")
+            lines.append(profile_decode(runner, configs[name], steps=16, top=60))
     del runner, model, compiled
     torch._dynamo.reset()
     gc.collect()
@@ -451,7 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     options = json.loads(args.yirage_options)
     if args.interleaved:
         for key in args.shapes.split(","):
-            print(bench_interleaved(key, args.variants.split(","), args.interleaved, options))
+            print(
+                bench_interleaved(
+                    key, args.variants.split(","), args.interleaved, options, args.profile
+                ),
+                flush=True,
+            )
         return 0
     for key in args.shapes.split(","):
         rows += bench_shape(key, args.variants.split(","), args.repeats, options, args.profile)

@@ -213,6 +213,13 @@ def inductor_config_patches(options: Any, example_inputs: list[Any]) -> dict[str
     patches["freezing"] = False
     # The FX graph cache would hash our frozen weights by value (tolist() of every weight).
     patches["fx_graph_cache"] = False
+    # YIRAGE_CUDA_PDL=all: Inductor's kernels take part in programmatic dependent launch
+    # too (each waits for its predecessor's results, then lets its successor launch), so
+    # a GEMV after one of them can stream weights while it runs (lowering/cuda_gemv.py).
+    from .cuda_gemv import pdl_mode
+
+    if pdl_mode() == "all":
+        patches["triton.enable_pdl"] = True
     # Benchmark/debug override: extra Inductor config as JSON, e.g. '{"combo_kernels": true}'
     # (horizontal fusion: merged each layer's rotary and V-cache write on 7B decode, 31
     # fewer kernels per token, but not faster beyond noise; RESULTS.md).

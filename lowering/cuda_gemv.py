@@ -38,6 +38,12 @@ GEMV_ENV = "YIRAGE_CUDA_GEMV"
 _VIEWS = ("view.default", "_unsafe_view.default", "reshape.default")
 _GEMV_MAX_WEIGHTS = 16
 _GEMV_DEVICE = "cuda"
+# Programmatic dependent launch of the GEMVs (Hopper+; an experiment, off by default):
+# "gemv" launches our GEMVs with PDL, each reading its first weight tile while the
+# previous kernel drains; "all" also turns on Inductor's PDL code generation
+# (`triton.enable_pdl`), so its kernels let the next one launch early too.
+PDL_ENV = "YIRAGE_CUDA_PDL"
+_PDL_MODES = ("off", "gemv", "all")
 
 
 # (block_n, block_k, num_warps). Measured on an H200 (benchmarks/bench_gemv.py, a sweep of
@@ -227,6 +233,32 @@ def _rotation(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     return [g[0] for g in _rotation_groups([(w,) for w in weights])]
 
 
+def pdl_mode() -> str:
+    """YIRAGE_CUDA_PDL as one of "off", "gemv", "all"; "off" below compute capability 9
+    (griddepcontrol is a Hopper instruction)."""
+    import os
+
+    env = os.environ.get(PDL_ENV, "").strip().lower() or "off"
+    if env in ("on", "1"):
+        env = "all"
+    if env in ("0", "none"):
+        env = "off"
+    if env not in _PDL_MODES:
+        raise ValueError(f"{PDL_ENV}={env!r}: expected one of {', '.join(_PDL_MODES)}")
+    if env == "off" or not torch.cuda.is_available():
+        return "off"
+    return env if torch.cuda.get_device_capability()[0] >= 9 else "off"
+
+
+def _ops(pdl: bool) -> dict[str, Any]:
+    """kernel name -> the op a site launches: the traced triton_op, or its opaque
+    PDL twin (lowering/triton_gemv.py)."""
+    k_ = _kernels()
+    if pdl:
+        return {"gemv": k_.gemv_pdl, "gemv3": k_.gemv3_pdl, "gemv_gated": k_.gemv_gated_pdl}
+    return {"gemv": k_.gemv, "gemv3": k_.gemv3, "gemv_gated": k_.gemv_gated}
+
+
 def _gemv_mode(ctx: PassContext) -> str:
     import os
 
@@ -331,6 +363,10 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
         return 0
     tuner = _Tuner(ctx)
     report = ctx.report
+    pdl = pdl_mode() != "off"
+    ops_ = _ops(pdl)
+    if pdl:
+        report.notes.append(f"GEMVs: programmatic dependent launch ({PDL_ENV}={pdl_mode()})")
     # Same-shape weights of this graph: what the measurements rotate through.
     by_shape: dict[tuple, list[torch.Tensor]] = {}
     ops: dict[Node, tuple] = {}
@@ -345,11 +381,11 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
     for same in by_shape.values():
         same.extend(_sibling_weights(same[0], same))
 
-    gated = _gated_sites(gm, ops, by_shape)
+    gated = _gated_sites(gm, ops, by_shape, ops_)
     taken = {mm for g in gated for mm in g[1][:2]}
-    groups = _gemv3_sites({n: op for n, op in ops.items() if n not in taken})
+    groups = _gemv3_sites({n: op for n, op in ops.items() if n not in taken}, ops_)
     taken |= {n for nodes, _ in groups for n in nodes}
-    plain = {node: _gemv_site(op, by_shape) for node, op in ops.items()}
+    plain = {node: _gemv_site(op, by_shape, ops_) for node, op in ops.items()}
     sites = [g[2] for g in gated] + [s for _, s in groups]
     _precompile(tuner, mode, sites + [s for n, s in plain.items() if n not in taken], report)
 
@@ -359,7 +395,7 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
         if cfg["impl"] != "triton":
             report.reject("triton_gemv_gated", f"{node.name}: ATen measured faster")
             continue
-        op = torch.ops.yirage_cuda.gemv_gated.default
+        op = _default(ops_["gemv_gated"])
         new, rec = _replace(gm, node, op, (xg, wg, wu, _ACTS[act], *_cfg(cfg)), [node.name])
         with gm.graph.inserting_before(node):
             view = gm.graph.call_function(aten.view.default, (new, list(gv.shape)))
@@ -376,14 +412,14 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
         report.kernels.append(rec)
         swapped += 1
 
-    swapped += _substitute_gemv3(gm, ops, groups, tuner, mode, report)
+    swapped += _substitute_gemv3(gm, ops, groups, tuner, mode, report, _default(ops_["gemv3"]))
 
     for node, (x, w, bias, _real) in ops.items():
         cfg = _pick_gemv(tuner, mode, plain[node])
         if cfg["impl"] != "triton":
             report.reject("triton_gemv", f"{node.name}: ATen (cuBLAS) measured faster")
             continue
-        op = torch.ops.yirage_cuda.gemv.default
+        op = _default(ops_["gemv"])
         new, rec = _replace(gm, node, op, (x, w, bias, *_cfg(cfg)), [node.name])
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -396,11 +432,15 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
 
 
 def _gated_sites(
-    gm: GraphModule, ops: dict[Node, tuple], by_shape: dict[tuple, list[torch.Tensor]]
+    gm: GraphModule,
+    ops: dict[Node, tuple],
+    by_shape: dict[tuple, list[torch.Tensor]],
+    ops_: dict[str, Any],
 ) -> list[tuple[Node, tuple, _Site]]:
     """Gated MLPs act(mm(x, Wg)) * mm(x, Wu) that one `gemv_gated` launch can replace:
     (gated_act node, (gate mm, up mm, x, Wg, Wu, act, gate value), site)."""
     k_ = _kernels()
+    gemv_gated = ops_["gemv_gated"]
     out = []
     for node in gm.graph.nodes:
         target = node.target
@@ -432,7 +472,7 @@ def _gated_sites(
 
         def ours(cfg, m=m, kk=kk, dtype=dtype, pairs=pairs, code=_ACTS[act]):
             xs = _rand((m, kk), dtype)
-            return [(lambda p=p: k_.gemv_gated(xs, p[0], p[1], code, *_cfg(cfg))) for p in pairs()]
+            return [(lambda p=p: gemv_gated(xs, p[0], p[1], code, *_cfg(cfg))) for p in pairs()]
 
         def baseline(m=m, kk=kk, dtype=dtype, pairs=pairs, code=_ACTS[act]):
             # The unfused graph: two cuBLAS GEMVs and one fused activation kernel.
@@ -442,15 +482,15 @@ def _gated_sites(
                 for p in pairs()
             ]
 
-        dims = _gemv_dims(m, n, kk, dtype, act=act)
+        dims = _gemv_dims(m, n, kk, dtype, act=act, **_pdl_dims(ops_))
         site = _Site("gemv_gated", dims, n, kk, ours, baseline)
         out.append((node, (g_mm, u_mm, xg, wg, wu, act, gv), site))
     return out
 
 
-def _gemv_site(op: tuple, by_shape: dict[tuple, list[torch.Tensor]]) -> _Site:
+def _gemv_site(op: tuple, by_shape: dict[tuple, list[torch.Tensor]], ops_: dict[str, Any]) -> _Site:
     """One mm/addmm as one `gemv` launch."""
-    k_ = _kernels()
+    gemv = ops_["gemv"]
     x, _w, bias, real = op
     m, kk = _val(x).shape
     n = real.shape[1]
@@ -461,7 +501,7 @@ def _gemv_site(op: tuple, by_shape: dict[tuple, list[torch.Tensor]]) -> _Site:
     def ours(cfg):
         xs = _rand((m, kk), dtype)
         b = _rand((n,), dtype) if has_bias else None
-        return [(lambda w=w: k_.gemv(xs, w, b, *_cfg(cfg))) for w in _rotation(weights)]
+        return [(lambda w=w: gemv(xs, w, b, *_cfg(cfg))) for w in _rotation(weights)]
 
     def baseline():
         xs = _rand((m, kk), dtype)
@@ -470,13 +510,14 @@ def _gemv_site(op: tuple, by_shape: dict[tuple, list[torch.Tensor]]) -> _Site:
             return [(lambda w=w: torch.addmm(b, xs, w)) for w in _rotation(weights)]
         return [(lambda w=w: torch.mm(xs, w)) for w in _rotation(weights)]
 
-    return _Site("gemv", _gemv_dims(m, n, kk, dtype, bias=int(has_bias)), n, kk, ours, baseline)
+    dims = _gemv_dims(m, n, kk, dtype, bias=int(has_bias), **_pdl_dims(ops_))
+    return _Site("gemv", dims, n, kk, ours, baseline)
 
 
-def _gemv3_sites(ops: dict[Node, tuple]) -> list[tuple[list[Node], _Site]]:
+def _gemv3_sites(ops: dict[Node, tuple], ops_: dict[str, Any]) -> list[tuple[list[Node], _Site]]:
     """Three GEMVs of one input (q/k/v) for one `gemv3` launch: exactly three bias-free
     siblings, every N and K >= 16."""
-    k_ = _kernels()
+    gemv3 = ops_["gemv3"]
     siblings: dict[Node, list[Node]] = {}
     for node, (x, _w, bias, real) in ops.items():
         if bias is None and min(real.shape) >= 16:
@@ -499,7 +540,7 @@ def _gemv3_sites(ops: dict[Node, tuple]) -> list[tuple[list[Node], _Site]]:
 
         def ours(cfg, m=m, kk=kk, dtype=dtype, triples=triples):
             xs = _rand((m, kk), dtype)
-            return [(lambda t=t: k_.gemv3(xs, *t, *_cfg(cfg))) for t in _rotation_groups(triples)]
+            return [(lambda t=t: gemv3(xs, *t, *_cfg(cfg))) for t in _rotation_groups(triples)]
 
         def baseline(m=m, kk=kk, dtype=dtype, triples=triples):
             xs = _rand((m, kk), dtype)
@@ -510,7 +551,8 @@ def _gemv3_sites(ops: dict[Node, tuple]) -> list[tuple[list[Node], _Site]]:
 
         ns = "-".join(str(r.shape[1]) for r in reals)
         n_max = max(r.shape[1] for r in reals)
-        site = _Site("gemv3", _gemv_dims(m, ns, kk, dtype), n_max, kk, ours, baseline)
+        dims = _gemv_dims(m, ns, kk, dtype, **_pdl_dims(ops_))
+        site = _Site("gemv3", dims, n_max, kk, ours, baseline)
         out.append((nodes, site))
     return out
 
@@ -522,6 +564,7 @@ def _substitute_gemv3(
     tuner: _Tuner,
     mode: str,
     report: Any,
+    op: Any,
 ) -> int:
     """Each q/k/v group (`_gemv3_sites`) -> one `yirage_cuda::gemv3` launch, where it
     measured faster (pops them from `ops`)."""
@@ -533,7 +576,6 @@ def _substitute_gemv3(
         if cfg["impl"] != "triton":
             report.reject("triton_gemv3", f"{nodes[0].name}: ATen measured faster")
             continue
-        op = torch.ops.yirage_cuda.gemv3.default
         x = ops[nodes[0]][0]
         ws = [ops[n][1] for n in nodes]
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -553,6 +595,16 @@ def _substitute_gemv3(
         report.kernels.append(rec)
         count += 1
     return count
+
+
+def _default(op: Any) -> Any:
+    """The OpOverload behind a triton_op or custom_op object (graph nodes call that)."""
+    return getattr(getattr(torch.ops, op._namespace), op._name).default
+
+
+def _pdl_dims(ops_: dict[str, Any]) -> dict[str, int]:
+    """Cache-key dims: PDL kernels are measured (and cached) apart from the plain ones."""
+    return {"pdl": 1} if ops_["gemv"]._name.endswith("_pdl") else {}
 
 
 def _cfg(cfg: Mapping[str, Any]) -> tuple[int, int, int]:

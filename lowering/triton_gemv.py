@@ -4,6 +4,9 @@ x[M, K] @ W^T with W an nn.Linear weight [N, K] and M tiny (batch x 1 token):
   gemv(x, w_t, bias?, block_n, block_k, num_warps) -> y[M, N]
   gemv_gated(x, wg_t, wu_t, act, block_n, block_k, num_warps) -> act(x @ Wg^T) * (x @ Wu^T)
   gemv3(x, wq_t, wk_t, wv_t, block_n, block_k, num_warps) -> (q, k, v), one launch
+  gemv_pdl / gemv_gated_pdl / gemv3_pdl: the same three as opaque custom ops launched with
+    programmatic dependent launch (Hopper+), the first weight tile read before waiting
+    for the previous kernel (YIRAGE_CUDA_PDL, lowering/cuda_gemv.py)
 Optional fusions (lowering/cuda_gemv_fusion.py inserts them):
   norm_weight, eps: x is first RMS-normalised, rms_norm(x, norm_weight, eps) @ W^T
     (prologue: every program accumulates sum(x^2) while it streams K, and applies the
@@ -23,56 +26,75 @@ from .triton_pool import launch
 
 
 @triton.jit
-def _load_tile(
-    x_ptrs,
-    w_ptrs,
-    w2_ptrs,
-    nw_ptrs,
-    k0,
-    K,
-    rk,
-    nm,
-    mm,
-    EVEN: tl.constexpr,
-    GATED: tl.constexpr,
-    NORM: tl.constexpr,
-    ROWS: tl.constexpr,
-):
-    """One K tile of the GEMV: the input (ROWS: [BLOCK_M, BLOCK_K], rows past M read as 0;
-    else one [BLOCK_K] row), the [BLOCK_N, BLOCK_K] weight tile(s), read once per step
-    (evict_first), and the norm weight. Without W2 / norm, w and x stand in for them.
-    EVEN: K and N are multiples of the blocks, so only the rows past M are masked."""
+def _load_w(w_ptrs, w2_ptrs, k0, K, rk, nm, EVEN: tl.constexpr, GATED: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] weight tile(s) at k0, read once per step (evict_first).
+    Without W2, w stands in for it. EVEN: K and N are multiples of the blocks."""
     if EVEN:
-        if ROWS:
-            x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
-        else:
-            x = tl.load(x_ptrs)
         w = tl.load(w_ptrs, eviction_policy="evict_first")
         if GATED:
             w2 = tl.load(w2_ptrs, eviction_policy="evict_first")
         else:
             w2 = w
+    else:
+        wmask = nm[:, None] & ((rk + k0) < K)[None, :]
+        w = tl.load(w_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
+        if GATED:
+            w2 = tl.load(w2_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
+        else:
+            w2 = w
+    return w, w2
+
+
+@triton.jit
+def _load_x(
+    x_ptrs,
+    nw_ptrs,
+    k0,
+    K,
+    rk,
+    mm,
+    EVEN: tl.constexpr,
+    NORM: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """The input at k0 (ROWS: [BLOCK_M, BLOCK_K], rows past M read as 0; else one
+    [BLOCK_K] row) and the norm weight (x stands in for it without NORM)."""
+    if EVEN:
+        if ROWS:
+            x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs)
         if NORM:
             nw = tl.load(nw_ptrs)
         else:
             nw = x
     else:
         km = (rk + k0) < K
-        wmask = nm[:, None] & km[None, :]
         if ROWS:
             x = tl.load(x_ptrs, mask=mm[:, None] & km[None, :], other=0.0)
         else:
             x = tl.load(x_ptrs, mask=km, other=0.0)
-        w = tl.load(w_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
-        if GATED:
-            w2 = tl.load(w2_ptrs, mask=wmask, other=0.0, eviction_policy="evict_first")
-        else:
-            w2 = w
         if NORM:
             nw = tl.load(nw_ptrs, mask=km, other=0.0)
         else:
             nw = x
-    return x, w, w2, nw
+    return x, nw
+
+
+@triton.jit
+def _row_step(acc, acc2, ss, x, w, w2, nw, GATED: tl.constexpr, NORM: tl.constexpr):
+    """Batch-1 accumulation of one K tile: acc[n, k] += W[n, k] * x[k] (and W2 for the
+    gated form); with NORM, x is scaled by the norm weight and sum(x^2) accumulated."""
+    x1 = x.to(tl.float32)
+    if NORM:
+        # reduced per tile: a [BLOCK_K] accumulator would cost registers
+        ss += tl.sum(x1 * x1, axis=0, keep_dims=True)
+        x1 = x1 * nw.to(tl.float32)
+    xf = x1[None, :]
+    acc += w.to(tl.float32) * xf
+    if GATED:
+        acc2 += w2.to(tl.float32) * xf
+    return acc, acc2, ss
 
 
 @triton.jit
@@ -113,6 +135,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), fp32 accumulation, one rounding.
 
@@ -162,19 +185,25 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         ss = tl.zeros((1,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x, w, w2, nw = _load_tile(
-                x_ptrs, w_ptrs, w2_ptrs, nw_ptrs, k0, K, rk, nm, mm, EVEN, GATED, NORM, False
-            )
-            x1 = x.to(tl.float32)
-            if NORM:
-                # reduced per tile: a [BLOCK_K] accumulator would cost registers
-                ss += tl.sum(x1 * x1, axis=0, keep_dims=True)
-                x1 = x1 * nw.to(tl.float32)
-            xf = x1[None, :]
-            acc += w.to(tl.float32) * xf
-            if GATED:
-                acc2 += w2.to(tl.float32) * xf
+        if PDL:
+            # Launched before the previous kernel has finished (programmatic dependent
+            # launch): the weights never depend on it, so this program's first tile
+            # streams in while it drains; only then wait for its results (x, and every
+            # buffer it may still read: nothing is stored before the wait).
+            w, w2 = _load_w(w_ptrs, w2_ptrs, 0, K, rk, nm, EVEN, GATED)
+            tl.extra.cuda.gdc_wait()
+            # Our successor may now launch and stream its own weights meanwhile.
+            tl.extra.cuda.gdc_launch_dependents()
+            x, nw = _load_x(x_ptrs, nw_ptrs, 0, K, rk, mm, EVEN, NORM, False)
+            acc, acc2, ss = _row_step(acc, acc2, ss, x, w, w2, nw, GATED, NORM)
+            w_ptrs += BLOCK_K
+            w2_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+            nw_ptrs += BLOCK_K
+        for k0 in range(BLOCK_K * PDL, K, BLOCK_K):
+            w, w2 = _load_w(w_ptrs, w2_ptrs, k0, K, rk, nm, EVEN, GATED)
+            x, nw = _load_x(x_ptrs, nw_ptrs, k0, K, rk, mm, EVEN, NORM, False)
+            acc, acc2, ss = _row_step(acc, acc2, ss, x, w, w2, nw, GATED, NORM)
             w_ptrs += BLOCK_K
             w2_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -192,10 +221,12 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
         ss = tl.zeros((BLOCK_M,), tl.float32)
+        if PDL:  # no prefetch for a few rows: wait for the previous kernel first
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(0, K, BLOCK_K):
-            x, w, w2, nw = _load_tile(
-                x_ptrs, w_ptrs, w2_ptrs, nw_ptrs, k0, K, rk, nm, mm, EVEN, GATED, NORM, True
-            )
+            w, w2 = _load_w(w_ptrs, w2_ptrs, k0, K, rk, nm, EVEN, GATED)
+            x, nw = _load_x(x_ptrs, nw_ptrs, k0, K, rk, mm, EVEN, NORM, True)
             x1 = x.to(tl.float32)
             if NORM:
                 ss += tl.sum(x1 * x1, axis=1)
@@ -240,11 +271,24 @@ def _weight_rows(w_t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_gemv(
-    x, w_t, w2_t, bias, act, block_n, block_k, num_warps, group=(), norm=None, residual=None
+    x,
+    w_t,
+    w2_t,
+    bias,
+    act,
+    block_n,
+    block_k,
+    num_warps,
+    group=(),
+    norm=None,
+    residual=None,
+    pdl=False,
 ):
     """One launch: y = x @ w_t (+ bias), or the gated form with w2_t, or with `group` two
     more weights (w_b, w_c) whose outputs follow y: returns the list of outputs.
-    `norm` = (weight, eps) RMS-normalises x first; `residual` [M, N] is added to y."""
+    `norm` = (weight, eps) RMS-normalises x first; `residual` [M, N] is added to y.
+    `pdl`: a programmatic dependent launch (Hopper+) through Triton's own launcher, the
+    first weight tile read before waiting for the previous kernel (see the kernel)."""
     m, k = x.shape
     n = w_t.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -302,7 +346,9 @@ def _launch_gemv(
         BLOCK_N=block_n,
         BLOCK_K=bk,
         EVEN=even,
+        PDL=pdl,
         num_warps=num_warps,
+        **({"launch_pdl": True, "traced": False} if pdl else {}),
     )
     return ys
 
@@ -368,4 +414,69 @@ def gemv3(
     return ya, yb, yc
 
 
-__all__ = ["gemv", "gemv3", "gemv_gated"]
+# Opaque twins of the three ops for programmatic dependent launch (YIRAGE_CUDA_PDL,
+# lowering/cuda_gemv.py). A triton_op's kernel is launched by Inductor's generated code,
+# whose user-kernel launches carry no launch_pdl (torch 2.11 and 2.13); a custom op is an
+# extern call that launches the kernel itself. Its Python runs once, when the step's CUDA
+# graph is captured; replays launch the recorded kernels with their PDL edges.
+@torch.library.custom_op("yirage_cuda::gemv_pdl", mutates_args=())
+def gemv_pdl(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+) -> torch.Tensor:
+    """`gemv` launched with programmatic dependent launch."""
+    return _launch_gemv(x, w_t, None, bias, 0, block_n, block_k, num_warps, pdl=True)[0]
+
+
+@gemv_pdl.register_fake
+def _(x, w_t, bias, block_n, block_k, num_warps):
+    return x.new_empty((x.shape[0], w_t.shape[1]))
+
+
+@torch.library.custom_op("yirage_cuda::gemv_gated_pdl", mutates_args=())
+def gemv_gated_pdl(
+    x: torch.Tensor,
+    wg_t: torch.Tensor,
+    wu_t: torch.Tensor,
+    act: int,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+) -> torch.Tensor:
+    """`gemv_gated` launched with programmatic dependent launch."""
+    return _launch_gemv(x, wg_t, wu_t, None, act, block_n, block_k, num_warps, pdl=True)[0]
+
+
+@gemv_gated_pdl.register_fake
+def _(x, wg_t, wu_t, act, block_n, block_k, num_warps):
+    return x.new_empty((x.shape[0], wg_t.shape[1]))
+
+
+@torch.library.custom_op("yirage_cuda::gemv3_pdl", mutates_args=())
+def gemv3_pdl(
+    x: torch.Tensor,
+    wa_t: torch.Tensor,
+    wb_t: torch.Tensor,
+    wc_t: torch.Tensor,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gemv3` launched with programmatic dependent launch."""
+    ya, yb, yc = _launch_gemv(
+        x, wa_t, None, None, 0, block_n, block_k, num_warps, (wb_t, wc_t), pdl=True
+    )
+    return ya, yb, yc
+
+
+@gemv3_pdl.register_fake
+def _(x, wa_t, wb_t, wc_t, block_n, block_k, num_warps):
+    m = x.shape[0]
+    return tuple(x.new_empty((m, w.shape[1])) for w in (wa_t, wb_t, wc_t))
+
+
+__all__ = ["gemv", "gemv3", "gemv3_pdl", "gemv_gated", "gemv_gated_pdl", "gemv_pdl"]

@@ -534,14 +534,17 @@ def decode_attention(
 
 # GEMV: decode-shaped matmul, in its own module; imported here so that importing this
 # module registers every yirage_cuda op.
-from .triton_gemv import gemv, gemv3, gemv_gated  # noqa: E402
+from .triton_gemv import gemv, gemv3, gemv3_pdl, gemv_gated, gemv_gated_pdl, gemv_pdl  # noqa: E402
 
 __all__ = [
     "decode_attention",
     "gated_act",
     "gemv",
     "gemv3",
+    "gemv3_pdl",
     "gemv_gated",
+    "gemv_gated_pdl",
+    "gemv_pdl",
     "rms_norm",
     "rms_norm_residual",
     "rotary",

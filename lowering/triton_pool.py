@@ -57,11 +57,15 @@ _TIMEOUT_S = 30.0
 _MAX_WORKERS = 8
 
 
-def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
-    """`wrap_triton(kernel)[grid](*args, **kwargs)`, or its record inside `recording()`."""
+def launch(kernel: Any, grid: tuple, *args: Any, traced: bool = True, **kwargs: Any) -> None:
+    """`wrap_triton(kernel)[grid](*args, **kwargs)`, or its record inside `recording()`.
+
+    traced=False launches through Triton's own launcher (`kernel[grid](...)`), for an
+    opaque custom op: Inductor calls the op and never sees the kernel, so launch options
+    that its user-kernel code generation drops (launch_pdl) take effect."""
     launches = _RECORDING.get()
     if launches is None:
-        wrap_triton(kernel)[grid](*args, **kwargs)
+        (wrap_triton(kernel) if traced else kernel)[grid](*args, **kwargs)
         return
     spec = _spec(kernel, args, kwargs)
     if spec is not None and spec not in launches:
