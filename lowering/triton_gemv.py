@@ -201,8 +201,8 @@ def _gemv_kernel(
             x_ptrs += BLOCK_K
             nw_ptrs += BLOCK_K
         for k0 in range(BLOCK_K * PDL, K, BLOCK_K):
-            w, w2 = _load_w(w_ptrs, w2_ptrs, k0, K, rk, nm, EVEN, GATED)
             x, nw = _load_x(x_ptrs, nw_ptrs, k0, K, rk, mm, EVEN, NORM, False)
+            w, w2 = _load_w(w_ptrs, w2_ptrs, k0, K, rk, nm, EVEN, GATED)
             acc, acc2, ss = _row_step(acc, acc2, ss, x, w, w2, nw, GATED, NORM)
             w_ptrs += BLOCK_K
             w2_ptrs += BLOCK_K
@@ -225,8 +225,8 @@ def _gemv_kernel(
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(0, K, BLOCK_K):
-            w, w2 = _load_w(w_ptrs, w2_ptrs, k0, K, rk, nm, EVEN, GATED)
             x, nw = _load_x(x_ptrs, nw_ptrs, k0, K, rk, mm, EVEN, NORM, True)
+            w, w2 = _load_w(w_ptrs, w2_ptrs, k0, K, rk, nm, EVEN, GATED)
             x1 = x.to(tl.float32)
             if NORM:
                 ss += tl.sum(x1 * x1, axis=1)
