@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# A whole CUDA check in one command on a GPU machine (the device tool's `run`), logs under
+# $OUT (benchmarks/out without it). Stages, each with its own time limit, so that one
+# that hangs cannot take the others' time:
+#   1. install the project (no dependencies: the machine has torch, triton, transformers)
+#   2. the PDL tests and the HF generate() tests            (TESTS_S, default 150 s)
+#   3. 7B decode, the variants interleaved in one process     (BENCH_S, default 300 s)
+#   4. the rest of the CUDA test set                          (REST_S,  default 0: skipped)
+# Usage: bash benchmarks/cuda_device_pass.sh
+#        VARIANTS=yirage,inductor ROUNDS=5 REST_S=280 bash benchmarks/cuda_device_pass.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 ||
+  { tail -n 20 "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+
+timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider \
+  tests/test_cuda_pdl.py tests/test_cuda_generate.py 2>&1 | tail -n 25 | tee "$OUT/tests.log"
+
+timeout "${BENCH_S:-300}" python3 benchmarks/bench_cuda_llama.py --shapes "${SHAPES:-7b}" \
+  --variants "${VARIANTS:-yirage,yirage_pdl_gemv,yirage_pdl_all,inductor}" \
+  --interleaved "${ROUNDS:-5}" 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
+
+if [ "${REST_S:-0}" -gt 0 ]; then
+  timeout "$REST_S" python3 -m pytest -q -p no:cacheprovider tests/test_triton_pool.py \
+    tests/test_cuda.py tests/test_regional.py tests/test_llm_patterns.py 2>&1 |
+    tail -n 25 | tee "$OUT/tests_rest.log"
+fi
