@@ -319,9 +319,12 @@ def _decode_attn_split_kernel(
     HAS_CP: tl.constexpr,
     IEEE: tl.constexpr,
     DIRECT: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
     # DIRECT: one split covers the cache, so this program writes the final output and
     # no merge kernel runs.
+    if TRIGGER:  # see _pdl_trigger
+        tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // HKV
@@ -416,7 +419,10 @@ def _decode_attn_merge_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
+    if TRIGGER:  # see _pdl_trigger
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     b = row // HQ
     h = row % HQ
@@ -433,6 +439,17 @@ def _decode_attn_merge_kernel(
     )
     out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
     tl.store(OUT + b * sob + h * soh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+
+def _pdl_trigger() -> bool:
+    """Whether the attention kernels let the next kernel launch at once (PDL's
+    `launch_dependents`): with YIRAGE_CUDA_PDL on, the o-projection GEMV after them is a
+    programmatic dependent launch that streams its weights while attention runs, and
+    waits for attention's output before it reads it. A scheduling hint only: results
+    are the same either way. Read when the op is traced (compile time)."""
+    from .cuda_gemv import pdl_mode
+
+    return pdl_mode() != "off"
 
 
 def _mask_rows(mask: torch.Tensor | None, b: int) -> tuple[int, int, int]:
@@ -472,6 +489,7 @@ def decode_attention(
         mid_o = torch.empty((b * hq, num_splits, block_d), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((b * hq, num_splits), dtype=torch.float32, device=q.device)
     mask_kind, smb, smn = _mask_rows(attn_mask, b)
+    trigger = _pdl_trigger()
     launch(
         _decode_attn_split_kernel,
         (b * hkv, num_splits),
@@ -510,6 +528,7 @@ def decode_attention(
         HAS_CP=cache_position is not None,
         IEEE=q.dtype == torch.float32,
         DIRECT=direct,
+        TRIGGER=trigger,
         num_warps=num_warps,
     )
     if direct:
@@ -527,6 +546,7 @@ def decode_attention(
         D=d,
         BLOCK_D=block_d,
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        TRIGGER=trigger,
         num_warps=4,
     )
     return out
