@@ -216,7 +216,7 @@ def inductor_config_patches(options: Any, example_inputs: list[Any]) -> dict[str
     # YIRAGE_CUDA_PDL=all: Inductor's kernels take part in programmatic dependent launch
     # too (each waits for its predecessor's results, then lets its successor launch), so
     # a GEMV after one of them can stream weights while it runs (lowering/cuda_gemv.py).
-    from .cuda_gemv import pdl_mode
+    from .cuda_pdl import pdl_mode
 
     if pdl_mode() == "all":
         patches["triton.enable_pdl"] = True

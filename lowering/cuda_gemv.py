@@ -27,6 +27,7 @@ from torch.fx import GraphModule, Node
 from yirage_dynamo.passes.context import PassContext, set_fake_val
 
 from .cuda_ops import _ACTS, _args, _kernels, _rand, _static, _time, _Tuner, _val
+from .cuda_pdl import PDL_ENV, pdl_mode
 
 # Decode-shaped matmuls: mm(x[M, K], t(W)) / addmm(b, x, t(W)) with M (batch x 1 token) at
 # most this, W an nn.Linear weight [N, K]. Larger M is a GEMM: cuBLAS's job.
@@ -38,12 +39,6 @@ GEMV_ENV = "YIRAGE_CUDA_GEMV"
 _VIEWS = ("view.default", "_unsafe_view.default", "reshape.default")
 _GEMV_MAX_WEIGHTS = 16
 _GEMV_DEVICE = "cuda"
-# Programmatic dependent launch of the GEMVs (Hopper+; an experiment, off by default):
-# "gemv" launches our GEMVs with PDL, each reading its first weight tile while the
-# previous kernel drains; "all" also turns on Inductor's PDL code generation
-# (`triton.enable_pdl`), so its kernels let the next one launch early too.
-PDL_ENV = "YIRAGE_CUDA_PDL"
-_PDL_MODES = ("off", "gemv", "all")
 
 
 # (block_n, block_k, num_warps). Measured on an H200 (benchmarks/bench_gemv.py, a sweep of
@@ -231,23 +226,6 @@ def release_rotation_pads() -> None:
 def _rotation(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """`_rotation_groups` of single weights."""
     return [g[0] for g in _rotation_groups([(w,) for w in weights])]
-
-
-def pdl_mode() -> str:
-    """YIRAGE_CUDA_PDL as one of "off", "gemv", "all"; "off" below compute capability 9
-    (griddepcontrol is a Hopper instruction)."""
-    import os
-
-    env = os.environ.get(PDL_ENV, "").strip().lower() or "off"
-    if env in ("on", "1"):
-        env = "all"
-    if env in ("0", "none"):
-        env = "off"
-    if env not in _PDL_MODES:
-        raise ValueError(f"{PDL_ENV}={env!r}: expected one of {', '.join(_PDL_MODES)}")
-    if env == "off" or not torch.cuda.is_available():
-        return "off"
-    return env if torch.cuda.get_device_capability()[0] >= 9 else "off"
 
 
 def _ops(pdl: bool) -> dict[str, Any]:

@@ -447,7 +447,7 @@ def _pdl_trigger() -> bool:
     programmatic dependent launch that streams its weights while attention runs, and
     waits for attention's output before it reads it. A scheduling hint only: results
     are the same either way. Read when the op is traced (compile time)."""
-    from .cuda_gemv import pdl_mode
+    from .cuda_pdl import pdl_mode
 
     return pdl_mode() != "off"
 

@@ -29,7 +29,7 @@ needs_hopper = pytest.mark.skipif(
 
 
 def test_pdl_switch_is_off_by_default_and_rejects_unknown_values(monkeypatch):
-    from yirage_dynamo.lowering.cuda_gemv import PDL_ENV, pdl_mode
+    from yirage_dynamo.lowering.cuda_pdl import PDL_ENV, pdl_mode
 
     monkeypatch.delenv(PDL_ENV, raising=False)
     assert pdl_mode() == "off"
@@ -44,13 +44,13 @@ def test_pdl_switch_is_off_by_default_and_rejects_unknown_values(monkeypatch):
     + [("all", (8, 0), "off"), ("gemv", (8, 9), "off"), ("0", (9, 0), "off")],
 )
 def test_pdl_needs_hopper_and_all_turns_on_inductors_pdl(monkeypatch, env, capability, mode):
-    from yirage_dynamo.lowering import cuda_gemv
+    from yirage_dynamo.lowering import cuda_pdl
     from yirage_dynamo.lowering.cuda import inductor_config_patches
 
-    monkeypatch.setenv(cuda_gemv.PDL_ENV, env)
+    monkeypatch.setenv(cuda_pdl.PDL_ENV, env)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
-    assert cuda_gemv.pdl_mode() == mode
+    assert cuda_pdl.pdl_mode() == mode
     patches = inductor_config_patches(parse_options({}), [])
     assert patches.get("triton.enable_pdl", False) is (mode == "all")
 
