@@ -300,18 +300,23 @@ def bench_interleaved(
     model = build_model(s)
     runner = Runner(model, s)
     configs = variant_configs(options)
+    from yirage_dynamo.runtime.cuda_graphs import live_runners, replay_ms
+
     compiled = {}
+    graphs: dict[str, list] = {}  # variant -> the yirage CUDA-graph runners it made
     torch._dynamo.reset()
     for name in variants:
         for attr in ("_compiled_call", "_last_compile_config"):
             if hasattr(model, attr):
                 delattr(model, attr)
+        before = {id(r) for r in live_runners()}
         with _env(ENV_VARIANTS.get(name, {})):
             print(f"[{key}] compiling {name} ...", file=sys.stderr, flush=True)
             runner.generate(s["new"], configs[name])
             runner.generate(1, configs[name])
         # Different torch.compile wrappers: Dynamo keeps each one's entry (backend guard).
         compiled[name] = model._compiled_call
+        graphs[name] = [r for r in live_runners() if id(r) not in before]
     per_tok: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name in variants:
@@ -323,15 +328,20 @@ def bench_interleaved(
     base = variants[0]
     lines = [
         f"| shape | variant | ms/token (median of {rounds}) | tok/s | "
-        f"per-round ratio to {base}: median (min-max) |",
-        "|---|---|---|---|---|",
+        f"per-round ratio to {base}: median (min-max) | GPU ms/step (graph replay) |",
+        "|---|---|---|---|---|---|",
     ]
     for name in variants:
         med = statistics.median(per_tok[name])
         ratios = [b / a for a, b in zip(per_tok[name], per_tok[base])]
+        # The decode step's own GPU time, without the host time between steps: the
+        # variant's last captured graph replayed back to back (yirage's runner only).
+        captured = [r for r in graphs[name] if r.graph is not None]
+        gpu = replay_ms(captured[-1]) if captured else None
         lines.append(
             f"| {key} | {name} | {med:.3f} | {1e3 / med:.1f} | "
-            f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |"
+            f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
+            + (f"{gpu:.3f} |" if gpu is not None else "- |")
         )
     if profile:  # every kernel of a step, per variant, after the timed rounds
         for name in variants:
@@ -339,7 +349,7 @@ def bench_interleaved(
             model._last_compile_config = configs[name]
             lines.append(f"\n--- profile {key} {name} ---")
             lines.append(profile_decode(runner, configs[name], steps=16, top=60))
-    del runner, model, compiled
+    del runner, model, compiled, graphs
     torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()

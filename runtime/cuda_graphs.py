@@ -26,7 +26,9 @@ with a warning; results are the same, only slower.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +39,34 @@ log = logging.getLogger("yirage_dynamo")
 # Re-captures after static-input address changes before graphs are given up for the
 # function (each one records a new graph; steady code keeps its addresses).
 MAX_CAPTURES = 8
+
+# Every live runner, for measuring a captured step's GPU time apart from the host's
+# (benchmarks; `replay_ms`). Weak: a runner lives as long as its compiled function.
+_LIVE: weakref.WeakSet[CudaGraphRunner] = weakref.WeakSet()
+_SERIAL = itertools.count()
+
+
+def live_runners() -> list[CudaGraphRunner]:
+    """The runners alive in this process, oldest first."""
+    return sorted(_LIVE, key=lambda r: r.serial)
+
+
+def replay_ms(runner: CudaGraphRunner, reps: int = 50) -> float | None:
+    """GPU milliseconds per replay of `runner`'s captured graph (None before a capture):
+    CUDA events around `reps` back-to-back replays, so no host time between steps is
+    counted. The replays rerun the last step on its own inputs (a decode step rewrites
+    the same KV-cache slot)."""
+    graph = runner.graph
+    if graph is None:
+        return None
+    graph.replay()  # warm: clocks, L2
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def is_static_input(t: Any) -> bool:
@@ -66,6 +96,8 @@ class CudaGraphRunner:
         self.captures = 0
         self.disabled: str | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.serial = next(_SERIAL)
+        _LIVE.add(self)
 
     # ------------------------------------------------------------------ calling
     def __call__(self, *args: Any) -> Any:

@@ -52,6 +52,31 @@ def test_cuda_graph_runner_replays_with_new_inputs_and_in_place_updates():
         torch.testing.assert_close(out, copy)
 
 
+def test_live_runners_are_listed_in_creation_order_and_unreplayable_before_capture():
+    from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner, live_runners, replay_ms
+
+    a, b = CudaGraphRunner(_step), CudaGraphRunner(_step)
+    mine = [r for r in live_runners() if r is a or r is b]
+    assert mine == [a, b]
+    assert replay_ms(a) is None  # nothing captured yet
+
+
+@needs_cuda
+def test_replay_ms_times_the_captured_step_on_the_gpu():
+    from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner, replay_ms
+
+    cache = torch.zeros(8, 4, device="cuda")
+    torch._dynamo.mark_static_address(cache)
+    runner = CudaGraphRunner(_step, mutated_inputs=frozenset({3}))
+    counter = torch.zeros(1, device="cuda")
+    for step in range(3):
+        runner(
+            torch.randn(1, 4, device="cuda"), torch.tensor([step], device="cuda"), cache, counter
+        )
+    ms = replay_ms(runner, reps=5)
+    assert ms is not None and 0 < ms < 100
+
+
 @needs_cuda
 def test_cuda_graph_runner_recaptures_when_a_static_input_moves():
     from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
