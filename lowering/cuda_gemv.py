@@ -342,7 +342,7 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
     tuner = _Tuner(ctx)
     report = ctx.report
     pdl = pdl_mode() != "off"
-    ops_ = _ops(pdl)
+    kernel_ops = _ops(pdl)
     if pdl:
         report.notes.append(f"GEMVs: programmatic dependent launch ({PDL_ENV}={pdl_mode()})")
     # Same-shape weights of this graph: what the measurements rotate through.
@@ -359,11 +359,11 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
     for same in by_shape.values():
         same.extend(_sibling_weights(same[0], same))
 
-    gated = _gated_sites(gm, ops, by_shape, ops_)
+    gated = _gated_sites(gm, ops, by_shape, kernel_ops)
     taken = {mm for g in gated for mm in g[1][:2]}
-    groups = _gemv3_sites({n: op for n, op in ops.items() if n not in taken}, ops_)
+    groups = _gemv3_sites({n: op for n, op in ops.items() if n not in taken}, kernel_ops)
     taken |= {n for nodes, _ in groups for n in nodes}
-    plain = {node: _gemv_site(op, by_shape, ops_) for node, op in ops.items()}
+    plain = {node: _gemv_site(op, by_shape, kernel_ops) for node, op in ops.items()}
     sites = [g[2] for g in gated] + [s for _, s in groups]
     _precompile(tuner, mode, sites + [s for n, s in plain.items() if n not in taken], report)
 
@@ -373,7 +373,7 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
         if cfg["impl"] != "triton":
             report.reject("triton_gemv_gated", f"{node.name}: ATen measured faster")
             continue
-        op = _default(ops_["gemv_gated"])
+        op = _default(kernel_ops["gemv_gated"])
         new, rec = _replace(gm, node, op, (xg, wg, wu, _ACTS[act], *_cfg(cfg)), [node.name])
         with gm.graph.inserting_before(node):
             view = gm.graph.call_function(aten.view.default, (new, list(gv.shape)))
@@ -390,14 +390,16 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
         report.kernels.append(rec)
         swapped += 1
 
-    swapped += _substitute_gemv3(gm, ops, groups, tuner, mode, report, _default(ops_["gemv3"]))
+    swapped += _substitute_gemv3(
+        gm, ops, groups, tuner, mode, report, _default(kernel_ops["gemv3"])
+    )
 
     for node, (x, w, bias, _real) in ops.items():
         cfg = _pick_gemv(tuner, mode, plain[node])
         if cfg["impl"] != "triton":
             report.reject("triton_gemv", f"{node.name}: ATen (cuBLAS) measured faster")
             continue
-        op = _default(ops_["gemv"])
+        op = _default(kernel_ops["gemv"])
         new, rec = _replace(gm, node, op, (x, w, bias, *_cfg(cfg)), [node.name])
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -413,12 +415,12 @@ def _gated_sites(
     gm: GraphModule,
     ops: dict[Node, tuple],
     by_shape: dict[tuple, list[torch.Tensor]],
-    ops_: dict[str, Any],
+    kernel_ops: dict[str, Any],
 ) -> list[tuple[Node, tuple, _Site]]:
     """Gated MLPs act(mm(x, Wg)) * mm(x, Wu) that one `gemv_gated` launch can replace:
     (gated_act node, (gate mm, up mm, x, Wg, Wu, act, gate value), site)."""
     k_ = _kernels()
-    gemv_gated = ops_["gemv_gated"]
+    gemv_gated = kernel_ops["gemv_gated"]
     out = []
     for node in gm.graph.nodes:
         target = node.target
@@ -460,15 +462,17 @@ def _gated_sites(
                 for p in pairs()
             ]
 
-        dims = _gemv_dims(m, n, kk, dtype, act=act, **_pdl_dims(ops_))
+        dims = _gemv_dims(m, n, kk, dtype, act=act, **_pdl_dims(kernel_ops))
         site = _Site("gemv_gated", dims, n, kk, ours, baseline)
         out.append((node, (g_mm, u_mm, xg, wg, wu, act, gv), site))
     return out
 
 
-def _gemv_site(op: tuple, by_shape: dict[tuple, list[torch.Tensor]], ops_: dict[str, Any]) -> _Site:
+def _gemv_site(
+    op: tuple, by_shape: dict[tuple, list[torch.Tensor]], kernel_ops: dict[str, Any]
+) -> _Site:
     """One mm/addmm as one `gemv` launch."""
-    gemv = ops_["gemv"]
+    gemv = kernel_ops["gemv"]
     x, _w, bias, real = op
     m, kk = _val(x).shape
     n = real.shape[1]
@@ -488,14 +492,16 @@ def _gemv_site(op: tuple, by_shape: dict[tuple, list[torch.Tensor]], ops_: dict[
             return [(lambda w=w: torch.addmm(b, xs, w)) for w in _rotation(weights)]
         return [(lambda w=w: torch.mm(xs, w)) for w in _rotation(weights)]
 
-    dims = _gemv_dims(m, n, kk, dtype, bias=int(has_bias), **_pdl_dims(ops_))
+    dims = _gemv_dims(m, n, kk, dtype, bias=int(has_bias), **_pdl_dims(kernel_ops))
     return _Site("gemv", dims, n, kk, ours, baseline)
 
 
-def _gemv3_sites(ops: dict[Node, tuple], ops_: dict[str, Any]) -> list[tuple[list[Node], _Site]]:
+def _gemv3_sites(
+    ops: dict[Node, tuple], kernel_ops: dict[str, Any]
+) -> list[tuple[list[Node], _Site]]:
     """Three GEMVs of one input (q/k/v) for one `gemv3` launch: exactly three bias-free
     siblings, every N and K >= 16."""
-    gemv3 = ops_["gemv3"]
+    gemv3 = kernel_ops["gemv3"]
     siblings: dict[Node, list[Node]] = {}
     for node, (x, _w, bias, real) in ops.items():
         if bias is None and min(real.shape) >= 16:
@@ -529,7 +535,7 @@ def _gemv3_sites(ops: dict[Node, tuple], ops_: dict[str, Any]) -> list[tuple[lis
 
         ns = "-".join(str(r.shape[1]) for r in reals)
         n_max = max(r.shape[1] for r in reals)
-        dims = _gemv_dims(m, ns, kk, dtype, **_pdl_dims(ops_))
+        dims = _gemv_dims(m, ns, kk, dtype, **_pdl_dims(kernel_ops))
         site = _Site("gemv3", dims, n_max, kk, ours, baseline)
         out.append((nodes, site))
     return out
@@ -580,9 +586,9 @@ def _default(op: Any) -> Any:
     return getattr(getattr(torch.ops, op._namespace), op._name).default
 
 
-def _pdl_dims(ops_: dict[str, Any]) -> dict[str, int]:
+def _pdl_dims(kernel_ops: dict[str, Any]) -> dict[str, int]:
     """Cache-key dims: PDL kernels are measured (and cached) apart from the plain ones."""
-    return {"pdl": 1} if ops_["gemv"]._name.endswith("_pdl") else {}
+    return {"pdl": 1} if kernel_ops["gemv"]._name.endswith("_pdl") else {}
 
 
 def _cfg(cfg: Mapping[str, Any]) -> tuple[int, int, int]:
