@@ -360,11 +360,11 @@ class CRenderer(SizeMixin, ReductionMixin, ViewMixin):
             approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
             if approx == "tanh":
                 expr = (
-                    f"(0.5f * {x} * (1.0f + tanh(0.7978845608028654f * "
+                    f"(0.5f * {x} * (1.0f + y_tanh(0.7978845608028654f * "
                     f"({x} + 0.044715f * {x} * {x} * {x}))))"
                 )
             else:
-                expr = f"(0.5f * {x} * (1.0f + erf({x} * 0.7071067811865476f)))"
+                expr = f"(0.5f * {x} * (1.0f + y_erf({x} * 0.7071067811865476f)))"
             return self.emit(ctype, expr, self.gen(node.args[0], idx)[2])
         if key == "masked_fill":
             x = self.operand(node.args[0], node, idx)

@@ -29,7 +29,10 @@ from typing import Any
 import torch
 
 DEFAULT_CXX = ("g++", "c++", "clang++")
-_BASE_FLAGS = ("-shared", "-fPIC", "-std=c++17", "-fno-math-errno")
+# -fno-trapping-math: our kernels never enable FP exceptions, and without it GCC will not
+# if-convert a float compare inside an `omp simd` loop (the clamps of y_exp & co.): the
+# loop stays scalar. Results are unchanged; Inductor's C++ kernels build with it too.
+_BASE_FLAGS = ("-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-fno-trapping-math")
 _loaded: dict[str, ctypes.CDLL] = {}  # by .so path: never dlopen the same file twice
 
 
