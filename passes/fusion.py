@@ -45,6 +45,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
+from .cleanup import _impure
 from .context import PassContext
 
 _REDUCTIONS = {
@@ -529,6 +530,13 @@ def _inline_custom_ops(gm: GraphModule, caps: Any) -> int:
                     gm.graph.erase_node(u)
         else:
             node.replace_all_uses_with(result)
+        # A reference can leave dead nodes behind (prims' var/sum allocate outputs with
+        # empty_strided that nothing reads): each would be an allocation per call.
+        for n in reversed(
+            [env[t] for t in traced.graph.nodes if t in env and t.op != "placeholder"]
+        ):
+            if not n.users and not _impure(n):
+                gm.graph.erase_node(n)
         if not node.users:
             gm.graph.erase_node(node)
             count += 1

@@ -338,3 +338,29 @@ def test_yirage_custom_ops_are_expanded_and_fused():
     report = _check(f, *args)
     assert len(report.kernels) == 2
     assert not [n for n in report.notes if "ATen reference" in n], report.notes
+
+
+def test_layer_norm_reference_leaves_no_dead_allocations_in_the_wrapper(
+    tmp_path, private_kernel_cache
+):
+    """AOTAutograd hands LayerNorm over as prims (var, sum, ...); their traced references
+    allocate outputs (empty_strided / empty_permuted) that nothing reads once fused. Left
+    in the graph, each was an allocation per call (6 per BERT layer)."""
+    from conftest import wrapper_call
+
+    ln = torch.nn.LayerNorm(64).eval()
+    with torch.no_grad():
+        ln.weight.add_(torch.randn(64) * 0.1)
+
+    def f(x, r):
+        return ln(x + r)
+
+    debug = tmp_path / "debug"
+    compiled = yirage_compile(f, debug=True, debug_dir=str(debug))
+    x, r = torch.randn(4, 7, 64), torch.randn(4, 7, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, r), f(x, r), atol=1e-5, rtol=1e-5)
+    body = wrapper_call(debug)
+    assert "yk_" in body  # the norm ran as our kernel
+    # (the kernel program allocates its output with torch.empty_strided: that one is used)
+    assert "aten_empty_strided" not in body and "aten_empty_permuted" not in body, body
