@@ -364,3 +364,34 @@ def test_layer_norm_reference_leaves_no_dead_allocations_in_the_wrapper(
     assert "yk_" in body  # the norm ran as our kernel
     # (the kernel program allocates its output with torch.empty_strided: that one is used)
     assert "aten_empty_strided" not in body and "aten_empty_permuted" not in body, body
+
+
+_TRANSCENDENTAL = {
+    "exp": torch.exp,
+    "erf": torch.erf,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(_TRANSCENDENTAL))
+def test_vectorised_transcendentals_match_eager_over_the_float_range(op, private_kernel_cache):
+    """exp/erf/tanh are our own polynomials in the C++ prelude (libm's are a call per
+    element, never vectorised): overflow, underflow, signed zeros, inf and NaN included."""
+    fn = _TRANSCENDENTAL[op]
+    specials = [0.0, -0.0, 1e-30, -1e-30, 1e-7, 0.62, 0.63, 88.7, 89.0, -87.5, -103.9]
+    x = torch.cat(
+        [
+            torch.linspace(-110.0, 100.0, 4001),
+            torch.tensor(specials + [float("inf"), float("-inf"), float("nan")]),
+            torch.randn(2000) * 3,
+        ]
+    )
+    import yirage_dynamo
+
+    got = yirage_compile(lambda t: fn(t) * 1.0)(x)
+    torch.testing.assert_close(got, fn(x), atol=1e-6, rtol=3e-6, equal_nan=True)
+    assert [k.device for k in yirage_dynamo.reports()[-1].kernels] == ["cpu"]  # our kernel ran
