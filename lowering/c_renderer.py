@@ -326,14 +326,22 @@ class CRenderer(SizeMixin, ReductionMixin, ViewMixin):
             if isinstance(base, Node) and not isinstance(exp_, Node):
                 x = self.operand(base, node, idx)
                 xs = self.cast(x, ctype)
+                # ATen's own special cases (PowKernel.cpp), computed the same way: they
+                # round alike, and libm's pow is a call per element (GPT-2's GELU cubes).
                 if exp_ == 2:
                     expr = f"({xs} * {xs})"
+                elif exp_ == 3:
+                    expr = f"({xs} * {xs} * {xs})"
                 elif exp_ == 1:
                     expr = xs
                 elif exp_ == 0.5 and ctype == F:
                     expr = f"sqrt({xs})"
+                elif exp_ == -0.5 and ctype == F:
+                    expr = f"(1.0f / sqrt({xs}))"
                 elif exp_ == -1 and ctype == F:
                     expr = f"(1.0f / {xs})"
+                elif exp_ == -2 and ctype == F:
+                    expr = f"(1.0f / ({xs} * {xs}))"
                 elif ctype == F:
                     expr = f"pow({xs}, {self.cast(self.literal(float(exp_)), F)})"
                 else:
