@@ -308,6 +308,12 @@ def _val(x: Any) -> Any:
     return x.meta.get("val") if isinstance(x, Node) else x
 
 
+# Encoder-style attention at or past this many query x key pairs goes to ATen: measured
+# inside compiled graphs (2 threads), our speed over ATen at batch 16, 12 heads, head dim 32,
+# bool padding mask: 1.86x at 16 x 16, 0.94x at 32 x 32, 0.55x at 64 x 64, 0.46x at 128.
+ENCODER_ATEN_MIN = 64 * 64
+
+
 def why_not(node: Node) -> str | None:
     """Why this yirage::attention node cannot run the C++ kernel (None when it can)."""
     r = CRenderer()
@@ -357,6 +363,13 @@ def why_not(node: Node) -> str | None:
             return "cache_position is not a 1-D int32/int64 tensor"
         if not (r.is_one(cp.shape[0]) or r.same(cp.shape[0], q.shape[2])):
             return "cache_position length differs from the query length"
+    lq, lk = q.shape[2], k.shape[2]
+    dense = not a["is_causal"] and cp is None and isinstance(lq, int) and isinstance(lk, int)
+    if dense and lq * lk >= ENCODER_ATEN_MIN:
+        # Encoder attention: every query over every key, nothing to skip. ATen's flash
+        # kernel works in GEMM-sized blocks; this kernel, made for decode (a few queries
+        # over a cache it reads only up to the written prefix), is slower there.
+        return f"{lq} queries x {lk} keys, no causal or cache bound: ATen's blocked SDPA"
     return None
 
 

@@ -142,6 +142,21 @@ def test_unsupported_case_keeps_reference_with_note():
     assert any("left to its ATen reference" in n and "cache_position" in n for n in report.notes)
 
 
+def test_encoder_sized_attention_goes_to_atens_sdpa_and_smaller_stays_ours():
+    """Every query over every key with no causal or cache bound: from 64 x 64 pairs on,
+    ATen's blocked SDPA is faster than this decode-shaped kernel (RESULTS.md)."""
+    mask = torch.rand(2, 1, 1, 64) > 0.2
+    mask[..., 0] = True
+    q, k, v = _qkv(2, 4, 4, 64, 64, 32)
+    _, report = _run((q, k, v, mask), expect_kernel=False)
+    assert any("64 queries x 64 keys" in n and "ATen" in n for n in report.notes), report.notes
+    # Causal, cache-bounded or smaller attention keeps the kernel.
+    _run((q, k, v, None, None, True))
+    q16, k16, v16 = _qkv(2, 4, 4, 16, 16, 32)
+    _run((q16, k16, v16, mask[..., :16]))
+    _run((q[:, :, :1], k, v, None, None, False, torch.tensor([40])))
+
+
 def test_dynamic_sizes():
     torch._dynamo.reset()
     yirage_dynamo.clear_reports()
