@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,31 @@ def build_shared_object(
     }
     _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
     return so_path
+
+
+def build_units(
+    sources: Sequence[str],
+    cxx: str,
+    flags: Sequence[str],
+    cache_root: Path,
+    stats: dict[str, int],
+) -> list[Path]:
+    """`build_shared_object` for several translation units at once: each compiler is its
+    own process, so the units build side by side on as many cores."""
+    if len(sources) == 1:
+        return [build_shared_object(sources[0], cxx, flags, cache_root, stats)]
+    per_unit: list[dict[str, int]] = [{} for _ in sources]
+    with ThreadPoolExecutor(len(sources)) as pool:
+        paths = list(
+            pool.map(
+                lambda i: build_shared_object(sources[i], cxx, flags, cache_root, per_unit[i]),
+                range(len(sources)),
+            )
+        )
+    for unit in per_unit:
+        for k, v in unit.items():
+            stats[k] = stats.get(k, 0) + v
+    return paths
 
 
 def load_library(path: Path) -> ctypes.CDLL:

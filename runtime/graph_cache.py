@@ -272,14 +272,14 @@ def arm(
         if cxx is None:
             return None
         stats: dict[str, int] = {}
-        so = cpp_build.build_shared_object(
-            cpp["source"], cxx, options.cxx_flags, options.cache_path, stats
+        sos = cpp_build.build_units(
+            cpp["sources"], cxx, options.cxx_flags, options.cache_path, stats
         )
-        lib = cpp_build.load_library(so)
+        libs = [cpp_build.load_library(so) for so in sos]
         fast = cpp_build.fast_caller(cxx, options.cache_path)
         by_symbol = {
-            sym: cpp_build.make_launcher(lib, sym, rendered, sym, "cpu", region, fast)
-            for sym, (rendered, region) in cpp["kernels"].items()
+            sym: cpp_build.make_launcher(libs[unit], sym, rendered, sym, "cpu", region, fast)
+            for sym, (rendered, region, unit) in cpp["kernels"].items()
         }
         launchers = {name: by_symbol[sym] for name, sym in cpp["symbols"].items()}
         for k in ("hits", "misses"):

@@ -415,3 +415,24 @@ def test_pow_by_atens_special_exponents_is_arithmetic_not_libm(
     torch.testing.assert_close(compiled(x), x.pow(exponent) + 1, atol=0, rtol=2e-7)
     (kernel,) = [p for p in debug.rglob("kernels/*.cpp")]
     assert "pow(" not in kernel.read_text().split("extern")[-1]
+
+
+def test_large_graphs_build_as_two_units_with_each_launcher_on_its_own_library():
+    from types import SimpleNamespace
+
+    from yirage_dynamo.lowering.cpu import SPLIT_UNIT_CHARS, split_units, unit_source
+
+    def kernel(name, size):
+        rendered = SimpleNamespace(c_types=("const float*",), returns_status=False)
+        return SimpleNamespace(symbol=name, source="x" * size, rendered=rendered)
+
+    small = [kernel("a", 100), kernel("b", 200)]
+    assert split_units(small, cores=2) == [small]
+    big = [kernel("k0", 500), kernel("attn", SPLIT_UNIT_CHARS), kernel("k2", 700)]
+    big.append(kernel("gemv", SPLIT_UNIT_CHARS // 3))
+    units = split_units(big, cores=2)
+    assert [[k.symbol for k in u] for u in units] == [["attn"], ["k0", "k2", "gemv"]]
+    assert split_units(big, cores=1) == [big]
+    # Each unit carries the prelude and the packed twins of its own kernels only.
+    text = unit_source(units[1])
+    assert "k2_p(" in text and "attn_p(" not in text and "y_exp" in text
