@@ -2,8 +2,8 @@
 
 The reference (SDPA with enable_gqa) costs ~25 µs of host time per call at decode shapes,
 more than the work. Here each eligible attention node is outlined into a one-node region
-(`call_module`, like a fused region) whose kernel is rendered below, compiled in the same
-translation unit as the other kernels and called through `cpp_build.make_launcher`: the
+(`call_module`, like a fused region) whose kernel is rendered below, compiled with the
+other kernels (lowering/cpu.py) and called through `cpp_build.make_launcher`: the
 fast call path, stride guards (other strides run the region, i.e. the op's reference),
 `out=` into the memory plan, and the whole-graph cache all work as for fused regions.
 

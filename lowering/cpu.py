@@ -2,7 +2,8 @@
 
 passes/fusion.py groups pointwise ops, reductions and views into `call_module` regions;
 here every region is rendered by the C-style renderer (lowering/c_renderer.py), all
-kernels of the graph are compiled in one C++ translation unit (runtime/cpp_build.py) and
+kernels of the graph are compiled in one C++ translation unit, or two built side by side
+when their source is large (`split_units`; runtime/cpp_build.py), and
 the generated wrapper calls them through small Python launchers. `yirage::attention` gets
 its own C++ kernel (lowering/c_attention.py: GQA without repeat_kv, masked-off cache slots
 never read) where it can compute it exactly; GEMMs, embedding and index ops stay extern

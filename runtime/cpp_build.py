@@ -1,7 +1,9 @@
 """Build, cache and load the C++ kernels of one graph.
 
-All kernels of a graph go into ONE translation unit and one compiler call (cold compile
-time is dominated by compiler start-up and the headers, not by kernel count). The shared
+The kernels of a graph go into one translation unit and one compiler call (cold compile
+time is dominated by compiler start-up and the headers, not by kernel count), or, when
+their source is large, into two built side by side (`build_units`; lowering/cpu.py's
+`split_units` decides). Each shared
 object is cached under `<cache_path>/cpp/<key>/` where key = sha256(source, flags, compiler
 identity, torch version). Entries are written atomically (temporary file + os.replace) and
 carry a checksum of the .so in `meta.json`; a missing, truncated or corrupted entry is
