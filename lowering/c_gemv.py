@@ -1,4 +1,6 @@
-"""CPU decode GEMVs: `mm(x[M <= 4, K], t(W))` as a C++/OpenMP kernel of the graph's library.
+"""CPU decode GEMVs: `mm(x[M <= 4, K], t(W))` as a C++/OpenMP kernel of the graph's library
+(and `addmm(bias, x, t(W))`: a Linear with bias, e.g. Qwen2's q/k/v, the bias added to
+each finished dot product).
 
 before:                                   after:
     wt = t(W)         # W: [N, K] weight       y = gemv_0(x, wt)   # one-node region
@@ -45,10 +47,11 @@ _IMPL = r"""
 #ifndef YIRAGE_GEMV_IMPL
 #define YIRAGE_GEMV_IMPL
 namespace ygemv {
-// y[m * ys + n] = sum_k x[m * xs + k] * w[n * K + k] for rows n0..n0+3.
-template <int M>
+// y[m * ys + n] = sum_k x[m * xs + k] * w[n * K + k] (+ bias[n] with B) for rows n0..n0+3.
+template <int M, bool B>
 static inline void block4(const float* __restrict x, int64_t xs, const float* __restrict w,
-                          int64_t K, float* __restrict y, int64_t ys, int64_t n0) {
+                          int64_t K, float* __restrict y, int64_t ys, int64_t n0,
+                          const float* __restrict bias) {
   const float* w0 = w + n0 * K;
   const float* w1 = w0 + K;
   const float* w2 = w1 + K;
@@ -69,29 +72,33 @@ static inline void block4(const float* __restrict x, int64_t xs, const float* __
       const float xv = xm[k];
       s0 += w0[k] * xv; s1 += w1[k] * xv; s2 += w2[k] * xv; s3 += w3[k] * xv;
     }
+    if (B) { s0 += bias[n0]; s1 += bias[n0 + 1]; s2 += bias[n0 + 2]; s3 += bias[n0 + 3]; }
     float* ym = y + m * ys + n0;
     ym[0] = s0; ym[1] = s1; ym[2] = s2; ym[3] = s3;
   }
 }
 
-template <int M>
+template <int M, bool B>
 static inline void row1(const float* __restrict x, int64_t xs, const float* __restrict w,
-                        int64_t K, float* __restrict y, int64_t ys, int64_t n) {
+                        int64_t K, float* __restrict y, int64_t ys, int64_t n,
+                        const float* __restrict bias) {
   for (int m = 0; m < M; ++m) {
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
     for (int64_t k = 0; k < K; ++k) s += w[n * K + k] * x[m * xs + k];
-    y[m * ys + n] = s;
+    y[m * ys + n] = B ? s + bias[n] : s;
   }
 }
 
-template <int M>
+// B: add bias[n] (aten.addmm(bias, x, t(W)), a Linear with bias) after the dot product.
+template <int M, bool B = false>
 static void run(const float* __restrict x, int64_t xs, const float* __restrict w, int64_t N,
-                int64_t K, float* __restrict y, int64_t ys, bool parallel) {
+                int64_t K, float* __restrict y, int64_t ys, bool parallel,
+                const float* __restrict bias = nullptr) {
   const int64_t blocks = N / 4;
 #pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t b = 0; b < blocks; ++b) block4<M>(x, xs, w, K, y, ys, 4 * b);
-  for (int64_t n = 4 * blocks; n < N; ++n) row1<M>(x, xs, w, K, y, ys, n);
+  for (int64_t b = 0; b < blocks; ++b) block4<M, B>(x, xs, w, K, y, ys, 4 * b, bias);
+  for (int64_t n = 4 * blocks; n < N; ++n) row1<M, B>(x, xs, w, K, y, ys, n, bias);
 }
 }  // namespace ygemv
 #endif
@@ -110,13 +117,33 @@ def _static(v: torch.Tensor) -> bool:
     return not any(isinstance(s, torch.SymInt) for s in (*v.shape, *v.stride()))
 
 
+def _operands(node: Node) -> tuple[Any, Any, Any] | None:
+    """(x, W^T, bias or None) of mm(x, wt) / addmm(bias, x, wt) with default beta/alpha."""
+    if node.kwargs:
+        return None
+    if node.target is aten.mm.default and len(node.args) == 2:
+        return node.args[0], node.args[1], None
+    if node.target is aten.addmm.default and len(node.args) == 3:
+        return node.args[1], node.args[2], node.args[0]
+    return None
+
+
 def why_not(node: Node) -> str | None:
-    """Why this aten.mm node stays an ATen call (None when it becomes a GEMV)."""
-    if len(node.args) != 2 or node.kwargs:
+    """Why this aten.mm / addmm node stays an ATen call (None when it becomes a GEMV)."""
+    ops = _operands(node)
+    if ops is None:
         return "unexpected arguments"
-    x, wt = node.args
+    x, wt, bias = ops
     if x is wt:
         return "x is its own weight"
+    if bias is not None:
+        bv = _val(bias)
+        if bias is x or bias is wt or not isinstance(bv, torch.Tensor):
+            return "bias is not a tensor of its own"
+        if bv.dim() != 1 or bv.dtype != torch.float32 or bv.device.type != "cpu":
+            return "bias is not a 1-D fp32 CPU tensor"
+        if not _static(bv) or bv.shape[0] != _val(node).shape[-1] or bv.stride() != (1,):
+            return "bias is not a contiguous [N] vector"
     xv, wv, yv = _val(x), _val(wt), _val(node)
     if not all(isinstance(t, torch.Tensor) for t in (xv, wv, yv)):
         return "operands without fake values"
@@ -147,11 +174,12 @@ def outline_gemvs(gm: GraphModule, ctx: Any) -> int:
         return 0
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.mm.default:
+        if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
             continue
         why = why_not(node)
         if why is not None:
-            xv = _val(node.args[0]) if node.args else None
+            ops = _operands(node)
+            xv = _val(ops[0]) if ops is not None else None
             small = isinstance(xv, torch.Tensor) and xv.dim() == 2 and xv.shape[0] == 1
             if small:  # a GEMM (prefill) staying on MKL is not news
                 ctx.report.notes.append(f"mm {node.name} stays an ATen call: {why}")
@@ -182,9 +210,11 @@ def render_gemv(region: GraphModule) -> RenderedKernel:
     why = why_not(node)
     if why is not None:
         raise Unsupported(why)
-    xv, wv, yv = _val(node.args[0]), _val(node.args[1]), _val(node)
+    x, wt, bias = _operands(node)
+    xv, wv, yv = _val(x), _val(wt), _val(node)
     m, k = xv.shape
     n = wv.shape[1]
+    name = {ph: f"p{i}" for i, ph in enumerate(placeholders)}
     signature = Signature(r)
     for i, ph in enumerate(placeholders):
         signature.tensor(i, _val(ph), "const float*")
@@ -195,7 +225,10 @@ def render_gemv(region: GraphModule) -> RenderedKernel:
     body = _IMPL + "\n".join(
         [
             f'extern "C" void FUNC({", ".join(signature.sig)}) {{',
-            f"  ygemv::run<{m}>(p0, {xs}, p1, {n}, {k}, o0, {ys}, {parallel});",
+            f"  ygemv::run<{m}>({name[x]}, {xs}, {name[wt]}, {n}, {k}, o0, {ys}, {parallel});"
+            if bias is None
+            else f"  ygemv::run<{m}, true>({name[x]}, {xs}, {name[wt]}, {n}, {k}, o0, {ys}, "
+            f"{parallel}, {name[bias]});",
             "}",
             "",
         ]

@@ -134,3 +134,28 @@ def test_whole_graph_cache_restores_the_gemv_kernel():
         states.append(report.graph_cache)
         assert any(any("aten.mm" in o for o in k.origins) for k in report.kernels)
     assert states == ["stored", "hit"]
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize(("n", "k"), [(1000, 300), (7, 576), (1001, 17)])
+def test_decode_linear_with_bias_is_our_gemv_adding_the_bias(m, n, k, tmp_path):
+    """addmm(bias, x, t(W)): a Linear with bias (Qwen2's q/k/v) runs the kernel too."""
+    x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+
+    def fn(x, w, b):
+        return torch.nn.functional.linear(x, w, b) * 2.0
+
+    call, report = _compile_and_check(fn, (x, w, b), tmp_path)
+    assert "addmm(" not in call and "mm(" not in call, call
+    assert report.patterns.get("cpu_gemv") == 1
+    assert f"ygemv::run<{m}, true>(" in _kernel_sources(tmp_path)
+
+
+def test_bias_that_is_not_a_vector_keeps_the_mkl_addmm(tmp_path):
+    x, w, b = torch.randn(1, 64), torch.randn(96, 64), torch.randn(1, 96)
+
+    def fn(x, w, b):
+        return torch.addmm(b, x, w.t()) * 2.0
+
+    call, report = _compile_and_check(fn, (x, w, b), tmp_path)
+    assert "addmm" in call and not report.patterns.get("cpu_gemv")
