@@ -3,9 +3,10 @@
 # $OUT (benchmarks/out without it). Stages, each with its own time limit, so that one
 # that hangs cannot take the others' time:
 #   1. install the project (no dependencies: the machine has torch, triton, transformers)
-#   2. the PDL tests and the HF generate() tests            (TESTS_S, default 150 s)
-#   3. 7B decode, the variants interleaved in one process     (BENCH_S, default 300 s)
-#   4. the rest of the CUDA test set                          (REST_S,  default 0: skipped)
+#   2. the L2-prefetch micro-benchmark                        (MICRO_S, default 0: skipped)
+#   3. TEST_FILES (default: the PDL and HF generate() tests)  (TESTS_S, default 150 s)
+#   4. 7B decode, the variants interleaved in one process     (BENCH_S, default 300 s)
+#   5. the rest of the CUDA test set                          (REST_S,  default 0: skipped)
 # A stage whose limit is 0 is skipped. The device tool allows 600 s a command, so:
 #   bash benchmarks/cuda_device_pass.sh                       (stages 1-3, ~8 min)
 #   TESTS_S=0 BENCH_S=0 REST_S=500 bash benchmarks/cuda_device_pass.sh   (stage 4)
@@ -19,9 +20,16 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
   { tail -n 20 "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 
+if [ "${MICRO_S:-0}" -gt 0 ]; then
+  timeout "$MICRO_S" python3 benchmarks/bench_l2_prefetch.py 2>&1 | grep -v -i warn |
+    tee "$OUT/micro.log"
+fi
+
 if [ "${TESTS_S:-150}" -gt 0 ]; then
+  # shellcheck disable=SC2086 # a list of files
   timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider \
-    tests/test_cuda_pdl.py tests/test_cuda_generate.py 2>&1 | tail -n 25 | tee "$OUT/tests.log"
+    ${TEST_FILES:-tests/test_cuda_pdl.py tests/test_cuda_generate.py} 2>&1 | tail -n 25 |
+    tee "$OUT/tests.log"
 fi
 
 if [ "${BENCH_S:-300}" -gt 0 ]; then
