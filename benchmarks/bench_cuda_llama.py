@@ -98,11 +98,6 @@ ENV_VARIANTS = {
     # for the previous kernel (lowering/cuda_gemv.py); "_all": Inductor's kernels too.
     "yirage_pdl_gemv": {"YIRAGE_CUDA_PDL": "gemv"},
     "yirage_pdl_all": {"YIRAGE_CUDA_PDL": "all"},
-    # Each GEMV asks L2 for part of the next GEMV's weights (lowering/cuda_prefetch.py).
-    "yirage_pf_lines": {"YIRAGE_CUDA_PREFETCH": "lines:0.5"},
-    "yirage_pf_lines1": {"YIRAGE_CUDA_PREFETCH": "lines:1"},
-    "yirage_pf_bulk": {"YIRAGE_CUDA_PREFETCH": "bulk:0.5"},
-    "yirage_pf_bulk1": {"YIRAGE_CUDA_PREFETCH": "bulk:1"},
 }
 
 

@@ -306,7 +306,7 @@ class _InnerCompile:
         from yirage_dynamo.passes import run_pipeline
         from yirage_dynamo.passes.context import PassContext, count_nodes
 
-        from . import cuda_gemv, cuda_gemv_fusion, cuda_ops, cuda_prefetch
+        from . import cuda_gemv, cuda_gemv_fusion, cuda_ops
 
         inference = bool(kwargs.get("is_inference")) and not kwargs.get("is_backward")
         kind = "backward" if kwargs.get("is_backward") else "inference" if inference else "forward"
@@ -353,9 +353,6 @@ class _InnerCompile:
             # RMSNorm prologues and skip-add epilogues into those GEMVs ("all" only: not
             # faster end to end, see the module) before the norms reach Inductor.
             cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
-            # Each GEMV asks L2 for the next one's weights (YIRAGE_CUDA_PREFETCH, off by
-            # default): they stream in while the small kernels between the two run.
-            cuda_prefetch.link_prefetches(gm, ctx)
             cuda_ops.substitute(gm, ctx, inline)
             cuda_ops.decompose_for_inductor(gm, ctx)
             cuda_gemv.release_rotation_pads()

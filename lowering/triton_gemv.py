@@ -98,51 +98,6 @@ def _row_step(acc, acc2, ss, x, w, w2, nw, GATED: tl.constexpr, NORM: tl.constex
 
 
 @triton.jit
-def _l2_prefetch(
-    P,
-    P_ROWS,
-    P_ROW_BYTES,
-    P_COL0,
-    P_NBYTES,
-    P_RPP,
-    pid,
-    PF: tl.constexpr,
-    PF_LINES: tl.constexpr,
-    PF_RPP: tl.constexpr,
-):
-    """Ask L2 for bytes [P_COL0, P_COL0 + P_NBYTES) of this program's P_RPP rows of the
-    next GEMV's weight (P: its bytes). PF 1: `prefetch.global.L2::evict_last` per 128-byte
-    line; PF 2: one `cp.async.bulk.prefetch.L2` per row (Hopper's TMA). Neither waits for
-    the data. Returns 0, which the caller adds to its store offsets: the asm is declared
-    pure (Inductor's mutation analysis rejects impure asm), so it must feed a result."""
-    last = tl.minimum((pid + 1) * P_RPP, P_ROWS) - 1
-    r = tl.minimum(pid * P_RPP + tl.arange(0, PF_RPP), last).to(tl.int64)
-    if PF == 1:
-        c = tl.minimum(P_COL0 + tl.arange(0, PF_LINES) * 128, P_COL0 + P_NBYTES - 128)
-        ptrs = P + r[:, None] * P_ROW_BYTES + c[None, :]
-        z = tl.inline_asm_elementwise(
-            "prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;",
-            "=r,l",
-            [ptrs],
-            dtype=tl.int32,
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        ptrs = P + r * P_ROW_BYTES + P_COL0
-        nb = tl.zeros([PF_RPP], tl.int32) + P_NBYTES
-        z = tl.inline_asm_elementwise(
-            "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
-            "=r,l,r",
-            [ptrs, nb],
-            dtype=tl.int32,
-            is_pure=True,
-            pack=1,
-        )
-    return tl.max(tl.ravel(z), axis=0)
-
-
-@triton.jit
 def _gemv_kernel(
     X,
     W,
@@ -170,12 +125,6 @@ def _gemv_kernel(
     R,
     stride_rm,
     eps,
-    P,
-    P_ROWS,
-    P_ROW_BYTES,
-    P_COL0,
-    P_NBYTES,
-    P_RPP,
     HAS_BIAS: tl.constexpr,
     NORM: tl.constexpr,
     RES: tl.constexpr,
@@ -187,9 +136,6 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,
     PDL: tl.constexpr,
-    PF: tl.constexpr = 0,
-    PF_LINES: tl.constexpr = 1,
-    PF_RPP: tl.constexpr = 1,
 ):
     """y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), fp32 accumulation, one rounding.
 
@@ -206,9 +152,6 @@ def _gemv_kernel(
     The normalised row is not rounded to the input dtype before the products (one
     rounding, at the output), as in Inductor's fused kernels.
     RES: y = R + round(x @ W^T): the skip connection, rounded as the unfused add would.
-    PF: once its dot products are done, the program asks L2 for its share of the next
-    GEMV's weight (P), which then streams in while the small kernels between the two
-    GEMVs leave HBM idle (`_l2_prefetch`; YIRAGE_CUDA_PREFETCH, lowering/cuda_prefetch.py).
     """
     pid = tl.program_id(0)
     if GROUP3:
@@ -302,11 +245,6 @@ def _gemv_kernel(
             r = tl.rsqrt(ss / K + eps)[:, None]
             out = out * r
             up = up * r
-    zoff = 0
-    if PF != 0:
-        zoff = _l2_prefetch(
-            P, P_ROWS, P_ROW_BYTES, P_COL0, P_NBYTES, P_RPP, pid, PF, PF_LINES, PF_RPP
-        )
     dt = Y.dtype.element_ty
     if HAS_BIAS:
         out += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
@@ -323,40 +261,13 @@ def _gemv_kernel(
     if RES:
         res = tl.load(R + rm[:, None] * stride_rm + rn[None, :], mask=omask, other=0.0)
         out = out.to(dt).to(tl.float32) + res.to(tl.float32)
-    tl.store(Y + rm[:, None] * stride_ym + rn[None, :] + zoff, out.to(dt), mask=omask)
+    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], out.to(dt), mask=omask)
 
 
 def _weight_rows(w_t: torch.Tensor) -> torch.Tensor:
     """The [N, K] weight (K contiguous) behind mm's [K, N] operand `w_t` (= W.t())."""
     w = w_t.t()
     return w if w.stride(-1) == 1 else w.contiguous()
-
-
-def _prefetch_args(prefetch: tuple | None, blocks: int, x: torch.Tensor) -> tuple:
-    """Kernel arguments (P, rows, row bytes, first byte, bytes, rows per program, PF,
-    PF_LINES, PF_RPP) of an L2 prefetch of `prefetch` = (w_t, kind, frac) spread over
-    `blocks` programs; PF 0 (none) without one, or for rows not in 128-byte lines."""
-    none = (x, 0, 0, 0, 0, 0, 0, 1, 1)
-    if prefetch is None or prefetch[1] == 0:
-        return none
-    w_t, kind, frac = prefetch
-    w = _weight_rows(w_t)
-    rows, row_bytes = w.shape[0], w.shape[1] * w.element_size()
-    if row_bytes % 128 or w.data_ptr() % 128 or rows == 0:
-        return none
-    nbytes = min(row_bytes, max(128, int(row_bytes * frac) // 128 * 128))
-    rpp = triton.cdiv(rows, blocks)
-    return (
-        w.view(torch.uint8),
-        rows,
-        row_bytes,
-        row_bytes - nbytes,
-        nbytes,
-        rpp,
-        kind,
-        triton.next_power_of_2(nbytes // 128),
-        triton.next_power_of_2(rpp),
-    )
 
 
 def _launch_gemv(
@@ -372,15 +283,12 @@ def _launch_gemv(
     norm=None,
     residual=None,
     pdl=False,
-    prefetch=None,
 ):
     """One launch: y = x @ w_t (+ bias), or the gated form with w2_t, or with `group` two
     more weights (w_b, w_c) whose outputs follow y: returns the list of outputs.
     `norm` = (weight, eps) RMS-normalises x first; `residual` [M, N] is added to y.
     `pdl`: a programmatic dependent launch (Hopper+) through Triton's own launcher, the
-    first weight tile read before waiting for the previous kernel (see the kernel).
-    `prefetch` = (w_t, kind, frac): the next GEMV's weight (as mm's [K, N] operand), of
-    which the suffix `frac` of every row is asked into L2 at the end (kind 1 lines, 2 bulk)."""
+    first weight tile read before waiting for the previous kernel (see the kernel)."""
     m, k = x.shape
     n = w_t.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -399,7 +307,6 @@ def _launch_gemv(
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()
     res = residual if residual is not None else ys[0]
-    pf = _prefetch_args(prefetch, blocks, x)
     launch(
         _gemv_kernel,
         (blocks,),
@@ -429,7 +336,6 @@ def _launch_gemv(
         res,
         res.stride(0),
         eps,
-        *pf[:6],
         HAS_BIAS=bias is not None,
         NORM=norm is not None,
         RES=residual is not None,
@@ -441,9 +347,6 @@ def _launch_gemv(
         BLOCK_K=bk,
         EVEN=even,
         PDL=pdl,
-        PF=pf[6],
-        PF_LINES=pf[7],
-        PF_RPP=pf[8],
         num_warps=num_warps,
         **({"launch_pdl": True, "traced": False} if pdl else {}),
     )
@@ -461,28 +364,13 @@ def gemv(
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
-    prefetch: torch.Tensor | None = None,
-    prefetch_kind: int = 0,
-    prefetch_frac: float = 0.0,
 ) -> torch.Tensor:
     """`aten.mm(x, w_t)` / `aten.addmm(bias, x, w_t)` for x [M, K] with M tiny and w_t the
     transposed view [K, N] of an nn.Linear weight [N, K]; with `norm_weight`,
-    rms_norm(x, norm_weight, eps) @ w_t; with `residual` [M, N], residual + that.
-    `prefetch` (the next GEMV's w_t): part of it asked into L2 at the end (a hint)."""
+    rms_norm(x, norm_weight, eps) @ w_t; with `residual` [M, N], residual + that."""
     norm = (norm_weight, eps) if norm_weight is not None else None
-    pf = (prefetch, prefetch_kind, prefetch_frac) if prefetch is not None else None
     return _launch_gemv(
-        x,
-        w_t,
-        None,
-        bias,
-        0,
-        block_n,
-        block_k,
-        num_warps,
-        norm=norm,
-        residual=residual,
-        prefetch=pf,
+        x, w_t, None, bias, 0, block_n, block_k, num_warps, norm=norm, residual=residual
     )[0]
 
 
@@ -497,17 +385,11 @@ def gemv_gated(
     num_warps: int,
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
-    prefetch: torch.Tensor | None = None,
-    prefetch_kind: int = 0,
-    prefetch_frac: float = 0.0,
 ) -> torch.Tensor:
     """act(x @ wg_t) * (x @ wu_t) in one pass over both weights (gated MLP of decode);
-    with `norm_weight`, of rms_norm(x, norm_weight, eps). `prefetch`: as for `gemv`."""
+    with `norm_weight`, of rms_norm(x, norm_weight, eps)."""
     norm = (norm_weight, eps) if norm_weight is not None else None
-    pf = (prefetch, prefetch_kind, prefetch_frac) if prefetch is not None else None
-    return _launch_gemv(
-        x, wg_t, wu_t, None, act, block_n, block_k, num_warps, norm=norm, prefetch=pf
-    )[0]
+    return _launch_gemv(x, wg_t, wu_t, None, act, block_n, block_k, num_warps, norm=norm)[0]
 
 
 @triton_op("yirage_cuda::gemv3", mutates_args=())
@@ -521,17 +403,13 @@ def gemv3(
     num_warps: int,
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
-    prefetch: torch.Tensor | None = None,
-    prefetch_kind: int = 0,
-    prefetch_frac: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x @ wa_t, x @ wb_t, x @ wc_t) in one launch: the q/k/v projections of decode
     without concatenating their weights (no extra weight memory); with `norm_weight`,
-    of rms_norm(x, norm_weight, eps). `prefetch`: as for `gemv`."""
+    of rms_norm(x, norm_weight, eps)."""
     norm = (norm_weight, eps) if norm_weight is not None else None
-    pf = (prefetch, prefetch_kind, prefetch_frac) if prefetch is not None else None
     ya, yb, yc = _launch_gemv(
-        x, wa_t, None, None, 0, block_n, block_k, num_warps, (wb_t, wc_t), norm=norm, prefetch=pf
+        x, wa_t, None, None, 0, block_n, block_k, num_warps, (wb_t, wc_t), norm=norm
     )
     return ya, yb, yc
 
