@@ -28,8 +28,8 @@ fi
 if [ "${TESTS_S:-150}" -gt 0 ]; then
   # shellcheck disable=SC2086 # a list of files
   timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider \
-    ${TEST_FILES:-tests/test_cuda_pdl.py tests/test_cuda_generate.py} 2>&1 | tail -n 25 |
-    tee "$OUT/tests.log"
+    ${TEST_FILES:-tests/test_cuda_pdl.py tests/test_cuda_generate.py} 2>&1 |
+    tee "$OUT/tests_full.log" | tail -n 25 | tee "$OUT/tests.log"
 fi
 
 if [ "${BENCH_S:-300}" -gt 0 ]; then
@@ -41,5 +41,5 @@ fi
 if [ "${REST_S:-0}" -gt 0 ]; then
   timeout "$REST_S" python3 -m pytest -q -p no:cacheprovider tests/test_triton_pool.py \
     tests/test_cuda.py tests/test_regional.py tests/test_llm_patterns.py 2>&1 |
-    tail -n 25 | tee "$OUT/tests_rest.log"
+    tee "$OUT/tests_rest_full.log" | tail -n 25 | tee "$OUT/tests_rest.log"
 fi
