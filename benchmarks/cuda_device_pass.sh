@@ -11,6 +11,7 @@
 #   bash benchmarks/cuda_device_pass.sh                       (stages 1-3, ~8 min)
 #   TESTS_S=0 BENCH_S=0 REST_S=500 bash benchmarks/cuda_device_pass.sh   (stage 4)
 #   VARIANTS=yirage,inductor ROUNDS=5 bash benchmarks/cuda_device_pass.sh
+#   PROFILE=1 ...: the bench also lists each compiled variant's kernels (torch.profiler)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -35,7 +36,7 @@ fi
 if [ "${BENCH_S:-300}" -gt 0 ]; then
   timeout "${BENCH_S:-300}" python3 benchmarks/bench_cuda_llama.py --shapes "${SHAPES:-7b}" \
     --variants "${VARIANTS:-yirage,yirage_pdl_gemv,yirage_pdl_all,inductor}" \
-    --interleaved "${ROUNDS:-5}" 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
+    --interleaved "${ROUNDS:-5}" ${PROFILE:+--profile} 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
 fi
 
 if [ "${REST_S:-0}" -gt 0 ]; then
