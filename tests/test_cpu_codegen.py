@@ -398,7 +398,9 @@ def test_vectorised_transcendentals_match_eager_over_the_float_range(
     x = x.to(dtype)
     got = yirage_compile(lambda t: fn(t) * 1.0)(x)
     tol = {"atol": 1e-6, "rtol": 3e-6} if dtype == torch.float32 else tolerances(dtype)
-    torch.testing.assert_close(got, fn(x), equal_nan=True, **tol)
+    # Eager in float64: eager's own fp32 kernels differ by CPU at the edges (with AVX-512,
+    # fp32 gelu(inf) is NaN and gelu(3e38) overflows to inf; with AVX2 they are inf, 3e38).
+    torch.testing.assert_close(got, fn(x.double()).to(dtype), equal_nan=True, **tol)
     assert [k.device for k in yirage_dynamo.reports()[-1].kernels] == ["cpu"]  # our kernel ran
 
 
