@@ -76,24 +76,22 @@ def prefetch(w: torch.Tensor, frac: float, where: str, kind: str) -> None:
         rows = n
         nbytes = max(128, int(row_bytes * frac) // 128 * 128)
         col0 = 0 if where == "prefix" else row_bytes - nbytes
-    block_r = 16
-    grid = (triton.cdiv(rows, block_r),)
     if kind == "bulk":
-        _prefetch_bulk[grid](b, rows, row_bytes, col0, nbytes, BLOCK_R=block_r, num_warps=1)
-    else:
-        lines = nbytes // 128
-        block_r = max(1, 2048 // lines) if lines < 2048 else 1
-        block_r = 1 << (block_r.bit_length() - 1)
-        grid = (triton.cdiv(rows, block_r),)
-        _prefetch_lines[grid](
-            b,
-            rows,
-            row_bytes,
-            col0,
-            col0 + nbytes,
-            LINES=triton.next_power_of_2(lines),
-            BLOCK_R=block_r,
-        )
+        grid = (triton.cdiv(rows, 16),)
+        _prefetch_bulk[grid](b, rows, row_bytes, col0, nbytes, BLOCK_R=16, num_warps=1)
+        return
+    lines = nbytes // 128
+    # Up to ~2048 lines per program: several rows of a short slice, or one row.
+    block_r = 1 << ((2048 // lines).bit_length() - 1) if lines < 2048 else 1
+    _prefetch_lines[(triton.cdiv(rows, block_r),)](
+        b,
+        rows,
+        row_bytes,
+        col0,
+        col0 + nbytes,
+        LINES=triton.next_power_of_2(lines),
+        BLOCK_R=block_r,
+    )
 
 
 def build(layers: int, hidden: int, inter: int, heads: int, ctx: int):
@@ -160,6 +158,9 @@ def step(x: torch.Tensor, ls: list[dict], pf: dict | None, heads: int) -> torch.
 
 
 def time_graph(fn, reps: int = 30) -> float:
+    """GPU ms of one call of `fn` captured in a CUDA graph: median of `reps` replays.
+    A whole step (~6 ms) per replay, unlike lowering/cuda_ops._time, which captures many
+    calls of one kernel and keeps the best of three replays."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()

@@ -8,8 +8,8 @@
 #   4. 7B decode, the variants interleaved in one process     (BENCH_S, default 300 s)
 #   5. the rest of the CUDA test set                          (REST_S,  default 0: skipped)
 # A stage whose limit is 0 is skipped. The device tool allows 600 s a command, so:
-#   bash benchmarks/cuda_device_pass.sh                       (stages 1-3, ~8 min)
-#   TESTS_S=0 BENCH_S=0 REST_S=500 bash benchmarks/cuda_device_pass.sh   (stage 4)
+#   bash benchmarks/cuda_device_pass.sh                       (stages 1, 3, 4: ~8 min)
+#   TESTS_S=0 BENCH_S=0 REST_S=500 bash benchmarks/cuda_device_pass.sh   (stage 5)
 #   VARIANTS=yirage,inductor ROUNDS=5 bash benchmarks/cuda_device_pass.sh
 #   PROFILE=1 ...: the bench also lists each compiled variant's kernels (torch.profiler)
 set -uo pipefail
