@@ -1,0 +1,84 @@
+"""Where a cold CUDA compile goes: the first HF generate() of a backend, fresh caches.
+
+    python benchmarks/profile_compile_cuda.py --shape 7b --variant yirage --out DIR [--cprofile]
+
+Run it once per backend, each in a new process (a process's first compile pays one-time
+set-up, see RESULTS.md "CUDA cold compile, each backend alone"). The Triton, Inductor and
+yirage caches point at a fresh temporary directory before torch is imported. Printed: the
+cold compile seconds (first generate minus a warm one of the same length), and for yirage
+every compiled piece's stage times from its report. With --cprofile the first generate
+runs under cProfile (inflated, but it shows the split), written to DIR/<variant>_compile.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __name__ == "__main__":  # fresh caches, set before torch/triton read them
+    _tmp = tempfile.mkdtemp(prefix="yirage_cold_")
+    for _var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "YIRAGE_CACHE_DIR"):
+        os.environ[_var] = os.path.join(_tmp, _var.lower())
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_cuda_llama import SHAPES, Runner, build_model, variant_configs  # noqa: E402
+
+
+def _sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--variant", default="yirage")
+    ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    import cProfile
+    import io
+    import pstats
+
+    import yirage_dynamo
+
+    s = SHAPES[args.shape]
+    model = build_model(s)
+    runner = Runner(model, s)
+    cc = variant_configs({})[args.variant]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prof = cProfile.Profile() if args.cprofile else None
+    if prof:
+        prof.enable()
+    cold = _sync_time(lambda: runner.generate(s["new"], cc))
+    if prof:
+        prof.disable()
+        text = io.StringIO()
+        st = pstats.Stats(prof, stream=text)
+        st.sort_stats("cumulative").print_stats(120)
+        st.sort_stats("tottime").print_stats(50)
+        (out / f"{args.variant}_compile.txt").write_text(text.getvalue())
+    warm = _sync_time(lambda: runner.generate(s["new"], cc))
+    print(
+        f"{args.shape} {args.variant}: cold compile {cold - warm:.2f} s "
+        f"(first generate {cold:.2f} s, warm {warm:.2f} s){' under cProfile' if prof else ''}"
+    )
+    for r in yirage_dynamo.reports():
+        if not r.lowering:
+            continue
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in r.stages.items() if v >= 0.05)
+        print(f"  graph {r.graph_id} ({r.nodes_in} nodes): {stages}")
+
+
+if __name__ == "__main__":
+    main()
