@@ -96,6 +96,33 @@ def test_plan_cuts_at_each_decoder_layer_and_moves_the_closing_residual_add():
     assert len({tuple((n.op, str(n.target)) for n in run) for run in layers}) == 1
 
 
+def test_first_layer_opens_with_a_zero_residual_so_every_layer_is_one_program(monkeypatch):
+    model = build("llama", layers=4).eval()
+    ids = torch.randint(0, VOCAB, (1, 6))
+    gm, inputs = _dynamo_graph(model, ids)
+    code = gm.code
+    partition, why = _plan(gm, inputs)
+    assert partition is not None, why
+    with torch.no_grad():
+        undo = regional.open_first_block_with_zero_residual(gm, partition)
+    assert undo is not None
+    runs = regional._runs_of(partition)
+    assert len(runs) == 6
+    ops = [tuple(regional._ops(run)) for run in runs[1:5]]
+    assert ops[0] == ops[1] == ops[2] == ops[3]
+    zero = [n for n in runs[0] if n.target is torch.zeros_like]
+    assert len(zero) == 1 and runs[1][0].args[1] is zero[0]
+    undo()
+    assert gm.code == code
+    # Compiled (the CUDA plan forced on the CPU): one program for the four layers.
+    monkeypatch.setenv("YIRAGE_REGIONAL_FUSE_ACROSS", "1")
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = yirage_compile(model)(ids).logits
+    torch.testing.assert_close(got, expected)
+    assert "regional: 6 pieces, 3 compiled, 3 reusing" in yirage_dynamo.reports()[-1].notes[-1]
+
+
 def test_plan_declines_small_or_unrepeated_blocks_and_dynamic_or_training_graphs():
     lin = torch.nn.Linear(8, 8)
     gm, inputs = _dynamo_graph(lin, torch.randn(2, 8))

@@ -23,8 +23,9 @@ ends in an index (`model.layers.7`). Before -> after, for a 3-layer Llama decode
     norm, lm_head
 
 The residual add that ends a block is moved into the next piece, where it still fuses
-with that block's input norm (the RMSNorm + residual pattern). So layer 0 (which starts
-at the embedding output) is its own program, and layers 1..N-1 share one.
+with that block's input norm (the RMSNorm + residual pattern). Layer 0, which starts at
+the embedding output, then opens with an add of a zero tensor, so that all N layers are
+one program (`open_first_block_with_zero_residual`).
 
 Applies to inference graphs with static shapes and at least two identical blocks; any
 other graph, or any failure here, compiles as one graph (the report says why).
@@ -137,6 +138,105 @@ def plan(
     if max(shapes.values(), default=0) < 2:
         return None, "no two blocks alike"
     return {nodes[i]: r for r, run in enumerate(runs) for i in run}, ""
+
+
+def _runs_of(partition: dict[Node, int]) -> list[list[Node]]:
+    runs: dict[int, list[Node]] = {}
+    for node, r in partition.items():  # insertion order is graph order
+        runs.setdefault(r, []).append(node)
+    return [runs[r] for r in sorted(runs)]
+
+
+def _ops(run: list[Node]) -> list[tuple[str, str]]:
+    return [(n.op, str(n.target)) for n in run]
+
+
+def open_first_block_with_zero_residual(
+    gm: GraphModule, partition: dict[Node, int]
+) -> Callable[[], None] | None:
+    """Make the first block's piece the same program as the later blocks' pieces.
+
+    With the closing residual adds moved (`plan`), layers 1..N-1 open with the add of the
+    previous layer's two residual halves, and layer 0, which starts at the embedding
+    output, is a program of its own: a second compile of a whole layer (~2 s of a cold
+    7B CUDA compile). Giving layer 0 the same opening add, of the embedding output and a
+    zero tensor made in the piece before it, makes all N layers one program:
+
+        before                                   after
+        prefix:  x = embedding(ids)              prefix:  x = embedding(ids)
+                                                          z = zeros_like(x)
+        layer 0: norm(x) ... r0, m0              layer 0: h = x + z; norm(h) ... r0, m0
+        layer 1: h = r0 + m0; norm(h) ...        layer 1: h = r0 + m0; norm(h) ...
+
+    `x + 0` is `x` exactly (a -0.0 becomes +0.0), and the add fuses into layer 0's input
+    norm as it does in the other layers; the zeros cost one small fill per step.
+    Edits `gm` and `partition` in place and returns a function that undoes the edit (for
+    a caller falling back to the whole graph), or None when the graph does not have this
+    shape (then nothing changed)."""
+    runs = _runs_of(partition)
+    blocks = [i for i, run in enumerate(runs) if block_of(run[-1]) is not None]
+    if len(blocks) < 2 or blocks[0] == 0 or blocks[1] != blocks[0] + 1:
+        return None
+    first, second = runs[blocks[0]], runs[blocks[1]]
+    opening = second[0]
+    if not (
+        _is_add(opening)
+        and len(opening.args) == 2
+        and not opening.kwargs
+        and block_of(opening) == block_of(first[-1])
+        and _ops(second[1:]) == _ops(first)
+    ):
+        return None
+    # The value entering layer 0 where layer 1 reads its opening add.
+    entering: set[Node] = set()
+    for mine, theirs in zip(first, second[1:], strict=True):
+        mine_args = [*mine.args, *mine.kwargs.values()]
+        their_args = [*theirs.args, *theirs.kwargs.values()]
+        if len(mine_args) != len(their_args):
+            return None
+        for a, b in zip(mine_args, their_args, strict=True):
+            if b is opening:
+                entering.add(a)
+            elif any(b is x for x in opening.args):
+                return None  # layer 1 reads an add operand directly: not this shape
+    if len(entering) != 1:
+        return None
+    (x,) = entering
+    if not isinstance(x, Node) or x.op == "placeholder" or x not in partition:
+        return None
+    if partition[x] == partition[first[0]] or "example_value" not in x.meta:
+        return None
+    fake = x.meta["example_value"]
+    fake_zero = torch.zeros_like(fake)
+    fake_opened = fake + fake_zero
+    graph = gm.graph
+    with graph.inserting_after(x):
+        zero = graph.call_function(torch.zeros_like, (x,))
+    with graph.inserting_before(first[0]):
+        opened = graph.call_function(opening.target, (x, zero))
+    zero.meta["example_value"] = fake_zero
+    opened.meta["example_value"] = fake_opened
+    for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
+        if key in opening.meta:
+            opened.meta[key] = opening.meta[key]
+    for node in first:
+        node.replace_input_with(x, opened)
+    # The partition keeps graph order: rebuild it with the two new nodes in place.
+    index = {**partition, zero: partition[x], opened: partition[first[0]]}
+    partition.clear()
+    partition.update({n: index[n] for n in graph.nodes if n in index})
+    gm.recompile()
+
+    def undo() -> None:
+        for node in first:
+            node.replace_input_with(opened, x)
+        graph.erase_node(opened)
+        graph.erase_node(zero)
+        partition.pop(opened, None)
+        partition.pop(zero, None)
+        gm.recompile()
+
+    return undo
 
 
 def split(gm: GraphModule, partition: dict[Node, int]) -> GraphModule:

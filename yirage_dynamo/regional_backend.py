@@ -42,6 +42,7 @@ def compile_by_blocks(
     from yirage_dynamo.runtime import graph_cache
 
     start = time.perf_counter()
+    undo: Callable[[], None] | None = None
     try:
         device, _ = select_device(example_inputs, options)
         lowering, _ = choose_lowering(device)
@@ -50,6 +51,8 @@ def compile_by_blocks(
             os.environ.get(FUSE_ENV, ""), lowering.regional_fuse_across_blocks
         )
         partition, why = regional.plan(gm, example_inputs, fuse)
+        if partition is not None and fuse:
+            undo = regional.open_first_block_with_zero_residual(gm, partition)
     except Exception as exc:  # noqa: BLE001 - the whole-graph path reports and falls back
         partition, why = None, f"{type(exc).__name__}: {exc}"
     if partition is None:
@@ -84,6 +87,8 @@ def compile_by_blocks(
     except torch._dynamo.exc.RestartAnalysis:
         raise
     except Exception as exc:  # noqa: BLE001 - the whole graph is the fallback
+        if undo is not None:
+            undo()
         if options.fallback == "error":
             raise
         log.warning(
