@@ -38,6 +38,29 @@ def _sync_time(fn) -> float:
     return time.perf_counter() - t
 
 
+def _time_runner_steps() -> dict[str, list[float]]:
+    """Wall seconds of the CUDA-graph runner's first (eager) calls and captures: the part
+    of a cold compile after the backend returned."""
+    from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
+
+    timings: dict[str, list[float]] = {}
+    for name in ("_eager", "_capture"):
+        orig = getattr(CudaGraphRunner, name)
+
+        def timed(self, *a, _orig=orig, _name=name):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            try:
+                return _orig(self, *a)
+            finally:
+                torch.cuda.synchronize()
+                if self.calls <= 2:
+                    timings.setdefault(f"runner {_name}", []).append(time.perf_counter() - t)
+
+        setattr(CudaGraphRunner, name, timed)
+    return timings
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="7b")
@@ -57,6 +80,7 @@ def main() -> None:
     cc = variant_configs({})[args.variant]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    timings = _time_runner_steps()
     prof = cProfile.Profile() if args.cprofile else None
     if prof:
         prof.enable()
@@ -68,11 +92,19 @@ def main() -> None:
         st.sort_stats("cumulative").print_stats(120)
         st.sort_stats("tottime").print_stats(50)
         (out / f"{args.variant}_compile.txt").write_text(text.getvalue())
+        prof.dump_stats(str(out / f"{args.variant}_compile.prof"))
     warm = _sync_time(lambda: runner.generate(s["new"], cc))
     print(
         f"{args.shape} {args.variant}: cold compile {cold - warm:.2f} s "
         f"(first generate {cold:.2f} s, warm {warm:.2f} s){' under cProfile' if prof else ''}"
     )
+    for what, secs in timings.items():
+        print(
+            f"  {what}: {len(secs)} calls, {sum(secs):.2f} s ({', '.join(f'{x:.2f}' for x in secs[:4])})"
+        )
+    stats = dict(torch._dynamo.utils.counters["stats"])
+    print(f"  dynamo: {stats}")
+    print(torch._dynamo.utils.compile_times(repr="str", aggregate=True))
     for r in yirage_dynamo.reports():
         if not r.lowering:
             continue
