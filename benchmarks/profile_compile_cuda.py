@@ -7,7 +7,7 @@ set-up, see RESULTS.md "CUDA cold compile, each backend alone"). The Triton, Ind
 yirage caches point at a fresh temporary directory before torch is imported. Printed: the
 cold compile seconds (first generate minus a warm one of the same length), and for yirage
 every compiled piece's stage times from its report. With --cprofile the first generate
-runs under cProfile (inflated, but it shows the split), written to DIR/<variant>_compile.txt.
+runs under cProfile (inflated, but it shows the split), written to DIR/<variant>_compile.txt (and .prof).
 """
 
 from __future__ import annotations
@@ -27,15 +27,8 @@ if __name__ == "__main__":  # fresh caches, set before torch/triton read them
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_cuda_llama import SHAPES, Runner, build_model, variant_configs  # noqa: E402
-
-
-def _sync_time(fn) -> float:
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t
+from bench_cuda_llama import SHAPES, Runner, _sync_time, build_model, variant_configs  # noqa: E402
+from profile_host_cuda import write_profile  # noqa: E402
 
 
 def _time_runner_steps() -> dict[str, list[float]]:
@@ -69,8 +62,6 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     import cProfile
-    import io
-    import pstats
 
     import yirage_dynamo
 
@@ -84,16 +75,11 @@ def main() -> None:
     prof = cProfile.Profile() if args.cprofile else None
     if prof:
         prof.enable()
-    cold = _sync_time(lambda: runner.generate(s["new"], cc))
+    cold = _sync_time(lambda: runner.generate(s["new"], cc))[0]
     if prof:
         prof.disable()
-        text = io.StringIO()
-        st = pstats.Stats(prof, stream=text)
-        st.sort_stats("cumulative").print_stats(120)
-        st.sort_stats("tottime").print_stats(50)
-        (out / f"{args.variant}_compile.txt").write_text(text.getvalue())
-        prof.dump_stats(str(out / f"{args.variant}_compile.prof"))
-    warm = _sync_time(lambda: runner.generate(s["new"], cc))
+        write_profile(prof, out / f"{args.variant}_compile.txt")
+    warm = _sync_time(lambda: runner.generate(s["new"], cc))[0]
     print(
         f"{args.shape} {args.variant}: cold compile {cold - warm:.2f} s "
         f"(first generate {cold:.2f} s, warm {warm:.2f} s){' under cProfile' if prof else ''}"

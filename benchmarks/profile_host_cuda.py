@@ -26,6 +26,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_cuda_llama import SHAPES, Runner, build_model  # noqa: E402
 
 
+def write_profile(prof: cProfile.Profile, path: Path, top: int = 60) -> None:
+    """The top functions by own and by cumulative time as text at `path`, and the raw
+    stats beside it (`.prof`, for pstats/snakeviz callers views)."""
+    text = io.StringIO()
+    st = pstats.Stats(prof, stream=text)
+    st.sort_stats("tottime").print_stats(top)
+    st.sort_stats("cumulative").print_stats(2 * top)
+    path.write_text(text.getvalue())
+    prof.dump_stats(str(path.with_suffix(".prof")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
@@ -63,11 +74,7 @@ def main() -> None:
         runner.generate(args.new, cc)
         torch.cuda.synchronize()
         prof.disable()
-        text = io.StringIO()
-        st = pstats.Stats(prof, stream=text)
-        st.sort_stats("tottime").print_stats(40)
-        st.sort_stats("cumulative").print_stats(60)
-        (out / f"{name}_host.txt").write_text(text.getvalue())
+        write_profile(prof, out / f"{name}_host.txt")
         print(f"{name}: {plain:.3f} ms/token unprofiled", flush=True)
 
 

@@ -133,7 +133,7 @@ def plan(
     shapes: dict[tuple, int] = {}
     for run in runs:
         if owner[run[-1]] is not None and len(run) >= MIN_BLOCK_NODES:
-            key = (owner[run[-1]][2], *((nodes[i].op, str(nodes[i].target)) for i in run))
+            key = (owner[run[-1]][2], *_ops([nodes[i] for i in run]))
             shapes[key] = shapes.get(key, 0) + 1
     if max(shapes.values(), default=0) < 2:
         return None, "no two blocks alike"
