@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx._lazy_graph_module import _LazyGraphModule, _use_lazy_graph_module
 
 log = logging.getLogger("yirage_dynamo")
 
@@ -244,7 +245,10 @@ def split(gm: GraphModule, partition: dict[Node, int]) -> GraphModule:
     bookkeeping (sources of placeholders, module meta) carried into each piece."""
     from torch.fx.passes.split_module import split_module
 
-    parts = split_module(gm, None, lambda n: partition[n], keep_original_order=True)
+    # Lazy: a piece's Python code is generated once, when canonicalize() has renamed it,
+    # not also here and on each edit below (~4 codegens per piece: 0.4 s for 34 pieces).
+    with _use_lazy_graph_module(True):
+        parts = split_module(gm, None, lambda n: partition[n], keep_original_order=True)
     sources = {n.name: getattr(n, "_dynamo_source", None) for n in gm.graph.nodes}
     for node in parts.graph.nodes:
         if node.op != "call_module":
@@ -379,4 +383,7 @@ def compile_regions(
         node.target = Segment(fn, getattr(sub, "single_output", False), expected)
         parts.delete_submodule(target)
     parts.recompile()
+    # The stitched forward itself, not the lazy module's trampoline (a check and a
+    # Module call on every step).
+    _LazyGraphModule.force_recompile(parts)
     return parts.forward, frozenset(mutated), stats
