@@ -348,8 +348,10 @@ class _InnerCompile:
                 "all": frozenset(),
                 "none": frozenset(cuda_ops.TRIES),
             }[self.options.cuda_kernels]
+            # The decode attention's config candidates compile with the GEMVs' (one wait).
+            early = [] if "attention" in inline else cuda_ops.attention_precompiles(gm, ctx)
             # Decode GEMVs first: the gated-MLP fusion consumes yirage.gated_act nodes.
-            cuda_gemv.substitute_gemv(gm, ctx)
+            cuda_gemv.substitute_gemv(gm, ctx, also_precompile=early)
             # RMSNorm prologues and skip-add epilogues into those GEMVs ("all" only: not
             # faster end to end, see the module) before the norms reach Inductor.
             cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)

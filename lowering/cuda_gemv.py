@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -280,21 +280,31 @@ def _pick_gemv(tuner: _Tuner, mode: str, site: _Site) -> dict[str, Any]:
     return tuner.pick(site.kernel, site.key_dims(mode), site.candidates(mode), make_bench)
 
 
-def _precompile(tuner: _Tuner, mode: str, sites: list[_Site], report: Any) -> None:
+def _precompile(
+    tuner: _Tuner,
+    mode: str,
+    sites: list[_Site],
+    report: Any,
+    also: Sequence[tuple[str, list[Callable[[], Any]]]] = (),
+) -> None:
     """Compile the Triton candidates of every site whose config is not cached, all at once
     in forked children (lowering/triton_pool.py), before any is measured: a cold search
-    otherwise compiles them one after another."""
+    otherwise compiles them one after another. `also`: other kernels' (shape key,
+    candidate calls) for the same round (the decode attention's), marked as compiled."""
     from .triton_pool import precompile_calls
 
-    calls = (
+    calls = [
         site.ours(cfg)[0]
         for site in sites
         if not tuner.cached(site.kernel, site.key_dims(mode))
         for cfg in site.candidates(mode)
         if cfg["impl"] == "triton"
-    )
+    ]
+    if not calls:  # nothing of ours to search: the other kernels compile in their own round
+        return
     with report.stage("gemv_precompile"):
-        done = len(precompile_calls(calls))
+        done = len(precompile_calls([*calls, *(c for _, cs in also for c in cs)]))
+    tuner.precompiled.update(key for key, _ in also)
     if done:
         tuner.stats["precompiled"] = tuner.stats.get("precompiled", 0) + done
 
@@ -315,7 +325,11 @@ def _replace(
     return new, KernelRecord(op._opname, "cuda", None, origin)
 
 
-def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
+def substitute_gemv(
+    gm: GraphModule,
+    ctx: PassContext,
+    also_precompile: Sequence[tuple[str, list[Callable[[], Any]]]] = (),
+) -> int:
     """Swap decode-shaped mm/addmm nodes for `yirage_cuda::gemv`, and a gated activation of
     two such GEMVs sharing their input for `yirage_cuda::gemv_gated` (one pass over both
     weights, activation in the epilogue: no intermediate tensors, two fewer launches).
@@ -365,7 +379,8 @@ def substitute_gemv(gm: GraphModule, ctx: PassContext) -> int:
     taken |= {n for nodes, _ in groups for n in nodes}
     plain = {node: _gemv_site(op, by_shape, kernel_ops) for node, op in ops.items()}
     sites = [g[2] for g in gated] + [s for _, s in groups]
-    _precompile(tuner, mode, sites + [s for n, s in plain.items() if n not in taken], report)
+    rest = [s for n, s in plain.items() if n not in taken]
+    _precompile(tuner, mode, sites + rest, report, also_precompile)
 
     swapped = 0
     for node, (g_mm, u_mm, xg, wg, wu, act, gv), site in gated:

@@ -19,6 +19,7 @@ this GPU for static shapes (cached per kernel, shape bucket and GPU), a heuristi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import operator
@@ -76,6 +77,8 @@ class _Tuner:
         self.cache = ConfigCache(ctx.options.cache_path)
         self.stats = ctx.report.cache
         self.gpu = torch.cuda.get_device_name()
+        # Shape keys whose candidates an earlier round of this graph compiled already.
+        self.precompiled: set[str] = ctx.artifacts.setdefault("triton_precompiled", set())
 
     def cached(self, kernel: str, dims: Mapping[str, Any]) -> bool:
         return self.cache.get(shape_key(kernel, self.gpu, **dims)) is not None
@@ -276,7 +279,9 @@ def _split_candidates(max_len: int) -> list[dict[str, Any]]:
     return out
 
 
-def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
+def _attention_plan(node: Node) -> _AttentionPlan | str:
+    """What `_try_attention` needs to choose and call the decode-attention kernel, or why
+    the node keeps its reference."""
     a = _args(node)
     q, k, v = _val(a["q"]), _val(a["k"]), _val(a["v"])
     cp, mask = _val(a["cache_position"]), _val(a["attn_mask"])
@@ -309,7 +314,7 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
         if mask.dtype != torch.bool and mask.dtype not in _FLOATS:
             return "attn_mask dtype unsupported"
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
-    make_bench = None
+    make_call = None
     if _static(b, t):
         dtype = q.dtype
 
@@ -334,10 +339,6 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
                 qs, ks, vs, m, pos, scale, c["split"], c["block_n"], c["num_warps"]
             )
 
-        def make_bench():
-            call = make_call()
-            return lambda c: _time(lambda: call(c))
-
     dims = {
         "b": b if _static(b) else "dyn",
         "hq": hq,
@@ -348,16 +349,62 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
         "bound": "cp" if cp is not None else "mask" if mask is not None else "none",
     }
     max_len = t if _static(t) else 4096
-    cands = _split_candidates(max_len)
-    if make_bench is not None and not tuner.cached("decode_attention", dims):
-        from .triton_pool import precompile_calls
-
-        call = make_call()
-        precompile_calls([lambda c=c: call(c) for c in cands])  # all at once, in children
-    cfg = tuner.pick("decode_attention", dims, cands, make_bench)
-    op = torch.ops.yirage_cuda.decode_attention.default
     args = (a["q"], a["k"], a["v"], a["attn_mask"], a["cache_position"], float(scale))
-    return op, (*args, cfg["split"], cfg["block_n"], cfg["num_warps"])
+    return _AttentionPlan(dims, _split_candidates(max_len), args, make_call)
+
+
+@dataclasses.dataclass
+class _AttentionPlan:
+    dims: dict[str, Any]
+    candidates: list[dict[str, Any]]
+    args: tuple
+    make_call: Callable[[], Callable[[Mapping[str, Any]], Any]] | None  # None: nothing to measure
+
+    def precompile_calls(self) -> list[Callable[[], Any]]:
+        if self.make_call is None:
+            return []
+        call = self.make_call()
+        return [lambda c=c: call(c) for c in self.candidates]
+
+
+def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
+    plan = _attention_plan(node)
+    if isinstance(plan, str):
+        return plan
+    key = shape_key("decode_attention", tuner.gpu, **plan.dims)
+    make_bench = None
+    if plan.make_call is not None:
+        make_call = plan.make_call
+
+        def make_bench():
+            call = make_call()
+            return lambda c: _time(lambda: call(c))
+
+        if not tuner.cached("decode_attention", plan.dims) and key not in tuner.precompiled:
+            from .triton_pool import precompile_calls
+
+            precompile_calls(plan.precompile_calls())  # all at once, in children
+    cfg = tuner.pick("decode_attention", plan.dims, plan.candidates, make_bench)
+    op = torch.ops.yirage_cuda.decode_attention.default
+    return op, (*plan.args, cfg["split"], cfg["block_n"], cfg["num_warps"])
+
+
+def attention_precompiles(gm: GraphModule, ctx: PassContext) -> list[tuple[str, list]]:
+    """(cache key, candidate calls) of each decode-attention shape in `gm` whose config is
+    not cached: the GEMV search compiles them in its own round of forked children (one
+    round's wait, not two; lowering/triton_pool.py)."""
+    if not torch.cuda.is_available():
+        return []
+    tuner = _Tuner(ctx)
+    out: dict[str, list] = {}
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.yirage.attention.default):
+        plan = _attention_plan(node)
+        if isinstance(plan, str) or plan.make_call is None:
+            continue
+        key = shape_key("decode_attention", tuner.gpu, **plan.dims)
+        if key not in out and not tuner.cached("decode_attention", plan.dims):
+            out[key] = plan.precompile_calls()
+    return list(out.items())
 
 
 # ------------------------------------------------------------------------ inlining

@@ -7,6 +7,7 @@ compiled is checked on the GPU (tests/test_cuda.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -103,3 +104,38 @@ def test_a_stuck_child_is_killed_at_the_timeout_and_the_rest_still_report():
     hashes = triton_pool.compile_in_children(specs, None, 0, workers=2, timeout_s=1.0)
     assert time.monotonic() - start < 10
     assert len(hashes) == 1 and hashes[0].startswith("h")
+
+
+def test_gemv_precompile_round_also_compiles_the_attention_candidates(monkeypatch):
+    """One round of children for the GEMV and decode-attention candidates of a graph; the
+    attention's shape keys are marked so that its own search does not fork again."""
+    from types import SimpleNamespace
+
+    from yirage_dynamo.lowering import cuda_gemv
+
+    rounds: list[list] = []
+
+    def record(calls):
+        rounds.append(list(calls))
+        return []
+
+    monkeypatch.setattr(triton_pool, "precompile_calls", record)
+    tuner = SimpleNamespace(cached=lambda *_: False, precompiled=set(), stats={})
+    site = cuda_gemv._Site(
+        "gemv", {"n": 64}, 64, 64, ours=lambda cfg: [("gemv", cfg["block_k"])], baseline=list
+    )
+    report = SimpleNamespace(stage=lambda name: contextlib.nullcontext())
+    attention = [("gpu|decode_attention|t384", ["attn_a", "attn_b"])]
+
+    cuda_gemv._precompile(tuner, "all", [site], report, attention)
+    assert len(rounds) == 1
+    n_gemv = len(site.candidates("all"))
+    assert rounds[0][:n_gemv] == [("gemv", c["block_k"]) for c in site.candidates("all")]
+    assert rounds[0][n_gemv:] == ["attn_a", "attn_b"]
+    assert tuner.precompiled == {"gpu|decode_attention|t384"}
+
+    # Every GEMV config cached: no round here, and the attention compiles on its own later.
+    rounds.clear()
+    cached = SimpleNamespace(cached=lambda *_: True, precompiled=set(), stats={})
+    cuda_gemv._precompile(cached, "all", [site], report, attention)
+    assert rounds == [] and cached.precompiled == set()
