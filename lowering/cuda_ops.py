@@ -355,6 +355,9 @@ def _attention_plan(node: Node) -> _AttentionPlan | str:
 
 @dataclasses.dataclass
 class _AttentionPlan:
+    """One decode-attention node's search: its shape key's dims, the configs to measure,
+    the op's arguments before the config, and the measurement inputs' maker."""
+
     dims: dict[str, Any]
     candidates: list[dict[str, Any]]
     args: tuple
