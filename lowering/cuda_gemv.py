@@ -10,8 +10,9 @@ W must be an nn.Linear weight, fp16/bf16: a frozen constant (get_attr), or, in a
 layer compiled once for every layer (yirage_dynamo/regional.py), the transpose of a
 parameter input. Each shape is measured against cuBLAS on this GPU's own weights
 (`cuda_kernels="auto"`), rotating through the other layers' copies, and cached. The
-candidates of every uncached shape are compiled first, all at once in forked children
-(lowering/triton_pool.py): a cold 7B search compiled 22 kernels in 1.6 s, not ~5 s.
+candidates of every uncached shape (and the decode attention's) are compiled first, all at
+once in forked children (lowering/triton_pool.py): a cold 7B search compiled 22 kernels in
+1.6 s, not ~5 s.
 """
 
 from __future__ import annotations
