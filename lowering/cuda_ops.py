@@ -80,8 +80,11 @@ class _Tuner:
         # Shape keys whose candidates an earlier round of this graph compiled already.
         self.precompiled: set[str] = ctx.artifacts.setdefault("triton_precompiled", set())
 
+    def key(self, kernel: str, dims: Mapping[str, Any]) -> str:
+        return shape_key(kernel, self.gpu, **dims)
+
     def cached(self, kernel: str, dims: Mapping[str, Any]) -> bool:
-        return self.cache.get(shape_key(kernel, self.gpu, **dims)) is not None
+        return self.cache.get(self.key(kernel, dims)) is not None
 
     def pick(
         self,
@@ -92,7 +95,7 @@ class _Tuner:
     ) -> dict[str, Any]:
         if make_bench is None:  # symbolic sizes: nothing to measure on
             return candidates[0]
-        key = shape_key(kernel, self.gpu, **dims)
+        key = self.key(kernel, dims)
         bench: Callable[[Mapping[str, Any]], float] | None = None
 
         def lazy_bench(cfg: Mapping[str, Any]) -> float:
@@ -374,7 +377,6 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
     plan = _attention_plan(node)
     if isinstance(plan, str):
         return plan
-    key = shape_key("decode_attention", tuner.gpu, **plan.dims)
     make_bench = None
     if plan.make_call is not None:
         make_call = plan.make_call
@@ -383,6 +385,7 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
             call = make_call()
             return lambda c: _time(lambda: call(c))
 
+        key = tuner.key("decode_attention", plan.dims)
         if not tuner.cached("decode_attention", plan.dims) and key not in tuner.precompiled:
             from .triton_pool import precompile_calls
 
@@ -404,7 +407,7 @@ def attention_precompiles(gm: GraphModule, ctx: PassContext) -> list[tuple[str, 
         plan = _attention_plan(node)
         if isinstance(plan, str) or plan.make_call is None:
             continue
-        key = shape_key("decode_attention", tuner.gpu, **plan.dims)
+        key = tuner.key("decode_attention", plan.dims)
         if key not in out and not tuner.cached("decode_attention", plan.dims):
             out[key] = plan.precompile_calls()
     return list(out.items())
