@@ -62,8 +62,15 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     import cProfile
+    import logging
 
     import yirage_dynamo
+
+    # The precompile rounds' "N of M Triton kernels compiled in W children, T s" lines.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    logging.getLogger("yirage_dynamo.triton_pool").addHandler(handler)
+    logging.getLogger("yirage_dynamo.triton_pool").setLevel(logging.INFO)
 
     s = SHAPES[args.shape]
     model = build_model(s)

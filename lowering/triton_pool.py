@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch.library import wrap_triton
 
-log = logging.getLogger("yirage_dynamo")
+log = logging.getLogger("yirage_dynamo.triton_pool")
 
 # A recorded launch: (module, kernel name, args with tensors as their dtype, kwargs).
 Launch = tuple[str, str, tuple, tuple]
@@ -53,8 +53,10 @@ _RECORDING: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar
 # Seconds to wait for the children (each compiles ~3 kernels in ~1 s) before killing them
 # and compiling here instead.
 _TIMEOUT_S = 30.0
-# Workers at most: a config search has ~4-7 candidates per kernel shape, ~20 in all.
-_MAX_WORKERS = 8
+# Workers at most: a config search has ~4-7 candidates per kernel shape, ~20-30 in all.
+_MAX_WORKERS = 16
+# Benchmark/debug override of the worker count (at most the compile threads still).
+WORKERS_ENV = "YIRAGE_PRECOMPILE_WORKERS"
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, traced: bool = True, **kwargs: Any) -> None:
@@ -175,7 +177,7 @@ def precompile(launches: Sequence[Launch]) -> list[str]:
     """Compile `launches` in forked children, all at once; returns the hashes of those
     that compiled there. With one CPU, or no fork, nothing happens here and each kernel
     compiles at its first launch."""
-    workers = min(len(launches), _MAX_WORKERS, _compile_threads())
+    workers = min(len(launches), _max_workers(), _compile_threads())
     if workers < 2 or not hasattr(os, "fork"):
         return []
     start = time.perf_counter()
@@ -200,6 +202,24 @@ def precompile(launches: Sequence[Launch]) -> list[str]:
     return hashes
 
 
+def _max_workers() -> int:
+    try:
+        return max(1, int(os.environ.get(WORKERS_ENV, _MAX_WORKERS)))
+    except ValueError:
+        return _MAX_WORKERS
+
+
+def shares(launches: Sequence[Launch], workers: int) -> list[list[Launch]]:
+    """`launches` cut into `workers` shares of near-equal length, each as few kernels as
+    can be: launches of one kernel are adjacent. Why: Triton builds a launcher (a C
+    extension, ~0.3 s of the C compiler) per kernel signature on its first compile in a
+    process; a child given every kernel in turn would build every kernel's launcher."""
+    ordered = sorted(launches, key=lambda spec: (spec[0], spec[1]))  # stable: configs keep order
+    n = len(ordered)
+    cuts = [n * i // workers for i in range(workers + 1)]
+    return [ordered[cuts[i] : cuts[i + 1]] for i in range(workers) if cuts[i] < cuts[i + 1]]
+
+
 def _compile_threads() -> int:
     """Inductor's compile parallelism (TORCHINDUCTOR_COMPILE_THREADS; 1 turns our children
     off too, for a user who wants no compile subprocesses)."""
@@ -214,7 +234,7 @@ def _compile_threads() -> int:
 def compile_in_children(
     launches: Sequence[Launch], target: Any, device: int, workers: int, timeout_s: float
 ) -> list[str]:
-    """`compile_launch` each launch in one of `workers` forked children (a share each);
+    """`compile_launch` each launch in one of `workers` forked children (`shares`);
     returns the hashes they report. A child still busy after `timeout_s` is killed: its
     kernels compile at their first launch instead.
 
@@ -226,7 +246,7 @@ def compile_in_children(
         # Python warns that forking a threaded process may deadlock the child in a lock
         # another thread held; the timeout bounds that, and the children only compile.
         warnings.simplefilter("ignore", DeprecationWarning)
-        for part in (launches[i::workers] for i in range(workers)):
+        for part in shares(launches, workers):
             read, write = os.pipe()
             try:
                 pid = os.fork()

@@ -90,11 +90,25 @@ def test_children_compile_their_share_and_report_every_hash():
     specs = [(__name__, "FAKE", (torch.float32, n), ()) for n in range(5)]
     before = len(FAKE.warmups)
     hashes = triton_pool.compile_in_children(specs, None, 0, workers=2, timeout_s=30)
-    # Child 1 compiled specs 0, 2, 4 and child 2 specs 1, 3, each on its own copy of FAKE.
+    # Child 1 compiled specs 0, 1 and child 2 specs 2, 3, 4, each on its own copy of FAKE.
     assert sorted(hashes) == sorted(
         [f"h{before + i}" for i in (1, 2, 3)] + [f"h{before + i}" for i in (1, 2)]
     )
     assert len(FAKE.warmups) == before  # the parent compiled nothing itself
+
+
+def test_shares_are_near_equal_and_keep_one_kernels_launches_together():
+    """A child builds each kernel's launcher once: its share should be few kernels."""
+    a = [("m", "gemv", (torch.float16, n), ()) for n in range(5)]
+    b = [("m", "attn", (torch.float16, n), ()) for n in range(3)]
+    mixed = [x for pair in zip(a, b + [None] * 2) for x in pair if x is not None]
+    parts = triton_pool.shares(mixed, 4)
+    assert sorted(len(p) for p in parts) == [2, 2, 2, 2]
+    assert sorted(x for p in parts for x in p) == sorted(a + b)
+    assert sum(len({spec[1] for spec in p}) for p in parts) == 5  # one share holds both
+    # Each kernel's configs keep their order (the unmeasured default first).
+    assert [x for p in parts for x in p if x[1] == "gemv"] == a
+    assert triton_pool.shares(a[:2], 4) == [[a[0]], [a[1]]]
 
 
 @needs_fork
