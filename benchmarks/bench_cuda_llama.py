@@ -98,6 +98,8 @@ ENV_VARIANTS = {
     # for the previous kernel (lowering/cuda_gemv.py); "_all": Inductor's kernels too.
     "yirage_pdl_gemv": {"YIRAGE_CUDA_PDL": "gemv"},
     "yirage_pdl_all": {"YIRAGE_CUDA_PDL": "all"},
+    # The post-pass graph runs as is (our kernels + ATen, in our CUDA graph), no Inductor.
+    "yirage_direct": {"YIRAGE_CUDA_CODEGEN": "direct"},
 }
 
 

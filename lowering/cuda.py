@@ -114,20 +114,21 @@ class TritonLowering(Lowering):
 
         from .triton_pool import warm_pool
 
-        # Inductor's compile workers (for Inductor's kernels; ours compile in forked
-        # children, lowering/triton_pool.py) start now, while AOTAutograd and our passes
-        # run, as Inductor's own backend starts them.
-        warm_pool()
-
         patches = inductor_config_patches(options, example_inputs)
         # Our CUDA-graph runner instead of Inductor's CUDA-graph trees (see module doc).
         runner = patches["triton.cudagraphs"] and _own_cuda_graphs(example_inputs)
+        direct = codegen_mode() == "direct"
+        if not direct:
+            # Inductor's compile workers (for Inductor's kernels; ours compile in forked
+            # children, lowering/triton_pool.py) start now, while AOTAutograd and our
+            # passes run, as Inductor's own backend starts them.
+            warm_pool()
         if runner:
             patches["triton.cudagraphs"] = False
         report.notes.append(
             "inductor config: " + ", ".join(f"{k}={v}" for k, v in sorted(patches.items()))
         )
-        inner = _InnerCompile(self, options, report, example_inputs)
+        inner = _InnerCompile(self, options, report, example_inputs, direct=direct)
         # AOTAutograd's cache would return an artifact compiled without (or with other)
         # yirage passes: its key does not cover our inner_compile. Off, for this call only.
         with report.stage("inductor"), torch._functorch.config.patch(enable_autograd_cache=False):
@@ -171,6 +172,15 @@ def _runner(fn: Callable, mutated: frozenset[int], options: Any) -> Callable:
 
 
 CUDA_GRAPHS_ENV = "YIRAGE_CUDA_GRAPHS"
+CODEGEN_ENV = "YIRAGE_CUDA_CODEGEN"
+
+
+def codegen_mode() -> str:
+    """ "inductor" (default) or "direct" (experiment: no compile_fx_inner)."""
+    value = os.environ.get(CODEGEN_ENV, "inductor").strip().lower() or "inductor"
+    if value not in ("inductor", "direct"):
+        raise ValueError(f"{CODEGEN_ENV}={value!r}: expected 'inductor' or 'direct'")
+    return value
 
 
 def _own_cuda_graphs(example_inputs: list[Any]) -> bool:
@@ -281,15 +291,23 @@ def _mutated_placeholders(gm: GraphModule) -> frozenset[int]:
 class _InnerCompile:
     """Inductor's `inner_compile` callback: yirage passes, Triton ops, then Inductor."""
 
-    def __init__(self, lowering: TritonLowering, options: Any, report: Any, example_inputs):
+    def __init__(
+        self,
+        lowering: TritonLowering,
+        options: Any,
+        report: Any,
+        example_inputs: list[Any],
+        direct: bool = False,
+    ):
         self.lowering = lowering
+        self.direct = direct
         # Inductor re-inplaces copy-backs of input mutations itself and expects a functional
         # graph from AOTAutograd, so our reinplace pass is off unless asked for explicitly.
         # Horizontal GEMM fusion concatenates weights into new tensors while the model keeps
         # the originals: measured on Llama-2-7B (H200), peak memory 21.3 GiB vs 12.8 eager
         # for a decode-speed change within noise, so it is opt-in on CUDA.
         passes = {
-            "reinplace_input_mutations": False,
+            "reinplace_input_mutations": direct,
             "pattern_horizontal_gemm": False,
             **dict(options.passes),
         }
@@ -309,6 +327,7 @@ class _InnerCompile:
         from . import cuda_gemv, cuda_gemv_fusion, cuda_ops
 
         inference = bool(kwargs.get("is_inference")) and not kwargs.get("is_backward")
+        direct = self.direct and inference
         kind = "backward" if kwargs.get("is_backward") else "inference" if inference else "forward"
         report = self.report
         if self.graphs:
@@ -344,7 +363,7 @@ class _InnerCompile:
             torch._subclasses.fake_tensor.unset_fake_temporarily(),
         ):
             inline = {
-                "auto": cuda_ops.INLINE_BY_DEFAULT,
+                "auto": frozenset() if direct else cuda_ops.INLINE_BY_DEFAULT,
                 "all": frozenset(),
                 "none": frozenset(cuda_ops.TRIES),
             }[self.options.cuda_kernels]
@@ -356,11 +375,17 @@ class _InnerCompile:
             # faster end to end, see the module) before the norms reach Inductor.
             cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
             cuda_ops.substitute(gm, ctx, inline)
-            cuda_ops.decompose_for_inductor(gm, ctx)
+            if not direct:
+                cuda_ops.decompose_for_inductor(gm, ctx)
             cuda_gemv.release_rotation_pads()
             gm.graph.lint()
             gm.recompile()
         report.nodes_out = count_nodes(gm)
+        if direct:
+            from torch._functorch.aot_autograd import make_boxed_func
+
+            report.notes.append("cuda codegen: direct (the graph runs as is, no Inductor)")
+            return make_boxed_func(gm.forward)
         # Frozen weights are real tensors behind get_attr nodes: Inductor's fake-tensor
         # propagation must accept them (what Inductor's own freezing does, same scope).
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
