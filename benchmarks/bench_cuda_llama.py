@@ -100,6 +100,8 @@ ENV_VARIANTS = {
     "yirage_pdl_all": {"YIRAGE_CUDA_PDL": "all"},
     # The post-pass graph runs as is (our kernels + ATen, in our CUDA graph), no Inductor.
     "yirage_direct": {"YIRAGE_CUDA_CODEGEN": "direct"},
+    # The same graph from the backend's own AOT capture: no Inductor import or passes.
+    "yirage_ownaot": {"YIRAGE_CUDA_CODEGEN": "ownaot"},
 }
 
 

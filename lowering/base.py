@@ -93,6 +93,11 @@ class Lowering:
         """Decomposition table handed to AOTAutograd for graphs this lowering compiles."""
         return {}
 
+    def aot_options(self, options: Any) -> Any:
+        """Options for a graph this lowering compiles through the backend's AOT capture
+        (e.g. pass defaults of its own); an explicit `Options.passes` entry still wins."""
+        return options
+
     def cache_salt(self) -> str:
         """Run-time switches (not options) that change the generated program; part of the
         whole-graph cache key (runtime/graph_cache.py)."""

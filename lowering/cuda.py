@@ -117,7 +117,11 @@ class TritonLowering(Lowering):
         patches = inductor_config_patches(options, example_inputs)
         # Our CUDA-graph runner instead of Inductor's CUDA-graph trees (see module doc).
         runner = patches["triton.cudagraphs"] and _own_cuda_graphs(example_inputs)
-        direct = codegen_mode() == "direct"
+        mode = codegen_mode()
+        if mode == "ownaot":
+            # The backend's own AOT capture, then `lower` below: no Inductor at all.
+            return None
+        direct = mode == "direct"
         if not direct:
             # Inductor's compile workers (for Inductor's kernels; ours compile in forked
             # children, lowering/triton_pool.py) start now, while AOTAutograd and our
@@ -143,6 +147,37 @@ class TritonLowering(Lowering):
             return fn
         report.notes.append(f"cuda graphs: yirage runner (mutated inputs {sorted(mutated)})")
         return _runner(fn, mutated, options)
+
+    def aot_options(self, options: Any) -> Any:
+        # Horizontal GEMM fusion copies weights (see _InnerCompile): opt-in on CUDA.
+        passes = {"pattern_horizontal_gemm": False, **dict(options.passes)}
+        return dataclasses.replace(options, passes=passes)
+
+    def lower(self, gm: GraphModule, ctx: Any) -> Callable:
+        """The post-pass graph with our Triton kernels substituted, run as is (ATen for
+        the rest), in our CUDA-graph runner where graphs apply: no Inductor."""
+        from torch._functorch.aot_autograd import make_boxed_func
+
+        from . import cuda_gemv, cuda_gemv_fusion, cuda_ops
+
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():
+            inline = (
+                frozenset(cuda_ops.TRIES) if ctx.options.cuda_kernels == "none" else frozenset()
+            )
+            early = [] if inline else cuda_ops.attention_precompiles(gm, ctx)
+            cuda_gemv.substitute_gemv(gm, ctx, also_precompile=early)
+            cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
+            cuda_ops.substitute(gm, ctx, inline)
+            cuda_gemv.release_rotation_pads()
+            gm.graph.lint()
+            gm.recompile()
+        ctx.report.notes.append("cuda codegen: the post-pass graph runs as is (no Inductor)")
+        fn = make_boxed_func(gm.forward)
+        on, _ = wants_cudagraphs(ctx.options, ctx.example_inputs)
+        if on and ctx.inference and _own_cuda_graphs(ctx.example_inputs):
+            ctx.report.notes.append("cuda graphs: yirage runner")
+            return _runner(fn, ctx.mutated_inputs, ctx.options)
+        return fn
 
     # Regional compilation: one Inductor compile of a repeated block serves every layer,
     # so its weights stay graph inputs (frozen, they would be layer 0's constants), and
@@ -176,10 +211,12 @@ CODEGEN_ENV = "YIRAGE_CUDA_CODEGEN"
 
 
 def codegen_mode() -> str:
-    """ "inductor" (default) or "direct" (experiment: no compile_fx_inner)."""
+    """What runs the post-pass graph: "inductor" (default, compile_fx_inner), "direct"
+    (experiment: compile_fx's AOT capture, then the graph as is) or "ownaot" (experiment:
+    the backend's own AOT capture and `TritonLowering.lower`, no Inductor)."""
     value = os.environ.get(CODEGEN_ENV, "inductor").strip().lower() or "inductor"
-    if value not in ("inductor", "direct"):
-        raise ValueError(f"{CODEGEN_ENV}={value!r}: expected 'inductor' or 'direct'")
+    if value not in ("inductor", "direct", "ownaot"):
+        raise ValueError(f"{CODEGEN_ENV}={value!r}: expected 'inductor', 'direct' or 'ownaot'")
     return value
 
 

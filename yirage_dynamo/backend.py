@@ -124,6 +124,7 @@ def compile_whole_graph(
                 # A failing first call falls back to the Dynamo graph itself (eager).
                 mutated = getattr(cached, "mutated_inputs", frozenset())
                 return _FirstCallGuard(cached, gm, report, options, mutated)
+        options = lowering.aot_options(options)
         compiler = _AotCompiler(options, lowering, report, example_inputs, start)
         compiler.cache_key = key
         compiler.programs = programs
