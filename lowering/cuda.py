@@ -110,6 +110,10 @@ class TritonLowering(Lowering):
         self, gm: GraphModule, example_inputs: list[Any], options: Any, report: Any
     ) -> Callable | None:
         """Compile a whole Dynamo graph through Inductor with our passes inside."""
+        mode = codegen_mode()
+        if mode == "ownaot":
+            # The backend's own AOT capture, then `lower` below: no Inductor at all.
+            return None
         from torch._inductor.compile_fx import compile_fx
 
         from .triton_pool import warm_pool
@@ -117,10 +121,6 @@ class TritonLowering(Lowering):
         patches = inductor_config_patches(options, example_inputs)
         # Our CUDA-graph runner instead of Inductor's CUDA-graph trees (see module doc).
         runner = patches["triton.cudagraphs"] and _own_cuda_graphs(example_inputs)
-        mode = codegen_mode()
-        if mode == "ownaot":
-            # The backend's own AOT capture, then `lower` below: no Inductor at all.
-            return None
         direct = mode == "direct"
         if not direct:
             # Inductor's compile workers (for Inductor's kernels; ours compile in forked

@@ -34,6 +34,7 @@ import logging
 import os
 import select
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -222,13 +223,21 @@ def shares(launches: Sequence[Launch], workers: int) -> list[list[Launch]]:
 
 def _compile_threads() -> int:
     """Inductor's compile parallelism (TORCHINDUCTOR_COMPILE_THREADS; 1 turns our children
-    off too, for a user who wants no compile subprocesses)."""
-    try:
-        from torch._inductor.async_compile import get_compile_threads
+    off too, for a user who wants no compile subprocesses). Inductor's own answer when it
+    is loaded; else its rule for this case, because importing Inductor for it costs ~1 s
+    of a cold compile that may not use Inductor at all."""
+    if "torch._inductor.config" in sys.modules:
+        try:
+            from torch._inductor.async_compile import get_compile_threads
 
-        return get_compile_threads()
-    except Exception:  # noqa: BLE001 - an older or newer torch: the CPUs we may use
-        return os.cpu_count() or 1
+            return get_compile_threads()
+        except Exception:  # noqa: BLE001 - an older or newer torch: the rule below
+            pass
+    env = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(32, cpus or 1)
 
 
 def compile_in_children(
