@@ -57,10 +57,10 @@ def spec_bw() -> float:
 
 
 def read_bw() -> float:
-    from yirage_dynamo.lowering.cuda_ops import _time
+    from yirage_dynamo.lowering.cuda_timing import time_in_graph
 
     x = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda").normal_()
-    ms = _time(lambda: x.sum(dtype=torch.float32), reps=5)
+    ms = time_in_graph(lambda: x.sum(dtype=torch.float32), reps=5)
     return (1 << 31) / (ms / 1e3)
 
 
@@ -81,7 +81,8 @@ def weights_for(n: int, k: int, dtype, count: int | None = None) -> list[torch.T
 
 def bench_shape(m: int, n: int, k: int, dtype, configs, gated: bool) -> dict[str, Any]:
     from yirage_dynamo.lowering import triton_kernels as tk
-    from yirage_dynamo.lowering.cuda_gemv import _gemv_candidates, _time_rotating
+    from yirage_dynamo.lowering.cuda_gemv import _gemv_candidates
+    from yirage_dynamo.lowering.cuda_timing import time_rotating
 
     ws = weights_for(n, k, dtype)
     x = (torch.randn(m, k, device="cuda")).to(dtype)
@@ -120,11 +121,11 @@ def bench_shape(m: int, n: int, k: int, dtype, configs, gated: bool) -> dict[str
         ref = x @ ws[0].t()
         got = ours(configs[0])[0]()
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
-    cublas_ms = _time_rotating(base())
+    cublas_ms = time_rotating(base())
     results = []
     for c in configs:
         try:
-            results.append((_time_rotating(ours(c)), c))
+            results.append((time_rotating(ours(c)), c))
         except Exception as exc:  # noqa: BLE001 - a config the GPU cannot run
             print(f"  config {c} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     results.sort(key=lambda r: r[0])
@@ -145,7 +146,8 @@ def bench_shape(m: int, n: int, k: int, dtype, configs, gated: bool) -> dict[str
 def bench_group(m: int, ns: tuple[int, ...], k: int, dtype) -> dict[str, Any]:
     """q/k/v in one launch (gemv3) vs three cuBLAS calls, the compiler's candidates."""
     from yirage_dynamo.lowering import triton_kernels as tk
-    from yirage_dynamo.lowering.cuda_gemv import _gemv_candidates, _time_rotating
+    from yirage_dynamo.lowering.cuda_gemv import _gemv_candidates
+    from yirage_dynamo.lowering.cuda_timing import time_rotating
 
     per = sum(ns) * k * torch.finfo(dtype).bits // 8
     count = max(2, min(64, math.ceil(ROTATION_BYTES / per)))
@@ -157,12 +159,12 @@ def bench_group(m: int, ns: tuple[int, ...], k: int, dtype) -> dict[str, Any]:
     got = tk.gemv3(x, *(w.t() for w in triples[0]), 4, 512, 4)
     for g, w in zip(got, triples[0]):
         torch.testing.assert_close(g, x @ w.t(), atol=2e-2, rtol=2e-2)
-    cublas_ms = _time_rotating([lambda t=t: [x @ w.t() for w in t] for t in triples])
+    cublas_ms = time_rotating([lambda t=t: [x @ w.t() for w in t] for t in triples])
     results = []
     for c in _gemv_candidates(max(ns), k):
         cfg = (c["block_n"], c["block_k"], c["num_warps"])
         fns = [lambda t=t, cfg=cfg: tk.gemv3(x, *(w.t() for w in t), *cfg) for t in triples]
-        results.append((_time_rotating(fns), {kk: v for kk, v in c.items() if kk != "impl"}))
+        results.append((time_rotating(fns), {kk: v for kk, v in c.items() if kk != "impl"}))
     results.sort(key=lambda r: r[0])
     return {
         "bytes": (sum(ns) * k + m * k + m * sum(ns)) * x.element_size(),

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from bench_gemv import spec_bw, sweep_configs, weights_for
     from yirage_dynamo.lowering import triton_kernels as tk
-    from yirage_dynamo.lowering.cuda_gemv import _time_rotating
+    from yirage_dynamo.lowering.cuda_timing import time_rotating
 
     dt = torch.bfloat16
     peak = spec_bw()
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                             lambda g=g, c=c, f=fused, a=a, e=(nw, r): _call(*a, g, c, f, *e)
                             for g in groups
                         ]
-                        res.append((_time_rotating(fns), c))
+                        res.append((time_rotating(fns), c))
                     except Exception as exc:  # noqa: BLE001 - a config the GPU cannot run
                         print(f"  {c} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 res.sort(key=lambda t: t[0])

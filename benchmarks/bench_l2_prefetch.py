@@ -159,7 +159,7 @@ def step(x: torch.Tensor, ls: list[dict], pf: dict | None, heads: int) -> torch.
 
 def time_graph(fn, reps: int = 30) -> float:
     """GPU ms of one call of `fn` captured in a CUDA graph: median of `reps` replays.
-    A whole step (~6 ms) per replay, unlike lowering/cuda_ops._time, which captures many
+    A whole step (~6 ms) per replay, unlike lowering/cuda_timing.time_in_graph, which captures many
     calls of one kernel and keeps the best of three replays."""
     for _ in range(2):
         fn()

@@ -158,7 +158,7 @@ class TritonLowering(Lowering):
         the rest), in our CUDA-graph runner where graphs apply: no Inductor."""
         from torch._functorch.aot_autograd import make_boxed_func
 
-        from . import cuda_gemv, cuda_gemv_fusion, cuda_ops
+        from . import cuda_gemv, cuda_gemv_fusion, cuda_ops, cuda_timing
 
         with torch._subclasses.fake_tensor.unset_fake_temporarily():
             inline = (
@@ -168,7 +168,7 @@ class TritonLowering(Lowering):
             cuda_gemv.substitute_gemv(gm, ctx, also_precompile=early)
             cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
             cuda_ops.substitute(gm, ctx, inline)
-            cuda_gemv.release_rotation_pads()
+            cuda_timing.release_rotation_pads()
             gm.graph.lint()
             gm.recompile()
         ctx.report.notes.append("cuda codegen: the post-pass graph runs as is (no Inductor)")
@@ -361,7 +361,7 @@ class _InnerCompile:
         from yirage_dynamo.passes import run_pipeline
         from yirage_dynamo.passes.context import PassContext, count_nodes
 
-        from . import cuda_gemv, cuda_gemv_fusion, cuda_ops
+        from . import cuda_gemv, cuda_gemv_fusion, cuda_ops, cuda_timing
 
         inference = bool(kwargs.get("is_inference")) and not kwargs.get("is_backward")
         direct = self.direct and inference
@@ -414,7 +414,7 @@ class _InnerCompile:
             cuda_ops.substitute(gm, ctx, inline)
             if not direct:
                 cuda_ops.decompose_for_inductor(gm, ctx)
-            cuda_gemv.release_rotation_pads()
+            cuda_timing.release_rotation_pads()
             gm.graph.lint()
             gm.recompile()
         report.nodes_out = count_nodes(gm)

@@ -27,8 +27,17 @@ import torch
 from torch.fx import GraphModule, Node
 from yirage_dynamo.passes.context import PassContext, set_fake_val
 
-from .cuda_ops import _ACTS, _args, _kernels, _rand, _static, _time, _Tuner, _val
+from .cuda_ops import _ACTS, _args, _kernels, _static, _val
 from .cuda_pdl import PDL_ENV, pdl_mode
+from .cuda_timing import (
+    MAX_ROTATION,
+    Tuner,
+    disjoint_groups,
+    rand,
+    rotation,
+    rotation_groups,
+    time_rotating,
+)
 
 # Decode-shaped matmuls: mm(x[M, K], t(W)) / addmm(b, x, t(W)) with M (batch x 1 token) at
 # most this, W an nn.Linear weight [N, K]. Larger M is a GEMM: cuBLAS's job.
@@ -38,7 +47,6 @@ _GEMV_DTYPES = (torch.float16, torch.bfloat16)
 # cuda_kernels="all"), "off" (never), unset or "auto": what Options.cuda_kernels says.
 GEMV_ENV = "YIRAGE_CUDA_GEMV"
 _VIEWS = ("view.default", "_unsafe_view.default", "reshape.default")
-_GEMV_MAX_WEIGHTS = 16
 _GEMV_DEVICE = "cuda"
 
 
@@ -107,23 +115,6 @@ def _parameter_index(gm: GraphModule, w: Node) -> int | None:
     return [n for n in gm.graph.nodes if n.op == "placeholder"].index(p)
 
 
-def _disjoint_groups(pools: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
-    """Groups taking one tensor from each pool, no tensor twice (q/k/v of one shape draw on
-    the same pool: a group reading one weight three times would hit L2)."""
-    used: set[int] = set()
-    its = [iter(p) for p in pools]
-    groups = []
-    while True:
-        group = []
-        for it in its:
-            t = next((t for t in it if t.data_ptr() not in used), None)
-            if t is None:
-                return groups
-            used.add(t.data_ptr())
-            group.append(t)
-        groups.append(tuple(group))
-
-
 def _sibling_weights(real: torch.Tensor, own: list[torch.Tensor]) -> list[torch.Tensor]:
     """Other weights of `real`'s shape and layout in the model (not in `own`), when this
     graph is one piece of a regionally compiled model (yirage_dynamo/regional.py): the
@@ -142,7 +133,7 @@ def _sibling_weights(real: torch.Tensor, own: list[torch.Tensor]) -> list[torch.
             if same and t.device == real.device and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 out.append(t)
-                if len(out) >= _GEMV_MAX_WEIGHTS:
+                if len(out) >= MAX_ROTATION:
                     return out
     return out
 
@@ -187,48 +178,6 @@ def _gemv_operands(
     return x, w, bias, real
 
 
-def _time_rotating(fns: list[Callable[[], Any]], reps: int = 5) -> float:
-    """GPU ms per call of `fns`, each reading a different weight: a rotation larger than
-    L2 so every call streams its weight from HBM, as in the model (one read per step)."""
-    return _time(lambda: [f() for f in fns], reps=reps) / len(fns)
-
-
-def _rotation_groups(groups: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
-    """Enough weight groups (one launch's weights each) to exceed 2x L2, padded with
-    temporary random groups shaped like the first where the model has too few weights of
-    that shape (a small model's K/V projections would otherwise sit in L2)."""
-    l2 = getattr(torch.cuda.get_device_properties(), "L2_cache_size", 50 << 20) or (50 << 20)
-    size = sum(w.numel() * w.element_size() for w in groups[0])
-    out = list(groups[: max(2, math.ceil(2 * l2 / max(size, 1)))][:_GEMV_MAX_WEIGHTS])
-    need = min(_GEMV_MAX_WEIGHTS, math.ceil(2 * l2 / max(size, 1))) - len(out)
-    if need > 0:
-        # Made once per group shape and kept until the graph's search ends (every config
-        # measures against the same ones): W^T views of [N, K] matrices, like the weights.
-        key = tuple((tuple(w.shape), w.dtype, w.device) for w in groups[0])
-        if key not in _PADS:
-            _PADS[key] = [_random_like(groups[0]) for _ in range(need)]
-        out.extend(_PADS[key][:need])
-    return out
-
-
-def _random_like(group: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.randn(w.shape[::-1], dtype=w.dtype, device=w.device).t() for w in group)
-
-
-# Temporary random weight groups of `_rotation_groups`, by group shape; released by
-# `release_rotation_pads` once a graph's config search is done (compile time only).
-_PADS: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
-
-
-def release_rotation_pads() -> None:
-    _PADS.clear()
-
-
-def _rotation(weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`_rotation_groups` of single weights."""
-    return [g[0] for g in _rotation_groups([(w,) for w in weights])]
-
-
 def _ops(pdl: bool) -> dict[str, Any]:
     """kernel name -> the op a site launches: the traced triton_op, or its opaque
     PDL twin (lowering/triton_gemv.py)."""
@@ -271,10 +220,10 @@ class _Site:
         return {**self.dims, "vs": "aten" if mode == "auto" else "-"}
 
 
-def _pick_gemv(tuner: _Tuner, mode: str, site: _Site) -> dict[str, Any]:
+def _pick_gemv(tuner: Tuner, mode: str, site: _Site) -> dict[str, Any]:
     def make_bench():
         def bench(cfg: Mapping[str, Any]) -> float:
-            return _time_rotating(site.baseline() if cfg["impl"] == "aten" else site.ours(cfg))
+            return time_rotating(site.baseline() if cfg["impl"] == "aten" else site.ours(cfg))
 
         return bench
 
@@ -282,7 +231,7 @@ def _pick_gemv(tuner: _Tuner, mode: str, site: _Site) -> dict[str, Any]:
 
 
 def _precompile(
-    tuner: _Tuner,
+    tuner: Tuner,
     mode: str,
     sites: list[_Site],
     report: Any,
@@ -354,7 +303,7 @@ def substitute_gemv(
     ]
     if not mms:
         return 0
-    tuner = _Tuner(ctx)
+    tuner = Tuner(ctx)
     report = ctx.report
     pdl = pdl_mode() != "off"
     kernel_ops = _ops(pdl)
@@ -463,16 +412,16 @@ def _gated_sites(
         weights = by_shape[(tuple(rg.shape), dtype)]
 
         def pairs(weights=weights):
-            rot = _rotation(weights)
+            rot = rotation(weights)
             return list(zip(rot[::2], rot[1::2])) or [(rot[0], rot[0])]
 
         def ours(cfg, m=m, kk=kk, dtype=dtype, pairs=pairs, code=_ACTS[act]):
-            xs = _rand((m, kk), dtype)
+            xs = rand((m, kk), dtype)
             return [(lambda p=p: gemv_gated(xs, p[0], p[1], code, *_cfg(cfg))) for p in pairs()]
 
         def baseline(m=m, kk=kk, dtype=dtype, pairs=pairs, code=_ACTS[act]):
             # The unfused graph: two cuBLAS GEMVs and one fused activation kernel.
-            xs = _rand((m, kk), dtype)
+            xs = rand((m, kk), dtype)
             return [
                 (lambda p=p: k_.gated_act(torch.mm(xs, p[0]), torch.mm(xs, p[1]), code, 1024, 4))
                 for p in pairs()
@@ -497,16 +446,16 @@ def _gemv_site(
     has_bias = bias is not None
 
     def ours(cfg):
-        xs = _rand((m, kk), dtype)
-        b = _rand((n,), dtype) if has_bias else None
-        return [(lambda w=w: gemv(xs, w, b, *_cfg(cfg))) for w in _rotation(weights)]
+        xs = rand((m, kk), dtype)
+        b = rand((n,), dtype) if has_bias else None
+        return [(lambda w=w: gemv(xs, w, b, *_cfg(cfg))) for w in rotation(weights)]
 
     def baseline():
-        xs = _rand((m, kk), dtype)
+        xs = rand((m, kk), dtype)
         if has_bias:
-            b = _rand((n,), dtype)
-            return [(lambda w=w: torch.addmm(b, xs, w)) for w in _rotation(weights)]
-        return [(lambda w=w: torch.mm(xs, w)) for w in _rotation(weights)]
+            b = rand((n,), dtype)
+            return [(lambda w=w: torch.addmm(b, xs, w)) for w in rotation(weights)]
+        return [(lambda w=w: torch.mm(xs, w)) for w in rotation(weights)]
 
     dims = _gemv_dims(m, n, kk, dtype, bias=int(has_bias), **_pdl_dims(kernel_ops))
     return _Site("gemv", dims, n, kk, ours, baseline)
@@ -529,7 +478,7 @@ def _gemv3_sites(
         same = by_sig.setdefault(tuple((tuple(r.shape), r.dtype) for r in reals), [])
         same.append(reals)
         # The other layers' q/k/v of a regional piece, triple by triple.
-        same.extend(_disjoint_groups([_sibling_weights(r, list(reals)) for r in reals]))
+        same.extend(disjoint_groups([_sibling_weights(r, list(reals)) for r in reals]))
     out = []
     for nodes in groups:
         x = ops[nodes[0]][0]
@@ -539,14 +488,14 @@ def _gemv3_sites(
         triples = by_sig[tuple((tuple(r.shape), r.dtype) for r in reals)]
 
         def ours(cfg, m=m, kk=kk, dtype=dtype, triples=triples):
-            xs = _rand((m, kk), dtype)
-            return [(lambda t=t: gemv3(xs, *t, *_cfg(cfg))) for t in _rotation_groups(triples)]
+            xs = rand((m, kk), dtype)
+            return [(lambda t=t: gemv3(xs, *t, *_cfg(cfg))) for t in rotation_groups(triples)]
 
         def baseline(m=m, kk=kk, dtype=dtype, triples=triples):
-            xs = _rand((m, kk), dtype)
+            xs = rand((m, kk), dtype)
             return [
                 (lambda t=t: [torch.mm(xs, t[0]), torch.mm(xs, t[1]), torch.mm(xs, t[2])])
-                for t in _rotation_groups(triples)
+                for t in rotation_groups(triples)
             ]
 
         ns = "-".join(str(r.shape[1]) for r in reals)
@@ -561,7 +510,7 @@ def _substitute_gemv3(
     gm: GraphModule,
     ops: dict[Node, tuple],
     groups: list[tuple[list[Node], _Site]],
-    tuner: _Tuner,
+    tuner: Tuner,
     mode: str,
     report: Any,
     op: Any,

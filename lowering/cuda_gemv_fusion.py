@@ -52,10 +52,9 @@ from .cuda_gemv import (
     _gemv_candidates,
     _gemv_dims,
     _is_view,
-    _rotation_groups,
-    _time_rotating,
 )
-from .cuda_ops import _args, _kernels, _rand, _Tuner, _val
+from .cuda_ops import _args, _kernels, _val
+from .cuda_timing import Tuner, rand, rotation_groups, time_rotating
 
 FUSE_ENV = "YIRAGE_CUDA_GEMV_FUSE"
 
@@ -252,7 +251,7 @@ def retune_fused(gm: GraphModule, ctx: PassContext) -> int:
     which (block_n, block_k, warps) streams best. Returns how many launches got a config.
     """
     k_ = _kernels()
-    tuner = _Tuner(ctx)
+    tuner = Tuner(ctx)
     fused = [g for g in gm.graph.nodes if g.meta.get("yirage_fused") and _fusible_gemv(g)]
     # Same-shape weight groups of this graph, for the rotation that defeats L2 (as in
     # cuda_gemv): each launch reads a different layer's weights, as the model does.
@@ -272,15 +271,15 @@ def retune_fused(gm: GraphModule, ctx: PassContext) -> int:
         def launches(
             cfg, g=g, m=m, kk=kk, n=n_max, dtype=dtype, nw=nw, pool=pool, name=name, extra=extra
         ):
-            xs = _rand((m, kk), dtype)
+            xs = rand((m, kk), dtype)
             kw: dict = {}
             if "norm_weight" in g.kwargs:
-                kw.update(norm_weight=_rand((kk,), dtype), eps=1e-6)
+                kw.update(norm_weight=rand((kk,), dtype), eps=1e-6)
             if "residual" in g.kwargs:
-                kw["residual"] = _rand((m, n), dtype)
+                kw["residual"] = rand((m, n), dtype)
             if name == "gemv" and extra[0] is not None:
-                extra = (_rand((n,), dtype),)
-            groups = _rotation_groups([tuple(ws) for ws in pool])
+                extra = (rand((n,), dtype),)
+            groups = rotation_groups([tuple(ws) for ws in pool])
             fn = getattr(k_, name)
             return [(lambda ws=ws: fn(xs, *ws, *extra, *_cfg(cfg), **kw)) for ws in groups]
 
@@ -297,7 +296,7 @@ def retune_fused(gm: GraphModule, ctx: PassContext) -> int:
             f"{name}_fused",
             dims,
             cands,
-            lambda launches=launches: lambda c: _time_rotating(launches(c)),
+            lambda launches=launches: lambda c: time_rotating(launches(c)),
         )
         at = _CFG_AT[name]
         g.args = (*g.args[:at], *_cfg(cfg), *g.args[at + 3 :])

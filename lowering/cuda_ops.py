@@ -30,7 +30,8 @@ import torch
 from torch.fx import GraphModule, Node
 from yirage_dynamo.passes.context import PassContext, set_fake_val
 
-from .kernel_tuning import ConfigCache, bucket, search, shape_key, strip
+from .cuda_timing import Tuner, rand, time_in_graph
+from .kernel_tuning import bucket
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_NORM_DIM = 65536
@@ -70,87 +71,10 @@ def _cuda_float(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_cuda and t.dtype in _FLOATS
 
 
-class _Tuner:
-    """Config search for one graph: cache file from options, GPU name from the device."""
-
-    def __init__(self, ctx: PassContext) -> None:
-        self.cache = ConfigCache(ctx.options.cache_path)
-        self.stats = ctx.report.cache
-        self.gpu = torch.cuda.get_device_name()
-        # Shape keys whose candidates an earlier round of this graph compiled already.
-        self.precompiled: set[str] = ctx.artifacts.setdefault("triton_precompiled", set())
-
-    def key(self, kernel: str, dims: Mapping[str, Any]) -> str:
-        return shape_key(kernel, self.gpu, **dims)
-
-    def cached(self, kernel: str, dims: Mapping[str, Any]) -> bool:
-        return self.cache.get(self.key(kernel, dims)) is not None
-
-    def pick(
-        self,
-        kernel: str,
-        dims: Mapping[str, Any],
-        candidates: list[dict[str, Any]],
-        make_bench: Callable[[], Callable[[Mapping[str, Any]], float]] | None,
-    ) -> dict[str, Any]:
-        if make_bench is None:  # symbolic sizes: nothing to measure on
-            return candidates[0]
-        key = self.key(kernel, dims)
-        bench: Callable[[Mapping[str, Any]], float] | None = None
-
-        def lazy_bench(cfg: Mapping[str, Any]) -> float:
-            nonlocal bench
-            if bench is None:
-                bench = make_bench()
-            return bench(cfg)
-
-        return strip(search(self.cache, key, candidates, lazy_bench, self.stats))
-
-
-@functools.cache
-def _warmup_stream(device: int) -> torch.cuda.Stream:
-    # One side stream for every measurement: cuBLAS keeps a workspace per stream it ran on
-    # (a new stream per measurement would leave one behind each time, ~0.1 GiB in total).
-    return torch.cuda.Stream(device)
-
-
-def _time(fn: Callable[[], Any], reps: int = 10) -> float:
-    """GPU ms per call: `reps` calls captured in one CUDA graph, best of 3 replays.
-
-    Decode kernels take microseconds, less than a Python launch: timing eager calls would
-    measure the host. Replaying a graph measures the kernels as they will run (inside the
-    model's CUDA graph, back to back on warm L2). Not triton's do_bench either: its L2
-    flush allocates 256 MB, which would show up in the compiled model's peak memory.
-    """
-    stream = _warmup_stream(torch.cuda.current_device())
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # JIT-compile this config outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = math.inf
-    for _ in range(3):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / reps)
-    del graph
-    return best
-
-
-def _rand(shape, dtype, device="cuda") -> torch.Tensor:
-    return torch.randn(shape, dtype=dtype, device=device)
-
-
 # ------------------------------------------------------------------------ rms_norm
 
 
-def _try_rms_norm(node: Node, tuner: _Tuner, residual: bool) -> tuple[Any, tuple] | str:
+def _try_rms_norm(node: Node, tuner: Tuner, residual: bool) -> tuple[Any, tuple] | str:
     a = _args(node)
     x, w = _val(a["x"]), _val(a["weight"])
     if not _cuda_float(x):
@@ -173,13 +97,13 @@ def _try_rms_norm(node: Node, tuner: _Tuner, residual: bool) -> tuple[Any, tuple
 
         def make_bench():
             k = _kernels()
-            xs, ws = _rand((rows_b, n), dtype), _rand((n,), w.dtype if w is not None else dtype)
-            rs = _rand((rows_b, n), dtype)
+            xs, ws = rand((rows_b, n), dtype), rand((n,), w.dtype if w is not None else dtype)
+            rs = rand((rows_b, n), dtype)
             if residual:
-                return lambda c: _time(
+                return lambda c: time_in_graph(
                     lambda: k.rms_norm_residual(xs, rs, ws, 1e-6, False, c["num_warps"])
                 )
-            return lambda c: _time(lambda: k.rms_norm(xs, ws, 1e-6, False, c["num_warps"]))
+            return lambda c: time_in_graph(lambda: k.rms_norm(xs, ws, 1e-6, False, c["num_warps"]))
 
     dims = {"n": n, "rows": bucket(rows) if _static(rows) else "dyn", "dt": str(x.dtype)[6:]}
     name = "rms_norm_residual" if residual else "rms_norm"
@@ -197,7 +121,7 @@ def _try_rms_norm(node: Node, tuner: _Tuner, residual: bool) -> tuple[Any, tuple
 _ACTS = {"silu": 0, "gelu_tanh": 1}
 
 
-def _try_gated_act(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
+def _try_gated_act(node: Node, tuner: Tuner) -> tuple[Any, tuple] | str:
     a = _args(node)
     g, u = _val(a["gate"]), _val(a["up"])
     act = a["act"] or "silu"
@@ -222,8 +146,8 @@ def _try_gated_act(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
 
         def make_bench():
             k = _kernels()
-            gs, us = _rand((rows_b, n), dtype), _rand((rows_b, n), dtype)
-            return lambda c: _time(
+            gs, us = rand((rows_b, n), dtype), rand((rows_b, n), dtype)
+            return lambda c: time_in_graph(
                 lambda: k.gated_act(gs, us, _ACTS[act], c["block"], c["num_warps"])
             )
 
@@ -236,7 +160,7 @@ def _try_gated_act(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
 # ------------------------------------------------------------------------ rotary
 
 
-def _try_rotary(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
+def _try_rotary(node: Node, tuner: Tuner) -> tuple[Any, tuple] | str:
     a = _args(node)
     q, k, cos, sin = (_val(a[n]) for n in ("q", "k", "cos", "sin"))
     if a["interleaved"]:
@@ -324,8 +248,8 @@ def _attention_plan(node: Node) -> _AttentionPlan | str:
         @functools.cache  # one set of inputs for the precompile and the measurements
         def make_call():
             kk = _kernels()
-            qs = _rand((b, hq, 1, d), dtype)
-            ks, vs = _rand((b, hkv, t, d), dtype), _rand((b, hkv, t, d), dtype)
+            qs = rand((b, hq, 1, d), dtype)
+            ks, vs = rand((b, hkv, t, d), dtype), rand((b, hkv, t, d), dtype)
             # Tune for a cache that is 3/4 full (decode steps sweep the whole range), bounded
             # the way this node will be: by cache_position, or by a mask hiding the tail.
             fill = max(1, (3 * t) // 4)
@@ -373,7 +297,7 @@ class _AttentionPlan:
         return [lambda c=c: call(c) for c in self.candidates]
 
 
-def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
+def _try_attention(node: Node, tuner: Tuner) -> tuple[Any, tuple] | str:
     plan = _attention_plan(node)
     if isinstance(plan, str):
         return plan
@@ -383,7 +307,7 @@ def _try_attention(node: Node, tuner: _Tuner) -> tuple[Any, tuple] | str:
 
         def make_bench():
             call = make_call()
-            return lambda c: _time(lambda: call(c))
+            return lambda c: time_in_graph(lambda: call(c))
 
         key = tuner.key("decode_attention", plan.dims)
         if not tuner.cached("decode_attention", plan.dims) and key not in tuner.precompiled:
@@ -401,7 +325,7 @@ def attention_precompiles(gm: GraphModule, ctx: PassContext) -> list[tuple[str, 
     round's wait, not two; lowering/triton_pool.py)."""
     if not torch.cuda.is_available():
         return []
-    tuner = _Tuner(ctx)
+    tuner = Tuner(ctx)
     out: dict[str, list] = {}
     for node in gm.graph.find_nodes(op="call_function", target=torch.ops.yirage.attention.default):
         plan = _attention_plan(node)
@@ -554,7 +478,7 @@ def decompose_for_inductor(gm: GraphModule, ctx: PassContext) -> int:
 
 # ------------------------------------------------------------------------ driver
 
-TRIES: dict[str, Callable[[Node, _Tuner], tuple[Any, tuple] | str]] = {
+TRIES: dict[str, Callable[[Node, Tuner], tuple[Any, tuple] | str]] = {
     "rms_norm": lambda n, t: _try_rms_norm(n, t, residual=False),
     "rms_norm_residual": lambda n, t: _try_rms_norm(n, t, residual=True),
     "gated_act": _try_gated_act,
@@ -580,7 +504,7 @@ def substitute(
     ]
     if not candidates:
         return 0
-    tuner: _Tuner | None = None
+    tuner: Tuner | None = None
     swapped = 0
     memo: dict[Any, GraphModule] = {}
     for node in candidates:
@@ -596,7 +520,7 @@ def substitute(
             continue
         if tuner is None:
             _kernels()
-            tuner = _Tuner(ctx)
+            tuner = Tuner(ctx)
         result = TRIES[name](node, tuner)
         if isinstance(result, str):
             ctx.report.reject(f"triton_{name}", f"{node.name}: {result}; reference runs")
