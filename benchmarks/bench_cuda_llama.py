@@ -98,10 +98,9 @@ ENV_VARIANTS = {
     # for the previous kernel (lowering/cuda_gemv.py); "_all": Inductor's kernels too.
     "yirage_pdl_gemv": {"YIRAGE_CUDA_PDL": "gemv"},
     "yirage_pdl_all": {"YIRAGE_CUDA_PDL": "all"},
-    # The post-pass graph runs as is (our kernels + ATen, in our CUDA graph), no Inductor.
-    "yirage_direct": {"YIRAGE_CUDA_CODEGEN": "direct"},
-    # The same graph from the backend's own AOT capture: no Inductor import or passes.
-    "yirage_ownaot": {"YIRAGE_CUDA_CODEGEN": "ownaot"},
+    # Inductor compiles the post-pass graph (the default before the fifteenth session;
+    # "auto" now runs CUDA-graphed graphs as is: our kernels and ATen calls, no Inductor).
+    "yirage_inductor": {"YIRAGE_CUDA_CODEGEN": "inductor"},
 }
 
 

@@ -110,9 +110,8 @@ class TritonLowering(Lowering):
         self, gm: GraphModule, example_inputs: list[Any], options: Any, report: Any
     ) -> Callable | None:
         """Compile a whole Dynamo graph through Inductor with our passes inside."""
-        mode = codegen_mode()
-        if mode == "ownaot":
-            # The backend's own AOT capture, then `lower` below: no Inductor at all.
+        if codegen(options, example_inputs) == "direct":
+            # The backend's own AOT capture and passes, then `lower` below: no Inductor.
             return None
         from torch._inductor.compile_fx import compile_fx
 
@@ -121,18 +120,16 @@ class TritonLowering(Lowering):
         patches = inductor_config_patches(options, example_inputs)
         # Our CUDA-graph runner instead of Inductor's CUDA-graph trees (see module doc).
         runner = patches["triton.cudagraphs"] and _own_cuda_graphs(example_inputs)
-        direct = mode == "direct"
-        if not direct:
-            # Inductor's compile workers (for Inductor's kernels; ours compile in forked
-            # children, lowering/triton_pool.py) start now, while AOTAutograd and our
-            # passes run, as Inductor's own backend starts them.
-            warm_pool()
+        # Inductor's compile workers (for Inductor's kernels; ours compile in forked
+        # children, lowering/triton_pool.py) start now, while AOTAutograd and our passes
+        # run, as Inductor's own backend starts them.
+        warm_pool()
         if runner:
             patches["triton.cudagraphs"] = False
         report.notes.append(
             "inductor config: " + ", ".join(f"{k}={v}" for k, v in sorted(patches.items()))
         )
-        inner = _InnerCompile(self, options, report, example_inputs, direct=direct)
+        inner = _InnerCompile(self, options, report, example_inputs)
         # AOTAutograd's cache would return an artifact compiled without (or with other)
         # yirage passes: its key does not cover our inner_compile. Off, for this call only.
         with report.stage("inductor"), torch._functorch.config.patch(enable_autograd_cache=False):
@@ -185,7 +182,14 @@ class TritonLowering(Lowering):
     reuses_block_programs = True
 
     def regional_options(self, options: Any, shared: bool) -> Any:
-        return dataclasses.replace(options, cudagraphs=False, freeze=options.freeze and not shared)
+        # Pieces capture no graphs of their own (the stitched step is one), so "auto" is
+        # decided here, for the step: regional pieces are static-shape inference graphs.
+        return dataclasses.replace(
+            options,
+            cudagraphs=False,
+            freeze=options.freeze and not shared,
+            cuda_codegen=codegen(options, []),
+        )
 
     def finish_regional(
         self, fn: Callable, example_inputs: list[Any], options: Any, mutated: frozenset[int]
@@ -210,14 +214,26 @@ CUDA_GRAPHS_ENV = "YIRAGE_CUDA_GRAPHS"
 CODEGEN_ENV = "YIRAGE_CUDA_CODEGEN"
 
 
-def codegen_mode() -> str:
-    """What runs the post-pass graph: "inductor" (default, compile_fx_inner), "direct"
-    (experiment: compile_fx's AOT capture, then the graph as is) or "ownaot" (experiment:
-    the backend's own AOT capture and `TritonLowering.lower`, no Inductor)."""
-    value = os.environ.get(CODEGEN_ENV, "inductor").strip().lower() or "inductor"
-    if value not in ("inductor", "direct", "ownaot"):
-        raise ValueError(f"{CODEGEN_ENV}={value!r}: expected 'inductor', 'direct' or 'ownaot'")
-    return value
+def codegen(options: Any, example_inputs: list[Any]) -> str:
+    """Who runs a graph's post-pass ATen code: "direct" (our kernels and ATen calls, in
+    order, inside our CUDA graph; no Inductor) or "inductor" (compile_fx_inner).
+
+    "auto" is "direct" where our CUDA-graph runner will replay the graph: a replay costs
+    the same whoever generated the launches, the GPU work is our kernels either way, and
+    a cold compile skips Inductor's import, its passes and its code generation. Where no
+    graph is captured (training, dynamic shapes, cudagraphs=False, Inductor's CUDA-graph
+    trees) each ATen call would cost a Python launch per step: Inductor's fused code wins.
+    YIRAGE_CUDA_CODEGEN=inductor|direct overrides "auto" (benchmarks)."""
+    choice = options.cuda_codegen
+    if choice == "auto":
+        env = os.environ.get(CODEGEN_ENV, "").strip().lower()
+        if env:
+            if env not in ("inductor", "direct"):
+                raise ValueError(f"{CODEGEN_ENV}={env!r}: expected 'inductor' or 'direct'")
+            return env
+        on, _ = wants_cudagraphs(options, example_inputs)
+        return "direct" if on and _own_cuda_graphs(example_inputs) else "inductor"
+    return choice
 
 
 def _own_cuda_graphs(example_inputs: list[Any]) -> bool:
@@ -334,17 +350,15 @@ class _InnerCompile:
         options: Any,
         report: Any,
         example_inputs: list[Any],
-        direct: bool = False,
     ):
         self.lowering = lowering
-        self.direct = direct
         # Inductor re-inplaces copy-backs of input mutations itself and expects a functional
         # graph from AOTAutograd, so our reinplace pass is off unless asked for explicitly.
         # Horizontal GEMM fusion concatenates weights into new tensors while the model keeps
         # the originals: measured on Llama-2-7B (H200), peak memory 21.3 GiB vs 12.8 eager
         # for a decode-speed change within noise, so it is opt-in on CUDA.
         passes = {
-            "reinplace_input_mutations": direct,
+            "reinplace_input_mutations": False,
             "pattern_horizontal_gemm": False,
             **dict(options.passes),
         }
@@ -364,7 +378,6 @@ class _InnerCompile:
         from . import cuda_gemv, cuda_gemv_fusion, cuda_ops, cuda_timing
 
         inference = bool(kwargs.get("is_inference")) and not kwargs.get("is_backward")
-        direct = self.direct and inference
         kind = "backward" if kwargs.get("is_backward") else "inference" if inference else "forward"
         report = self.report
         if self.graphs:
@@ -400,7 +413,7 @@ class _InnerCompile:
             torch._subclasses.fake_tensor.unset_fake_temporarily(),
         ):
             inline = {
-                "auto": frozenset() if direct else cuda_ops.INLINE_BY_DEFAULT,
+                "auto": cuda_ops.INLINE_BY_DEFAULT,
                 "all": frozenset(),
                 "none": frozenset(cuda_ops.TRIES),
             }[self.options.cuda_kernels]
@@ -412,17 +425,11 @@ class _InnerCompile:
             # faster end to end, see the module) before the norms reach Inductor.
             cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
             cuda_ops.substitute(gm, ctx, inline)
-            if not direct:
-                cuda_ops.decompose_for_inductor(gm, ctx)
+            cuda_ops.decompose_for_inductor(gm, ctx)
             cuda_timing.release_rotation_pads()
             gm.graph.lint()
             gm.recompile()
         report.nodes_out = count_nodes(gm)
-        if direct:
-            from torch._functorch.aot_autograd import make_boxed_func
-
-            report.notes.append("cuda codegen: direct (the graph runs as is, no Inductor)")
-            return make_boxed_func(gm.forward)
         # Frozen weights are real tensors behind get_attr nodes: Inductor's fake-tensor
         # propagation must accept them (what Inductor's own freezing does, same scope).
         fake_mode = torch._guards.detect_fake_mode(example_inputs)

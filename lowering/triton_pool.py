@@ -155,6 +155,21 @@ def _build_launcher(compiled: Any) -> None:
         log.debug("yirage: launcher not prebuilt: %s", exc)
 
 
+def _load_compiler() -> None:
+    """Import Triton's compiler and launcher modules in the parent, once, before forking:
+    Triton imports them at a process's first compile, and children would each import
+    them again (when nothing compiled a Triton kernel in this process yet, e.g. a graph
+    Inductor never saw)."""
+    try:
+        import triton.backends.nvidia.compiler  # noqa: F401
+        import triton.backends.nvidia.driver  # noqa: F401
+        import triton.compiler.code_generator  # noqa: F401
+        import triton.compiler.compiler  # noqa: F401
+        import triton.runtime.build  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - only a speed-up
+        log.debug("yirage: Triton's compiler not preloaded: %s", exc)
+
+
 def _compile_only_driver(target: Any, device: int) -> Any:
     from triton.backends.nvidia.driver import CudaDriver
 
@@ -192,6 +207,7 @@ def precompile(launches: Sequence[Launch]) -> list[str]:
         return []
     if target.backend != "cuda":
         return []
+    _load_compiler()
     hashes = compile_in_children(launches, target, device, workers, _TIMEOUT_S)
     log.info(
         "yirage: %d of %d Triton kernels compiled in %d forked children, %.2f s",

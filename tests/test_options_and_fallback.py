@@ -46,6 +46,7 @@ def test_unknown_option_key_raises_value_error_naming_it():
         ({"debug": "yes"}, "debug"),
         ({"passes": {"no_such_pass": False}}, "passes"),
         ({"passes": {"cse": "off"}}, "passes"),
+        ({"cuda_codegen": "triton"}, "cuda_codegen"),
     ],
 )
 def test_bad_option_value_names_key_and_accepted_values(options, key):

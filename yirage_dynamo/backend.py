@@ -227,6 +227,8 @@ class _AotCompiler:
         # Regional pieces: where the compiled program is kept for repeats (by cache_key).
         self.programs: dict[str, Any] | None = None
         self.dynamo_outputs = 0
+        # (placeholder count, inputs it mutates) of the inference graph, once compiled.
+        self.mutations: tuple[int, frozenset[int]] | None = None
 
     def capture(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
         from torch._dynamo.backends.common import aot_autograd
@@ -238,7 +240,13 @@ class _AotCompiler:
             decompositions=self.lowering.decompositions(),
             keep_inference_input_mutations=True,
         )
-        return backend(gm, example_inputs)
+        fn = backend(gm, example_inputs)
+        n_in, mutated = self.mutations or (-1, frozenset())
+        if n_in == len(example_inputs):
+            # The inputs this graph writes, for a caller that replays it (a regional
+            # piece inside a CUDA graph copies back only these); unknown: all of them.
+            fn.mutated_inputs = mutated
+        return fn
 
     def _compiler(self, kind: str) -> Callable:
         def compile_aot_graph(gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -312,6 +320,9 @@ class _AotCompiler:
                 return _FirstCallGuard(_boxed(pristine), None, report, self.options)
             raise StageError(stage, exc) from exc
         report.nodes_out = count_nodes(gm)
+        if kind == "inference":
+            n_in = sum(1 for n in pristine.graph.nodes if n.op == "placeholder")
+            self.mutations = (n_in, ctx.mutated_inputs)
         if kind == "inference" and self.cache_key is not None:
             self._store(gm, ctx, report)
         # Wall time (plus Dynamo's trace), so the top-level stages sum to at most this.

@@ -17,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps", "neuron")
 FALLBACKS = ("inductor", "eager", "error")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_KERNELS = ("auto", "all", "none")
+CUDA_CODEGENS = ("auto", "inductor", "direct")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,11 @@ class Options:
     # go back to ATen for Inductor to fuse. "all": every op with a kernel. "none": no Triton
     # kernels (ops are inlined for Inductor).
     cuda_kernels: str = "auto"
+    # CUDA lowering: who runs the post-pass graph. "direct": our kernels and ATen calls in
+    # graph order (no Inductor: a cold compile skips its import, passes and code
+    # generation); "inductor": Inductor compiles it, fusing the code between our kernels.
+    # "auto": "direct" where the graph replays from our CUDA graph, else "inductor".
+    cuda_codegen: str = "auto"
     cache_dir: str = ""
     # Reuse a whole compiled graph (wrapper + kernels + weight recipes) from cache_dir when
     # the same Dynamo graph is compiled again, e.g. in a new process (CPU lowering).
@@ -131,6 +137,8 @@ def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = N
             _kind(key, raw[key], (bool,), "True or False")
     if "cuda_kernels" in raw:
         _choice("cuda_kernels", raw["cuda_kernels"], CUDA_KERNELS)
+    if "cuda_codegen" in raw:
+        _choice("cuda_codegen", raw["cuda_codegen"], CUDA_CODEGENS)
     if "cudagraphs" in raw and raw["cudagraphs"] is not None:
         _kind("cudagraphs", raw["cudagraphs"], (bool,), "True, False or None")
     for key in ("report", "cache_dir", "debug_dir", "cxx"):
