@@ -1,4 +1,12 @@
-"""CUDA lowering: the post-pass graph goes to Inductor's Triton code generation.
+"""CUDA lowering: our Triton kernels, with Inductor's Triton code generation around them.
+
+Who runs the post-pass graph (`Options.cuda_codegen`, decided by `codegen`): a graph that
+our CUDA-graph runner replays (static-shape inference, the decode step) runs as is by
+default. The backend's own AOT capture and passes produce it, then `TritonLowering.lower`
+swaps in our kernels and calls ATen for the rest. A replay costs the same whoever wrote
+the launches, so a cold compile skips Inductor's import, passes and code generation for
+the same decode speed (RESULTS.md, fifteenth session). Every other graph goes to Inductor,
+as below:
 
 Why `compile_fx(dynamo_gm, inner_compile=ours)` and not Inductor's custom-pass hooks or
 `compile_fx_inner` on our own AOT graph:
