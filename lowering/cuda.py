@@ -76,6 +76,7 @@ import torch
 from torch.fx import GraphModule
 
 from .base import Capabilities, Lowering
+from .cuda_pdl import pdl_mode
 
 log = logging.getLogger("yirage_dynamo")
 
@@ -231,6 +232,7 @@ def codegen(options: Any, example_inputs: list[Any]) -> str:
     a cold compile skips Inductor's import, its passes and its code generation. Where no
     graph is captured (training, dynamic shapes, cudagraphs=False, Inductor's CUDA-graph
     trees) each ATen call would cost a Python launch per step: Inductor's fused code wins.
+    YIRAGE_CUDA_PDL=all asks for Inductor's kernels, so it means "inductor" too.
     YIRAGE_CUDA_CODEGEN=inductor|direct overrides "auto" (benchmarks)."""
     choice = options.cuda_codegen
     if choice == "auto":
@@ -239,6 +241,8 @@ def codegen(options: Any, example_inputs: list[Any]) -> str:
             if env not in ("inductor", "direct"):
                 raise ValueError(f"{CODEGEN_ENV}={env!r}: expected 'inductor' or 'direct'")
             return env
+        if pdl_mode() == "all":  # asks for Inductor's kernels with PDL: they must exist
+            return "inductor"
         on, _ = wants_cudagraphs(options, example_inputs)
         return "direct" if on and _own_cuda_graphs(example_inputs) else "inductor"
     return choice
@@ -287,8 +291,6 @@ def inductor_config_patches(options: Any, example_inputs: list[Any]) -> dict[str
     # YIRAGE_CUDA_PDL=all: Inductor's kernels take part in programmatic dependent launch
     # too (each waits for its predecessor's results, then lets its successor launch), so
     # a GEMV after one of them can stream weights while it runs (lowering/cuda_gemv.py).
-    from .cuda_pdl import pdl_mode
-
     if pdl_mode() == "all":
         patches["triton.enable_pdl"] = True
     # Benchmark/debug override: extra Inductor config as JSON, e.g. '{"combo_kernels": true}'

@@ -9,7 +9,8 @@ predecessor's results. Who takes part, by YIRAGE_CUDA_PDL:
   gemv  our decode GEMVs launch with PDL and stream their first weight tile before they
         wait (lowering/triton_gemv.py); decode attention lets them launch early
   all   also Inductor's own kernels (`triton.enable_pdl`: each waits for its predecessor's
-        results, then lets its successor launch), e.g. the RMSNorms before q/k/v and gate/up
+        results, then lets its successor launch), e.g. the RMSNorms before q/k/v and gate/up;
+        so with cuda_codegen="auto" the graph goes through Inductor's codegen (lowering/cuda.py)
 
 Below compute capability 9 (no griddepcontrol) the switch is off.
 """

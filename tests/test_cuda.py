@@ -88,6 +88,11 @@ def test_cuda_codegen_auto_runs_cuda_graphed_graphs_without_inductor(monkeypatch
         monkeypatch.setenv("YIRAGE_CUDA_GRAPHS", "inductor")  # the trees replay Inductor's code
         assert codegen(parse_options({}), [x]) == "inductor"
         monkeypatch.delenv("YIRAGE_CUDA_GRAPHS")
+        # PDL for Inductor's own kernels needs Inductor's kernels.
+        monkeypatch.setattr("yirage_dynamo.lowering.cuda.pdl_mode", lambda: "all")
+        assert codegen(parse_options({}), [x]) == "inductor"
+        monkeypatch.setattr("yirage_dynamo.lowering.cuda.pdl_mode", lambda: "gemv")
+        assert codegen(parse_options({}), [x]) == "direct"
         monkeypatch.setenv(CODEGEN_ENV, "inductor")
         assert codegen(parse_options({}), [x]) == "inductor"
         monkeypatch.setenv(CODEGEN_ENV, "fastest")
