@@ -3,13 +3,12 @@
 Kernel tests compare each yirage_cuda Triton op with the ATen reference of the yirage op
 it replaces (yirage_dynamo/ops.py) on fresh random inputs: fp32 at tight tolerances, bf16
 within a couple of bf16 rounding steps. Everything here skips cleanly without a GPU; the
-CPU-side logic of the lowering (options -> Inductor config, config cache) runs anywhere.
+CPU-side config cache runs anywhere; the lowering's choices: tests/test_cuda_choices.py.
 The CUDA-graph runner and HF generate() end to end: tests/test_cuda_generate.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -17,7 +16,6 @@ import pytest
 import torch
 from conftest import cuda_tol as _tol
 from conftest import needs_triton
-from yirage_dynamo.lowering import choose_lowering
 from yirage_dynamo.lowering.kernel_tuning import ConfigCache, bucket, search, shape_key
 
 from yirage_dynamo.options import parse_options
@@ -26,143 +24,6 @@ pytestmark = pytest.mark.cuda
 
 
 # --------------------------------------------------------------------------- CPU-side logic
-
-
-def test_cuda_lowering_reports_why_it_is_unavailable_without_gpu():
-    lowering, why = choose_lowering("cuda")
-    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-        assert lowering.name == "triton"
-    else:
-        assert lowering.name == "aten" and "triton unavailable" in why
-
-
-def test_cudagraphs_auto_for_static_inference_and_opt_out():
-    from yirage_dynamo.lowering.cuda import inductor_config_patches, wants_cudagraphs
-
-    x = torch.randn(2, 3)
-    with torch.no_grad():
-        assert inductor_config_patches(parse_options({}), [x])["triton.cudagraphs"] is True
-        off = inductor_config_patches(parse_options({"cudagraphs": False}), [x])
-        assert off["triton.cudagraphs"] is False
-        assert wants_cudagraphs(parse_options({}, "max-autotune-no-cudagraphs"), [x])[0] is False
-    w = torch.nn.Parameter(torch.randn(3))
-    on, why = wants_cudagraphs(parse_options({}), [w])
-    assert not on and "training" in why
-    patches = inductor_config_patches(parse_options({}, "max-autotune"), [x])
-    assert patches["max_autotune"] is True and patches["freezing"] is False
-    assert patches["fx_graph_cache"] is False
-
-
-def test_own_cuda_graph_runner_unless_inductor_trees_asked_for(monkeypatch):
-    from yirage_dynamo.lowering.cuda import CUDA_GRAPHS_ENV, _own_cuda_graphs
-
-    x = torch.randn(2, 3)
-    assert _own_cuda_graphs([x, x])
-    assert not _own_cuda_graphs([x, 3])  # a scalar input would be baked into a graph
-    monkeypatch.setenv(CUDA_GRAPHS_ENV, "inductor")
-    assert not _own_cuda_graphs([x, x])
-
-
-def test_cuda_graph_runner_runs_without_graphs_on_non_tensor_inputs(caplog):
-    from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
-
-    runner = CudaGraphRunner(lambda x, k: x * k)
-    x = torch.randn(3)
-    for k in (2, 3, 4):
-        torch.testing.assert_close(runner(x, k), x * k)
-    assert runner.captures == 0 and "non-tensor" in runner.disabled
-    assert "CUDA graphs off" in caplog.text
-
-
-def test_cuda_codegen_auto_runs_cuda_graphed_graphs_without_inductor(monkeypatch):
-    from yirage_dynamo.lowering.cuda import CODEGEN_ENV, TritonLowering, codegen
-
-    monkeypatch.delenv(CODEGEN_ENV, raising=False)
-    monkeypatch.delenv("YIRAGE_CUDA_GRAPHS", raising=False)
-    x, w = torch.randn(2, 3), torch.nn.Parameter(torch.randn(3))
-    with torch.no_grad():
-        assert codegen(parse_options({}), [x]) == "direct"
-        assert codegen(parse_options({"cudagraphs": False}), [x]) == "inductor"
-        assert codegen(parse_options({}, "max-autotune-no-cudagraphs"), [x]) == "inductor"
-        assert codegen(parse_options({"cuda_codegen": "inductor"}), [x]) == "inductor"
-        monkeypatch.setenv("YIRAGE_CUDA_GRAPHS", "inductor")  # the trees replay Inductor's code
-        assert codegen(parse_options({}), [x]) == "inductor"
-        monkeypatch.delenv("YIRAGE_CUDA_GRAPHS")
-        # PDL for Inductor's own kernels needs Inductor's kernels.
-        monkeypatch.setattr("yirage_dynamo.lowering.cuda.pdl_mode", lambda: "all")
-        assert codegen(parse_options({}), [x]) == "inductor"
-        monkeypatch.setattr("yirage_dynamo.lowering.cuda.pdl_mode", lambda: "gemv")
-        assert codegen(parse_options({}), [x]) == "direct"
-        monkeypatch.setenv(CODEGEN_ENV, "inductor")
-        assert codegen(parse_options({}), [x]) == "inductor"
-        monkeypatch.setenv(CODEGEN_ENV, "fastest")
-        with pytest.raises(ValueError, match=CODEGEN_ENV):
-            codegen(parse_options({}), [x])
-    monkeypatch.delenv(CODEGEN_ENV)
-    assert codegen(parse_options({}), [w]) == "inductor"  # training: Inductor's fused code
-    # Regional pieces capture nothing themselves; "auto" is decided for the stitched step.
-    piece = TritonLowering().regional_options(parse_options({}), shared=True)
-    assert piece.cudagraphs is False and piece.cuda_codegen == "direct"
-    piece = TritonLowering().regional_options(parse_options({"cudagraphs": False}), True)
-    assert piece.cuda_codegen == "inductor"
-
-
-def test_direct_codegen_runs_the_post_pass_llama_graph_like_eager(monkeypatch):
-    """The CUDA lowering's no-Inductor path end to end on the CPU: the backend's AOT
-    capture and passes, `TritonLowering.lower` (whose Triton swaps decline CPU tensors),
-    regional pieces; generate() matches eager token for token."""
-    transformers = pytest.importorskip("transformers")
-    from yirage_dynamo.lowering.cuda import TritonLowering
-
-    import yirage_dynamo
-    import yirage_dynamo.backend as backend
-    import yirage_dynamo.regional_backend as regional_backend
-
-    def triton(device):
-        return TritonLowering(), "forced for the test"
-
-    monkeypatch.setattr(backend, "choose_lowering", triton)
-    monkeypatch.setattr(regional_backend, "choose_lowering", triton)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=256,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 256, (1, 8))
-    gen = dict(
-        max_new_tokens=6, do_sample=False, cache_implementation="static",
-        output_logits=True, return_dict_in_generate=True,
-    )  # fmt: skip
-    opts = {"fallback": "error", "cuda_codegen": "direct", "cudagraphs": False}
-    cc = transformers.CompileConfig(backend="yirage", mode=None, fullgraph=False, options=opts)
-    cc._compile_all_devices = True  # HF compiles on CPU only when asked
-    with torch.no_grad():
-        ref = model.generate(ids, **gen)
-        yirage_dynamo.clear_reports()
-        out = model.generate(ids, compile_config=cc, **gen)
-    assert torch.equal(out.sequences, ref.sequences)
-    for a, b in zip(out.logits, ref.logits):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    reports = yirage_dynamo.reports()
-    assert reports and all(r.lowering == "triton" and not r.fallbacks for r in reports)
-    notes = [n for r in reports for n in r.notes]
-    assert any("runs as is (no Inductor)" in n for n in notes), notes
-    assert not any(n.startswith("inductor config") for n in notes), notes
-    assert any("3 compiled" in n for n in notes), notes  # embedding | layers | head
-    layer = [r for r in reports if r.patterns.get("attention")]
-    assert layer and layer[0].patterns.get("rotary") and layer[0].patterns.get("gated_act")
-
-
-def test_inductor_config_env_override_is_merged_last(monkeypatch):
-    from yirage_dynamo.lowering.cuda import INDUCTOR_CONFIG_ENV, inductor_config_patches
-
-    x = torch.randn(2, 3)
-    monkeypatch.setenv(INDUCTOR_CONFIG_ENV, '{"combo_kernels": true, "fx_graph_cache": true}')
-    with torch.no_grad():
-        patches = inductor_config_patches(parse_options({}), [x])
-    assert patches["combo_kernels"] is True and patches["fx_graph_cache"] is True
-    assert patches["triton.cudagraphs"] is True
 
 
 def test_config_search_measures_once_then_hits_cache(tmp_path):

@@ -1,7 +1,7 @@
 """CUDA end to end: our CUDA-graph runner, and HF Llama generate() vs eager.
 
 Everything here skips cleanly without a GPU (the runner's non-tensor fallback, which needs
-none, is in tests/test_cuda.py).
+none, is in tests/test_cuda_choices.py).
 """
 
 from __future__ import annotations
