@@ -164,7 +164,7 @@ class TritonLowering(Lowering):
         the rest), in our CUDA-graph runner where graphs apply: no Inductor."""
         from torch._functorch.aot_autograd import make_boxed_func
 
-        from . import cuda_gemv, cuda_gemv_fusion, cuda_ops, cuda_timing
+        from . import cuda_gemv, cuda_gemv_fusion, cuda_kv_write, cuda_ops, cuda_timing
 
         with torch._subclasses.fake_tensor.unset_fake_temporarily():
             inline = (
@@ -174,6 +174,8 @@ class TritonLowering(Lowering):
             cuda_gemv.substitute_gemv(gm, ctx, also_precompile=early)
             cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
             cuda_ops.substitute(gm, ctx, inline)
+            if ctx.report.patterns.get("triton_rotary"):
+                cuda_kv_write.fuse_rotary_kv_write(gm, ctx)
             cuda_timing.release_rotation_pads()
             gm.graph.lint()
             gm.recompile()

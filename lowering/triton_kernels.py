@@ -13,6 +13,7 @@ as its ATen reference, plus launch parameters chosen by lowering/kernel_tuning.p
       act 0: silu, 1: gelu_tanh. Row strides are free: gate/up may be halves of one GEMM.
   rotary(q[B, Hq, S, D], k[B, Hkv, S, D], cos[B|1, (1,) S, D], sin) -> (q', k')
       rotate-half layout, full rotary dim: x * cos + rotate_half(x) * sin.
+      With the KV-cache write fused in: lowering/triton_kv_write.py.
   decode_attention(q[B, Hq, 1, D], k_cache[B, Hkv, L, D], v_cache, attn_mask[B|1,1,1,L]?,
                    cache_position[Sq]?, scale, split, block_n, num_warps) -> o[B, Hq, 1, D]
       Flash-decoding over the valid prefix of a static cache, bounded at run time on the
@@ -555,6 +556,7 @@ def decode_attention(
 # GEMV: decode-shaped matmul, in its own module; imported here so that importing this
 # module registers every yirage_cuda op.
 from .triton_gemv import gemv, gemv3, gemv3_pdl, gemv_gated, gemv_gated_pdl, gemv_pdl  # noqa: E402
+from .triton_kv_write import rotary_kv_write  # noqa: E402
 
 __all__ = [
     "decode_attention",
@@ -568,4 +570,5 @@ __all__ = [
     "rms_norm",
     "rms_norm_residual",
     "rotary",
+    "rotary_kv_write",
 ]

@@ -1,0 +1,159 @@
+"""Rotary embedding and the static KV-cache write as one Triton kernel.
+
+  rotary_kv_write(q[B, Hq, S, D], k[B, Hkv, S, D], v[B, Hkv, S, D], cos[B|1, (1,) S, D], sin,
+                  k_cache[B, Hkv, L, D], v_cache, pos[S]) -> q'
+      q' = rotary(q); k_cache[:, :, pos] = rotary(k); v_cache[:, :, pos] = v (in place).
+
+A decode step of HF's static cache is, per layer, rotary on q, rotary on k, and two
+`index_copy_`s into the caches: four launches, each moving a few KB. One program per
+(batch, head of q or k, position) does all of it, with the rotary rounding steps of
+`_rotary_kernel` (so the cache holds exactly what rotary + index_copy_ would write).
+Substituted in the no-Inductor CUDA path only (lowering/cuda_kv_write.py).
+
+Imported only through lowering/triton_kernels.py (Triton at the top: never on a CPU import).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .triton_kernels import _bcast_stride, _seq_major
+
+
+@triton.jit
+def _rotary_kv_write_kernel(
+    Q,
+    K,
+    V,
+    C,
+    S_,
+    QO,
+    KC,
+    VC,
+    POS,
+    HQ,
+    HKV,
+    S,
+    sqb,
+    sqh,
+    sqs,
+    skb,
+    skh,
+    sks,
+    svb,
+    svh,
+    svs,
+    scb,
+    scs,
+    ssb,
+    sss,
+    sob,
+    soh,
+    sos,
+    skcb,
+    skch,
+    skcs,
+    svcb,
+    svch,
+    svcs,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    s = pid % S
+    h = (pid // S) % (HQ + HKV)
+    b = pid // (S * (HQ + HKV))
+    d = tl.arange(0, BLOCK_HALF)
+    m = d < HALF
+    c_ptr = C + b * scb + s * scs
+    s_ptr = S_ + b * ssb + s * sss
+    c1 = tl.load(c_ptr + d, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(c_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(s_ptr + d, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(s_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
+    if h < HQ:
+        x_ptr = Q + b * sqb + h * sqh + s * sqs
+        y_ptr = QO + b * sob + h * soh + s * sos
+    else:
+        j = h - HQ
+        p = tl.load(POS + s).to(tl.int64)
+        x_ptr = K + b * skb + j * skh + s * sks
+        y_ptr = KC + b * skcb + j * skch + p * skcs
+        # The value row goes to the same slot unchanged.
+        v_ptr = V + b * svb + j * svh + s * svs
+        w_ptr = VC + b * svcb + j * svch + p * svcs
+        tl.store(w_ptr + d, tl.load(v_ptr + d, mask=m), mask=m)
+        tl.store(w_ptr + HALF + d, tl.load(v_ptr + HALF + d, mask=m), mask=m)
+    x1 = tl.load(x_ptr + d, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
+    dt = QO.dtype.element_ty
+    # Eager: (x * cos) + (rotate_half(x) * sin), each product rounded to x's dtype.
+    o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+    o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    tl.store(y_ptr + d, o1.to(dt), mask=m)
+    tl.store(y_ptr + HALF + d, o2.to(dt), mask=m)
+
+
+def _inner(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton_op("yirage_cuda::rotary_kv_write", mutates_args=("k_cache", "v_cache"))
+def rotary_kv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+) -> torch.Tensor:
+    cos, sin = _seq_major(cos), _seq_major(sin)
+    q, k, v = _inner(q), _inner(k), _inner(v)
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    out = torch.empty((b, hq, s, d), dtype=q.dtype, device=q.device)
+    wrap_triton(_rotary_kv_write_kernel)[(b * (hq + hkv) * s,)](
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        out,
+        k_cache,
+        v_cache,
+        pos,
+        hq,
+        hkv,
+        s,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        _bcast_stride(cos, 0),
+        cos.stride(1),
+        _bcast_stride(sin, 0),
+        sin.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        HALF=d // 2,
+        BLOCK_HALF=triton.next_power_of_2(d // 2),
+        num_warps=1,
+    )
+    return out

@@ -1,0 +1,103 @@
+"""Rotary + static KV-cache write as one call (lowering/cuda_kv_write.py): the rewrite on
+any machine (with the ATen reference standing in for the Triton op), and the Triton kernel
+against that reference on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cuda_tol, needs_triton
+from torch.fx.experimental.proxy_tensor import make_fx
+from yirage_dynamo.lowering.base import Capabilities
+from yirage_dynamo.lowering.cuda_kv_write import fuse_rotary_kv_write, rotary_kv_write_reference
+from yirage_dynamo.passes.context import PassContext
+
+import yirage_dynamo.ops  # noqa: F401 - registers yirage::rotary
+from yirage_dynamo.options import parse_options
+from yirage_dynamo.report import CompileReport
+
+pytestmark = pytest.mark.cuda
+
+
+def _layer(q, k, v, cos, sin, kc, vc, pos):
+    """A decoder layer's middle as HF's static cache runs it (after our rotary pattern)."""
+    q2, k2 = torch.ops.yirage.rotary(q, k, cos, sin, False)
+    kc.index_copy_(2, pos, k2)
+    vc.index_copy_(2, pos, v)
+    rep = q2.shape[1] // kc.shape[1]
+    scores = q2 @ kc.repeat_interleave(rep, 1).transpose(-1, -2)
+    return scores.softmax(-1) @ vc.repeat_interleave(rep, 1)
+
+
+def _keys_also_returned(q, k, v, cos, sin, kc, vc, pos):
+    q2, k2 = torch.ops.yirage.rotary(q, k, cos, sin, False)
+    kc.index_copy_(2, pos, k2)
+    vc.index_copy_(2, pos, v)
+    return q2 + 1, k2  # the rotated keys leave the graph: the cache write alone cannot hold them
+
+
+def _inputs(b, hq, hkv, s, d, cache, dtype, device="cpu", start=3):
+    def r(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device)
+
+    q = r(b, s, hq, d).transpose(1, 2)  # non-contiguous, as HF's projections give them
+    k = r(b, s, hkv, d).transpose(1, 2)
+    v = r(b, s, hkv, d).transpose(1, 2)
+    cos, sin = r(1, 1, s, d), r(1, 1, s, d)  # broadcast over batch and heads
+    kc, vc = r(b, hkv, cache, d), r(b, hkv, cache, d)
+    pos = torch.arange(start, start + s, device=device)
+    return [q, k, v, cos, sin, kc, vc, pos]
+
+
+def _clones(args):
+    return [a.clone() for a in args]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,hq,hkv,s", [(1, 4, 2, 1), (2, 4, 4, 3)])
+def test_rotary_and_both_cache_writes_become_one_call_with_same_results(dtype, b, hq, hkv, s):
+    args = _inputs(b, hq, hkv, s, 8, 12, dtype)
+    gm = make_fx(_layer, tracing_mode="fake")(*_clones(args))
+    writes = [n for n in gm.graph.nodes if n.target is torch.ops.aten.index_copy_.default]
+    assert len(writes) == 2
+    ctx = PassContext(parse_options({}), CompileReport(), Capabilities("cuda"), [])
+    rotary = (torch.ops.yirage.rotary.default,)
+    assert fuse_rotary_kv_write(gm, ctx, rotary, rotary_kv_write_reference) == 1
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.index_copy_.default not in targets
+    assert torch.ops.yirage.rotary.default not in targets
+    assert targets.count(rotary_kv_write_reference) == 1
+    assert ctx.report.patterns["triton_rotary_kv_write"] == 1
+    ref_args, got_args = _clones(args), _clones(args)
+    ref = _layer(*ref_args)
+    got = gm(*got_args)
+    torch.testing.assert_close(got, ref)
+    for i in (5, 6):  # the caches, written in place
+        torch.testing.assert_close(got_args[i], ref_args[i], rtol=0, atol=0)
+
+
+def test_rotated_keys_used_elsewhere_keep_the_separate_ops():
+    args = _inputs(1, 4, 2, 1, 8, 12, torch.float32)
+    gm = make_fx(_keys_also_returned, tracing_mode="fake")(*_clones(args))
+    ctx = PassContext(parse_options({}), CompileReport(), Capabilities("cuda"), [])
+    rotary = (torch.ops.yirage.rotary.default,)
+    assert fuse_rotary_kv_write(gm, ctx, rotary, rotary_kv_write_reference) == 0
+    writes = [n for n in gm.graph.nodes if n.target is torch.ops.aten.index_copy_.default]
+    assert len(writes) == 2
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,hq,hkv,s,d", [(1, 32, 8, 1, 128), (2, 12, 4, 5, 80), (1, 8, 8, 1, 64)])
+def test_triton_rotary_kv_write_matches_rotary_then_index_copy(dtype, b, hq, hkv, s, d):
+    from yirage_dynamo.lowering.cuda_ops import _kernels
+
+    _kernels()
+    args = _inputs(b, hq, hkv, s, d, 64, dtype, device="cuda", start=17)
+    ref_args, got_args = _clones(args), _clones(args)
+    ref = rotary_kv_write_reference(*ref_args)
+    got = torch.ops.yirage_cuda.rotary_kv_write(*got_args)
+    tol = cuda_tol(dtype)
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(got_args[5], ref_args[5], **tol)
+    torch.testing.assert_close(got_args[6], ref_args[6], rtol=0, atol=0)
