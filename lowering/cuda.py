@@ -3,10 +3,11 @@
 Who runs the post-pass graph (`Options.cuda_codegen`, decided by `codegen`): a graph that
 our CUDA-graph runner replays (static-shape inference, the decode step) runs as is by
 default. The backend's own AOT capture and passes produce it, then `TritonLowering.lower`
-swaps in our kernels and calls ATen for the rest. A replay costs the same whoever wrote
-the launches, so a cold compile skips Inductor's import, passes and code generation for
-the same decode speed (RESULTS.md, fifteenth session). Every other graph goes to Inductor,
-as below:
+swaps in our kernels and calls ATen for the rest; with no Inductor to fuse the static
+cache's writes into rotary, each layer's rotary and both `index_copy_`s become one kernel
+(lowering/cuda_kv_write.py). A replay costs the same whoever wrote the launches, so a cold
+compile skips Inductor's import, passes and code generation for the same decode speed
+(RESULTS.md, fifteenth session). Every other graph goes to Inductor, as below:
 
 Why `compile_fx(dynamo_gm, inner_compile=ours)` and not Inductor's custom-pass hooks or
 `compile_fx_inner` on our own AOT graph:
