@@ -96,10 +96,10 @@ def test_cuda_codegen_auto_runs_cuda_graphed_graphs_without_inductor(monkeypatch
     assert piece.cuda_codegen == "inductor"
 
 
-def test_direct_codegen_runs_the_post_pass_llama_graph_like_eager(monkeypatch):
-    """The CUDA lowering's no-Inductor path end to end on the CPU: the backend's AOT
-    capture and passes, `TritonLowering.lower` (whose Triton swaps decline CPU tensors),
-    regional pieces; generate() matches eager token for token."""
+def direct_generate_on_cpu(monkeypatch):
+    """A tiny Llama's static-cache generate() through the CUDA lowering's no-Inductor path
+    on the CPU (the lowering forced, its Triton swaps declining CPU tensors), checked
+    against eager token for token and logit for logit; returns the compile reports."""
     transformers = pytest.importorskip("transformers")
     from yirage_dynamo.lowering.cuda import TritonLowering
 
@@ -135,6 +135,14 @@ def test_direct_codegen_runs_the_post_pass_llama_graph_like_eager(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     reports = yirage_dynamo.reports()
     assert reports and all(r.lowering == "triton" and not r.fallbacks for r in reports)
+    return reports
+
+
+def test_direct_codegen_runs_the_post_pass_llama_graph_like_eager(monkeypatch):
+    """The CUDA lowering's no-Inductor path end to end on the CPU: the backend's AOT
+    capture and passes, `TritonLowering.lower` (whose Triton swaps decline CPU tensors),
+    regional pieces; generate() matches eager token for token."""
+    reports = direct_generate_on_cpu(monkeypatch)
     notes = [n for r in reports for n in r.notes]
     assert any("runs as is (no Inductor)" in n for n in notes), notes
     assert not any(n.startswith("inductor config") for n in notes), notes

@@ -101,3 +101,30 @@ def test_triton_rotary_kv_write_matches_rotary_then_index_copy(dtype, b, hq, hkv
     torch.testing.assert_close(got, ref, **tol)
     torch.testing.assert_close(got_args[5], ref_args[5], **tol)
     torch.testing.assert_close(got_args[6], ref_args[6], rtol=0, atol=0)
+
+
+def test_fusion_in_the_no_inductor_llama_layer_program_keeps_generate_exact(monkeypatch):
+    """The rewrite on the graphs HF's static cache really gives (regional pieces, per-layer
+    positions `arange + cumulative_length`): run after the Triton swaps, with the ATen
+    reference as the fused op, generate() still matches eager and each decode layer
+    program holds one fused call and no cache write of its own."""
+    import yirage_dynamo.lowering.cuda_ops as cuda_ops
+    from test_cuda_choices import direct_generate_on_cpu
+
+    substitute = cuda_ops.substitute
+    graphs = []
+
+    def substitute_then_fuse(gm, ctx, inline):
+        swapped = substitute(gm, ctx, inline)
+        fuse_rotary_kv_write(gm, ctx, (torch.ops.yirage.rotary.default,), rotary_kv_write_reference)
+        graphs.append(gm)
+        return swapped
+
+    monkeypatch.setattr(cuda_ops, "substitute", substitute_then_fuse)
+    reports = direct_generate_on_cpu(monkeypatch)
+    layers = [r for r in reports if r.patterns.get("attention")]
+    assert layers and all(r.patterns.get("triton_rotary_kv_write") == 1 for r in layers)
+    for gm in graphs:
+        targets = [n.target for n in gm.graph.nodes]
+        if rotary_kv_write_reference in targets:
+            assert torch.ops.aten.index_copy_.default not in targets
