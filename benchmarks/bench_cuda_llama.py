@@ -101,6 +101,9 @@ ENV_VARIANTS = {
     # Inductor compiles the post-pass graph (the default before the fifteenth session;
     # "auto" now runs CUDA-graphed graphs as is: our kernels and ATen calls, no Inductor).
     "yirage_inductor": {"YIRAGE_CUDA_CODEGEN": "inductor"},
+    # Rotary and the static cache's two index_copy_ writes as separate launches (the
+    # no-Inductor path fuses them into one kernel per layer: lowering/cuda_kv_write.py).
+    "yirage_unfused_kv": {"YIRAGE_CUDA_KV_WRITE": "off"},
 }
 
 

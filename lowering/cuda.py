@@ -175,7 +175,7 @@ class TritonLowering(Lowering):
             cuda_gemv.substitute_gemv(gm, ctx, also_precompile=early)
             cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
             cuda_ops.substitute(gm, ctx, inline)
-            if ctx.report.patterns.get("triton_rotary"):
+            if ctx.report.patterns.get("triton_rotary") and cuda_kv_write.enabled():
                 cuda_kv_write.fuse_rotary_kv_write(gm, ctx)
             cuda_timing.release_rotation_pads()
             gm.graph.lint()

@@ -16,11 +16,13 @@ before:                                            after:
 Matched only where the kernel does exactly that: rotated keys used by the cache write
 alone, both writes along dim 2 at the same positions, caches with unit inner stride and
 the dtypes of what is written, nothing between the two writes touching the caches.
+`YIRAGE_CUDA_KV_WRITE=off` keeps the separate ops (benchmark A/Bs).
 """
 
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +31,15 @@ from torch.fx import GraphModule, Node
 from yirage_dynamo.passes.context import PassContext, set_fake_val
 
 _INDEX_COPY_ = torch.ops.aten.index_copy_.default
+KV_WRITE_ENV = "YIRAGE_CUDA_KV_WRITE"
+
+
+def enabled() -> bool:
+    """YIRAGE_CUDA_KV_WRITE: "on" (default) or "off"; another value raises ValueError."""
+    value = os.environ.get(KV_WRITE_ENV, "").strip().lower() or "on"
+    if value not in ("on", "off"):
+        raise ValueError(f"{KV_WRITE_ENV}={value!r}: expected 'on' or 'off'")
+    return value == "on"
 
 
 def rotary_kv_write_reference(

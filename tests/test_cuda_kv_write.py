@@ -128,3 +128,15 @@ def test_fusion_in_the_no_inductor_llama_layer_program_keeps_generate_exact(monk
         targets = [n.target for n in gm.graph.nodes]
         if rotary_kv_write_reference in targets:
             assert torch.ops.aten.index_copy_.default not in targets
+
+
+def test_kv_write_env_switch_is_validated(monkeypatch):
+    from yirage_dynamo.lowering.cuda_kv_write import KV_WRITE_ENV, enabled
+
+    monkeypatch.delenv(KV_WRITE_ENV, raising=False)
+    assert enabled()
+    monkeypatch.setenv(KV_WRITE_ENV, "off")
+    assert not enabled()
+    monkeypatch.setenv(KV_WRITE_ENV, "sometimes")
+    with pytest.raises(ValueError, match=KV_WRITE_ENV):
+        enabled()
