@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 from yirage_dynamo.passes.context import PassContext, set_fake_val
+from yirage_dynamo.passes.fusion import VIEW_OPS
 
 _INDEX_COPY_ = torch.ops.aten.index_copy_.default
 KV_WRITE_ENV = "YIRAGE_CUDA_KV_WRITE"
@@ -74,6 +75,21 @@ def _cache_write(node: Node) -> tuple[Node, Node, Node] | None:
     return cache, pos, src
 
 
+def _aliases(*roots: Node) -> set[Node]:
+    """Every user of `roots` or of a view of them (a view read later sees the write)."""
+    seen: set[Node] = set()
+    todo = list(roots)
+    while todo:
+        for u in todo.pop().users:
+            if u in seen:
+                continue
+            seen.add(u)
+            target = getattr(u.target, "_opname", None)
+            if u.op == "call_function" and target in VIEW_OPS:
+                todo.append(u)
+    return seen
+
+
 def _why_not(
     rot: Node, k_write: Node, v_write: Node, order: dict[Node, int], q_out: Node
 ) -> str | None:
@@ -91,9 +107,8 @@ def _why_not(
         return "a cache without unit inner stride or of another head dim"
     first, last = sorted((k_write, v_write), key=order.__getitem__)
     span = range(order[first] + 1, order[last])
-    for n in (kc, vc, first):
-        if any(order[u] in span for u in n.users):
-            return "the caches are used between the two writes"
+    if any(order[u] in span for u in _aliases(kc, vc, first)):
+        return "the caches are used between the two writes"
     if any(order[u] <= order[last] for u in q_out.users):
         return "rotated queries used before the cache writes"
     return None

@@ -36,6 +36,15 @@ def _keys_also_returned(q, k, v, cos, sin, kc, vc, pos):
     return q2 + 1, k2  # the rotated keys leave the graph: the cache write alone cannot hold them
 
 
+def _cache_read_between_writes(q, k, v, cos, sin, kc, vc, pos):
+    kview = kc.transpose(2, 3)  # a view taken before the writes...
+    q2, k2 = torch.ops.yirage.rotary(q, k, cos, sin, False)
+    kc.index_copy_(2, pos, k2)
+    peek = kview.sum()  # ...read after the key write, before the value write
+    vc.index_copy_(2, pos, v)
+    return q2 + 1, peek
+
+
 def _inputs(b, hq, hkv, s, d, cache, dtype, device="cpu", start=3):
     def r(*shape):
         return torch.randn(*shape, dtype=dtype, device=device)
@@ -76,9 +85,10 @@ def test_rotary_and_both_cache_writes_become_one_call_with_same_results(dtype, b
         torch.testing.assert_close(got_args[i], ref_args[i], rtol=0, atol=0)
 
 
-def test_rotated_keys_used_elsewhere_keep_the_separate_ops():
+@pytest.mark.parametrize("fn", [_keys_also_returned, _cache_read_between_writes])
+def test_graphs_the_fused_call_would_change_keep_the_separate_ops(fn):
     args = _inputs(1, 4, 2, 1, 8, 12, torch.float32)
-    gm = make_fx(_keys_also_returned, tracing_mode="fake")(*_clones(args))
+    gm = make_fx(fn, tracing_mode="fake")(*_clones(args))
     ctx = PassContext(parse_options({}), CompileReport(), Capabilities("cuda"), [])
     rotary = (torch.ops.yirage.rotary.default,)
     assert fuse_rotary_kv_write(gm, ctx, rotary, rotary_kv_write_reference) == 0
