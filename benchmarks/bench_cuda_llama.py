@@ -149,6 +149,20 @@ def weight_bytes_per_token(model) -> int:
     return total + emb.shape[1] * emb.element_size()
 
 
+# Spec HBM bandwidth, TB/s, by a substring of the device name (for "% of peak").
+HBM_TB_S = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200": 4.8, "A100": 2.0}
+
+
+def hbm_peak_tb_s() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in HBM_TB_S.items() if k in name), None)
+
+
+def _bandwidth(bytes_tok: int, ms: float, peak: float | None) -> str:
+    tb_s = bytes_tok / (ms / 1e3) / 1e12
+    return f"{tb_s * 1e3:.0f}" + (f" ({tb_s / peak:.0%})" if peak else "")
+
+
 def _sync_time(fn) -> tuple[float, Any]:
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -332,11 +346,14 @@ def bench_interleaved(
             one = _sync_time(functools.partial(runner.generate, 1, configs[name]))[0]
             per_tok[name].append((full - one) / (s["new"] - 1) * 1e3)
     base = variants[0]
+    bytes_tok, peak = weight_bytes_per_token(model), hbm_peak_tb_s()
     lines = [
-        f"| shape | variant | ms/token (median of {rounds}) | tok/s | "
+        f"weights read per token {bytes_tok / 1e9:.2f} GB; HBM spec "
+        + (f"{peak} TB/s" if peak else "unknown for this GPU"),
+        f"| shape | variant | ms/token (median of {rounds}) | tok/s | GB/s (% of spec) | "
         f"per-round ratio to {base}: median (min-max) | GPU ms/step (graph replay) "
-        "| rest of the token, ms (host) |",
-        "|---|---|---|---|---|---|---|",
+        "| GPU GB/s (% of spec) | rest of the token, ms (host) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in variants:
         med = statistics.median(per_tok[name])
@@ -347,8 +364,13 @@ def bench_interleaved(
         gpu = replay_ms(captured[-1]) if captured else None
         lines.append(
             f"| {key} | {name} | {med:.3f} | {1e3 / med:.1f} | "
+            f"{_bandwidth(bytes_tok, med, peak)} | "
             f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
-            + (f"{gpu:.3f} | {med - gpu:.3f} |" if gpu is not None else "- | - |")
+            + (
+                f"{gpu:.3f} | {_bandwidth(bytes_tok, gpu, peak)} | {med - gpu:.3f} |"
+                if gpu is not None
+                else "- | - | - |"
+            )
         )
     if profile:  # every kernel of a step, per variant, after the timed rounds
         for name in variants:
