@@ -180,6 +180,10 @@ class TritonLowering(Lowering):
             cuda_timing.release_rotation_pads()
             gm.graph.lint()
             gm.recompile()
+        if ctx.options.debug:
+            from .cuda_debug import dump_lowered
+
+            dump_lowered(gm, ctx, "lowered_cuda")
         ctx.report.notes.append("cuda codegen: the post-pass graph runs as is (no Inductor)")
         fn = make_boxed_func(gm.forward)
         on, _ = wants_cudagraphs(ctx.options, ctx.example_inputs)
@@ -442,6 +446,10 @@ class _InnerCompile:
             cuda_timing.release_rotation_pads()
             gm.graph.lint()
             gm.recompile()
+        if self.options.debug:
+            from .cuda_debug import dump_lowered
+
+            dump_lowered(gm, ctx, "lowered_cuda_for_inductor")
         report.nodes_out = count_nodes(gm)
         # Frozen weights are real tensors behind get_attr nodes: Inductor's fake-tensor
         # propagation must accept them (what Inductor's own freezing does, same scope).

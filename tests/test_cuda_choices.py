@@ -96,7 +96,7 @@ def test_cuda_codegen_auto_runs_cuda_graphed_graphs_without_inductor(monkeypatch
     assert piece.cuda_codegen == "inductor"
 
 
-def direct_generate_on_cpu(monkeypatch):
+def direct_generate_on_cpu(monkeypatch, **options):
     """A tiny Llama's static-cache generate() through the CUDA lowering's no-Inductor path
     on the CPU (the lowering forced, its Triton swaps declining CPU tensors), checked
     against eager token for token and logit for logit; returns the compile reports."""
@@ -123,7 +123,7 @@ def direct_generate_on_cpu(monkeypatch):
         max_new_tokens=6, do_sample=False, cache_implementation="static",
         output_logits=True, return_dict_in_generate=True,
     )  # fmt: skip
-    opts = {"fallback": "error", "cuda_codegen": "direct", "cudagraphs": False}
+    opts = {"fallback": "error", "cuda_codegen": "direct", "cudagraphs": False, **options}
     cc = transformers.CompileConfig(backend="yirage", mode=None, fullgraph=False, options=opts)
     cc._compile_all_devices = True  # HF compiles on CPU only when asked
     with torch.no_grad():
