@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_triton
 from torch.fx.experimental.proxy_tensor import make_fx
 from yirage_dynamo.lowering.base import Capabilities
 from yirage_dynamo.lowering.cuda_debug import dump_lowered, referenced_sources
@@ -95,3 +96,25 @@ def test_no_inductor_path_dumps_each_graph_as_lowered(monkeypatch, tmp_path):
     # embedding | layers | head, for the prompt and for the decode step
     assert len(lowered) >= 3, sorted(p.parent.name for p in tmp_path.rglob("*.txt"))
     assert any("yirage.attention" in p.read_text() for p in lowered)
+
+
+@needs_triton
+def test_debug_dump_of_a_triton_op_holds_its_jit_kernels(tmp_path):
+    from yirage_dynamo.lowering.cuda_ops import _kernels
+
+    _kernels()
+
+    def f(q, k, cos, sin):
+        q2, k2 = torch.ops.yirage_cuda.rotary(q, k, cos, sin)
+        return q2 + k2
+
+    x = torch.randn(1, 2, 3, 8, device="cuda")
+    cos, sin = torch.randn(1, 1, 3, 8, device="cuda"), torch.randn(1, 1, 3, 8, device="cuda")
+    gm = make_fx(f, tracing_mode="fake")(x, x, cos, sin)
+    opts = parse_options({"debug": True, "debug_dir": str(tmp_path)})
+    ctx = PassContext(opts, CompileReport(), Capabilities("cuda"), [])
+    dump_lowered(gm, ctx, "lowered_cuda")
+    (kernel,) = tmp_path.rglob("kernels/rotary_*.py")
+    text = kernel.read_text()
+    assert "def rotary(" in text and "def _rotate(" in text
+    assert "@triton.jit" in text and "def _rotary_kernel(" in text
