@@ -99,8 +99,10 @@ def _why_not(
     qv, kv, vv, kcv, vcv, pv = (_val(n) for n in (q, k, v, kc, vc, pos))
     if not all(isinstance(t, torch.Tensor) for t in (qv, kv, vv, kcv, vcv, pv)):
         return "a value without metadata"
-    if vv.shape != kv.shape or vv.dim() != 4 or pv.dim() != 1:
-        return "values and keys differ in shape, or positions are not a vector"
+    if not all(isinstance(d, int) for t in (qv, kv, vv, pv) for d in t.shape):
+        return "symbolic sizes (comparing them would specialise them)"
+    if vv.shape != kv.shape or vv.dim() != 4 or pv.dim() != 1 or pv.shape[0] != kv.shape[2]:
+        return "values and keys differ in shape, or not one position per new token"
     if not (qv.dtype == kv.dtype == kcv.dtype and vv.dtype == vcv.dtype):
         return "dtypes differ between what is written and the cache"
     if kcv.stride(-1) != 1 or vcv.stride(-1) != 1 or kcv.shape[-1] != kv.shape[-1]:
