@@ -99,7 +99,7 @@ def _why_not(
     qv, kv, vv, kcv, vcv, pv = (_val(n) for n in (q, k, v, kc, vc, pos))
     if not all(isinstance(t, torch.Tensor) for t in (qv, kv, vv, kcv, vcv, pv)):
         return "a value without metadata"
-    if not all(isinstance(d, int) for t in (qv, kv, vv, pv) for d in t.shape):
+    if not all(isinstance(d, int) for t in (qv, kv, vv, pv, kcv, vcv) for d in t.shape):
         return "symbolic sizes (comparing them would specialise them)"
     if vv.shape != kv.shape or vv.dim() != 4 or pv.dim() != 1 or pv.shape[0] != kv.shape[2]:
         return "values and keys differ in shape, or not one position per new token"
