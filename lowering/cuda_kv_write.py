@@ -162,13 +162,18 @@ def fuse_rotary_kv_write(
             new = gm.graph.call_function(fused, (q, k, v, cos, sin, kc, vc, pos))
         order[new] = order[last]
         set_fake_val(gm, new)
-        new.meta["yirage_origin"] = f"{rot.name}+{k_write.name}+{v_write.name}"
+        origins = [rot.meta.get("yirage_origin", rot.name), k_write.name, v_write.name]
+        new.meta["yirage_origin"] = "+".join(origins)
+        # The rotary kernel this call replaces is no longer launched: not in the report.
+        ctx.report.kernels[:] = [
+            r for r in ctx.report.kernels if not (r.name == "rotary" and r.origins == origins[:1])
+        ]
         outs[0].replace_all_uses_with(new)
         k_write.replace_all_uses_with(kc)
         v_write.replace_all_uses_with(vc)
         for n in (v_write, k_write, outs[0], outs[1], rot):
             gm.graph.erase_node(n)
-        ctx.report.kernels.append(KernelRecord("rotary_kv_write", "cuda", None, [new.name]))
+        ctx.report.kernels.append(KernelRecord("rotary_kv_write", "cuda", None, origins))
         count += 1
     if count:
         ctx.report.count_pattern("triton_rotary_kv_write", count)

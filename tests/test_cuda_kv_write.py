@@ -14,7 +14,7 @@ from yirage_dynamo.passes.context import PassContext
 
 import yirage_dynamo.ops  # noqa: F401 - registers yirage::rotary
 from yirage_dynamo.options import parse_options
-from yirage_dynamo.report import CompileReport
+from yirage_dynamo.report import CompileReport, KernelRecord
 
 pytestmark = pytest.mark.cuda
 
@@ -71,7 +71,12 @@ def test_rotary_and_both_cache_writes_become_one_call_with_same_results(dtype, b
     assert len(writes) == 2
     ctx = PassContext(parse_options({}), CompileReport(), Capabilities("cuda"), [])
     rotary = (torch.ops.yirage.rotary.default,)
+    rot = next(n for n in gm.graph.nodes if n.target in rotary)
+    ctx.report.kernels.append(KernelRecord("rotary", "cuda", None, [rot.name]))
     assert fuse_rotary_kv_write(gm, ctx, rotary, rotary_kv_write_reference) == 1
+    # The report lists what runs: the fused kernel, named for all three nodes it replaces.
+    assert [(r.name, r.origins[0]) for r in ctx.report.kernels] == [("rotary_kv_write", rot.name)]
+    assert len(ctx.report.kernels[0].origins) == 3
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.index_copy_.default not in targets
     assert torch.ops.yirage.rotary.default not in targets
