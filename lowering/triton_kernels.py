@@ -189,6 +189,24 @@ def gated_act(
 
 
 @triton.jit
+def _rotate_row(x_ptr, y_ptr, c_ptr, s_ptr, d, m, HALF: tl.constexpr):
+    """One row: y = x * cos + rotate_half(x) * sin, with eager's rounding (shared by the
+    rotary kernels here and in lowering/triton_kv_write.py, so they write the same bits)."""
+    x1 = tl.load(x_ptr + d, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
+    c1 = tl.load(c_ptr + d, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(c_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(s_ptr + d, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(s_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
+    dt = y_ptr.dtype.element_ty
+    # Eager: (x * cos) + (rotate_half(x) * sin), each product rounded to x's dtype.
+    o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+    o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    tl.store(y_ptr + d, o1.to(dt), mask=m)
+    tl.store(y_ptr + HALF + d, o2.to(dt), mask=m)
+
+
+@triton.jit
 def _rotary_kernel(
     X,
     C,
@@ -216,21 +234,8 @@ def _rotary_kernel(
     d = tl.arange(0, BLOCK_HALF)
     m = d < HALF
     x_ptr = X + b * sxb + h * sxh + s * sxs
-    x1 = tl.load(x_ptr + d, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
-    c_ptr = C + b * scb + s * scs
-    s_ptr = S_ + b * ssb + s * sss
-    c1 = tl.load(c_ptr + d, mask=m, other=0.0).to(tl.float32)
-    c2 = tl.load(c_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
-    s1 = tl.load(s_ptr + d, mask=m, other=0.0).to(tl.float32)
-    s2 = tl.load(s_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
-    dt = Y.dtype.element_ty
-    # Eager: (x * cos) + (rotate_half(x) * sin), each product rounded to x's dtype.
-    o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
-    o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
     y_ptr = Y + b * syb + h * syh + s * sys
-    tl.store(y_ptr + d, o1.to(dt), mask=m)
-    tl.store(y_ptr + HALF + d, o2.to(dt), mask=m)
+    _rotate_row(x_ptr, y_ptr, C + b * scb + s * scs, S_ + b * ssb + s * sss, d, m, HALF)
 
 
 def _bcast_stride(t: torch.Tensor, dim: int) -> int:

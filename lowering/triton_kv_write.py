@@ -6,8 +6,8 @@
 
 A decode step of HF's static cache is, per layer, rotary on q, rotary on k, and two
 `index_copy_`s into the caches: four launches, each moving a few KB. One program per
-(batch, head of q or k, position) does all of it, with the rotary rounding steps of
-`_rotary_kernel` (so the cache holds exactly what rotary + index_copy_ would write).
+(batch, head of q or k, position) does all of it, rotating with `_rotate_row`, the rotary
+kernel's own row code (so the cache holds exactly what rotary + index_copy_ would write).
 Substituted in the no-Inductor CUDA path only (lowering/cuda_kv_write.py).
 
 Imported only through lowering/triton_kernels.py (Triton at the top: never on a CPU import).
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .triton_kernels import _bcast_stride, _seq_major
+from .triton_kernels import _bcast_stride, _rotate_row, _seq_major
 
 
 @triton.jit
@@ -68,12 +68,6 @@ def _rotary_kv_write_kernel(
     b = pid // (S * (HQ + HKV))
     d = tl.arange(0, BLOCK_HALF)
     m = d < HALF
-    c_ptr = C + b * scb + s * scs
-    s_ptr = S_ + b * ssb + s * sss
-    c1 = tl.load(c_ptr + d, mask=m, other=0.0).to(tl.float32)
-    c2 = tl.load(c_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
-    s1 = tl.load(s_ptr + d, mask=m, other=0.0).to(tl.float32)
-    s2 = tl.load(s_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
     if h < HQ:
         x_ptr = Q + b * sqb + h * sqh + s * sqs
         y_ptr = QO + b * sob + h * soh + s * sos
@@ -87,14 +81,7 @@ def _rotary_kv_write_kernel(
         w_ptr = VC + b * svcb + j * svch + p * svcs
         tl.store(w_ptr + d, tl.load(v_ptr + d, mask=m), mask=m)
         tl.store(w_ptr + HALF + d, tl.load(v_ptr + HALF + d, mask=m), mask=m)
-    x1 = tl.load(x_ptr + d, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + HALF + d, mask=m, other=0.0).to(tl.float32)
-    dt = QO.dtype.element_ty
-    # Eager: (x * cos) + (rotate_half(x) * sin), each product rounded to x's dtype.
-    o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
-    o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-    tl.store(y_ptr + d, o1.to(dt), mask=m)
-    tl.store(y_ptr + HALF + d, o2.to(dt), mask=m)
+    _rotate_row(x_ptr, y_ptr, C + b * scb + s * scs, S_ + b * ssb + s * sss, d, m, HALF)
 
 
 def _inner(t: torch.Tensor) -> torch.Tensor:
