@@ -165,25 +165,7 @@ class TritonLowering(Lowering):
         the rest), in our CUDA-graph runner where graphs apply: no Inductor."""
         from torch._functorch.aot_autograd import make_boxed_func
 
-        from . import cuda_gemv, cuda_gemv_fusion, cuda_kv_write, cuda_ops, cuda_timing
-
-        with torch._subclasses.fake_tensor.unset_fake_temporarily():
-            inline = (
-                frozenset(cuda_ops.TRIES) if ctx.options.cuda_kernels == "none" else frozenset()
-            )
-            early = [] if inline else cuda_ops.attention_precompiles(gm, ctx)
-            cuda_gemv.substitute_gemv(gm, ctx, also_precompile=early)
-            cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
-            cuda_ops.substitute(gm, ctx, inline)
-            if ctx.report.patterns.get("triton_rotary") and cuda_kv_write.enabled():
-                cuda_kv_write.fuse_rotary_kv_write(gm, ctx)
-            cuda_timing.release_rotation_pads()
-            gm.graph.lint()
-            gm.recompile()
-        if ctx.options.debug:
-            from .cuda_debug import dump_lowered
-
-            dump_lowered(gm, ctx, "lowered_cuda")
+        _swap_in_kernels(gm, ctx, for_inductor=False)
         ctx.report.notes.append("cuda codegen: the post-pass graph runs as is (no Inductor)")
         fn = make_boxed_func(gm.forward)
         on, _ = wants_cudagraphs(ctx.options, ctx.example_inputs)
@@ -217,6 +199,38 @@ class TritonLowering(Lowering):
             return fn
         # The shared pieces read weights through their parameter inputs: check them.
         return CudaGraphRunner(fn, mutated, check_parameters=True)
+
+
+def _swap_in_kernels(gm: GraphModule, ctx: Any, for_inductor: bool) -> None:
+    """Our Triton kernels into the post-pass graph, for either codegen. For Inductor, ops
+    named by `cuda_kernels` go back to their ATen reference for it to fuse, and ops it
+    expects decomposed are re-decomposed; run as is, every op takes our kernel (unless
+    "none") and rotary absorbs the KV-cache writes Inductor would have fused."""
+    from . import cuda_gemv, cuda_gemv_fusion, cuda_kv_write, cuda_ops, cuda_timing
+
+    everything = frozenset(cuda_ops.TRIES)
+    auto = cuda_ops.INLINE_BY_DEFAULT if for_inductor else frozenset()
+    inline = {"auto": auto, "all": frozenset(), "none": everything}[ctx.options.cuda_kernels]
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        # The decode attention's config candidates compile with the GEMVs' (one wait).
+        early = [] if "attention" in inline else cuda_ops.attention_precompiles(gm, ctx)
+        # Decode GEMVs first: the gated-MLP fusion consumes yirage.gated_act nodes.
+        cuda_gemv.substitute_gemv(gm, ctx, also_precompile=early)
+        # RMSNorm prologues and skip-add epilogues into those GEMVs ("all" only: not
+        # faster end to end, see the module) before the norms reach Inductor.
+        cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
+        cuda_ops.substitute(gm, ctx, inline)
+        if for_inductor:
+            cuda_ops.decompose_for_inductor(gm, ctx)
+        elif ctx.report.patterns.get("triton_rotary") and cuda_kv_write.enabled():
+            cuda_kv_write.fuse_rotary_kv_write(gm, ctx)
+        cuda_timing.release_rotation_pads()
+        gm.graph.lint()
+        gm.recompile()
+    if ctx.options.debug:
+        from .cuda_debug import dump_lowered
+
+        dump_lowered(gm, ctx, "lowered_cuda_for_inductor" if for_inductor else "lowered_cuda")
 
 
 def _runner(fn: Callable, mutated: frozenset[int], options: Any) -> Callable:
@@ -392,8 +406,6 @@ class _InnerCompile:
         from yirage_dynamo.passes import run_pipeline
         from yirage_dynamo.passes.context import PassContext, count_nodes
 
-        from . import cuda_gemv, cuda_gemv_fusion, cuda_ops, cuda_timing
-
         inference = bool(kwargs.get("is_inference")) and not kwargs.get("is_backward")
         kind = "backward" if kwargs.get("is_backward") else "inference" if inference else "forward"
         report = self.report
@@ -425,31 +437,8 @@ class _InnerCompile:
         )
         with report.stage("inductor/yirage_passes"):
             run_pipeline(gm, ctx)
-        with (
-            report.stage("inductor/triton_ops"),
-            torch._subclasses.fake_tensor.unset_fake_temporarily(),
-        ):
-            inline = {
-                "auto": cuda_ops.INLINE_BY_DEFAULT,
-                "all": frozenset(),
-                "none": frozenset(cuda_ops.TRIES),
-            }[self.options.cuda_kernels]
-            # The decode attention's config candidates compile with the GEMVs' (one wait).
-            early = [] if "attention" in inline else cuda_ops.attention_precompiles(gm, ctx)
-            # Decode GEMVs first: the gated-MLP fusion consumes yirage.gated_act nodes.
-            cuda_gemv.substitute_gemv(gm, ctx, also_precompile=early)
-            # RMSNorm prologues and skip-add epilogues into those GEMVs ("all" only: not
-            # faster end to end, see the module) before the norms reach Inductor.
-            cuda_gemv_fusion.fuse_gemv_neighbours(gm, ctx)
-            cuda_ops.substitute(gm, ctx, inline)
-            cuda_ops.decompose_for_inductor(gm, ctx)
-            cuda_timing.release_rotation_pads()
-            gm.graph.lint()
-            gm.recompile()
-        if self.options.debug:
-            from .cuda_debug import dump_lowered
-
-            dump_lowered(gm, ctx, "lowered_cuda_for_inductor")
+        with report.stage("inductor/triton_ops"):
+            _swap_in_kernels(gm, ctx, for_inductor=True)
         report.nodes_out = count_nodes(gm)
         # Frozen weights are real tensors behind get_attr nodes: Inductor's fake-tensor
         # propagation must accept them (what Inductor's own freezing does, same scope).
