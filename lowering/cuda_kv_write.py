@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
-from yirage_dynamo.passes.context import PassContext, set_fake_val
+from yirage_dynamo.passes.context import PassContext, node_val, set_fake_val
 from yirage_dynamo.passes.fusion import VIEW_OPS
 
 _INDEX_COPY_ = torch.ops.aten.index_copy_.default
@@ -60,16 +60,12 @@ def rotary_kv_write_reference(
     return q2
 
 
-def _val(n: Any) -> Any:
-    return n.meta.get("val") if isinstance(n, Node) else None
-
-
 def _cache_write(node: Node) -> tuple[Node, Node, Node] | None:
     """(cache, positions, source) of `aten.index_copy_(cache, 2, positions, source)`."""
     if node.op != "call_function" or node.target is not _INDEX_COPY_ or len(node.args) != 4:
         return None
     cache, dim, pos, src = node.args
-    cv = _val(cache)
+    cv = node_val(cache)
     if not isinstance(cv, torch.Tensor) or cv.dim() != 4 or dim not in (2, -2):
         return None
     return cache, pos, src
@@ -96,7 +92,7 @@ def _why_not(
     kc, pos, k2 = _cache_write(k_write)
     vc, _, v = _cache_write(v_write)
     q, k, cos, sin = rot.args[:4]
-    qv, kv, vv, kcv, vcv, pv = (_val(n) for n in (q, k, v, kc, vc, pos))
+    qv, kv, vv, kcv, vcv, pv = (node_val(n) for n in (q, k, v, kc, vc, pos))
     if not all(isinstance(t, torch.Tensor) for t in (qv, kv, vv, kcv, vcv, pv)):
         return "a value without metadata"
     if not all(isinstance(d, int) for t in (qv, kv, vv, pv, kcv, vcv) for d in t.shape):
