@@ -36,6 +36,20 @@ def _is_jit(obj: Any) -> bool:
     return hasattr(obj, "fn") and hasattr(obj, "src") and callable(getattr(obj, "run", None))
 
 
+def op_launcher(fn: Callable, modules: tuple[str, ...] = _OUR_MODULES) -> Callable:
+    """The function an op was defined with. `torch.library.triton_op` registers a wrapper
+    (it turns off wrap_triton's HOP dispatch) that closes over it; dumping the wrapper would
+    show torch's code, not ours."""
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if inspect.isfunction(inner) and inner.__module__.startswith(modules):
+            return inner
+    return fn
+
+
 def referenced_sources(
     fn: Callable,
     is_kernel: Callable[[Any], bool] = _is_jit,
@@ -99,7 +113,7 @@ def _dump_lowered(gm: GraphModule, ctx: Any, stem: str, namespace: str) -> None:
     paths: dict[str, Path] = {}
     for name, nodes in by_op.items():
         fn = getattr(_maybe_get_opdef(nodes[0].target), "_init_fn", None)
-        sources = referenced_sources(fn) if fn is not None else []
+        sources = referenced_sources(op_launcher(fn)) if fn is not None else []
         body = "\n\n".join(src for _, src in sources) or "# (no Python source found)\n"
         digest = hashlib.sha256(body.encode()).hexdigest()[:10]
         header = f"# yirage kernel {name} ({namespace}::{name})\n"

@@ -9,7 +9,7 @@ import torch
 from conftest import needs_triton
 from torch.fx.experimental.proxy_tensor import make_fx
 from yirage_dynamo.lowering.base import Capabilities
-from yirage_dynamo.lowering.cuda_debug import dump_lowered, referenced_sources
+from yirage_dynamo.lowering.cuda_debug import dump_lowered, op_launcher, referenced_sources
 from yirage_dynamo.passes.context import PassContext
 
 import yirage_dynamo.ops  # noqa: F401 - registers the yirage ops
@@ -63,6 +63,21 @@ def test_referenced_sources_follow_launchers_into_kernels_once_each():
     assert "return _launcher(x)" in dict(found)["_op"]
 
 
+def test_op_launcher_sees_through_triton_ops_wrapper():
+    # triton_op registers torch's wrapper, not the function: the dump must show ours.
+    from torch._library.custom_ops import _maybe_get_opdef
+    from torch.library import triton_op
+
+    def _scaled(x: torch.Tensor) -> torch.Tensor:
+        return _launcher(x)
+
+    op = triton_op("yirage_test::scaled_for_debug_dump", mutates_args=())(_scaled)
+    registered = _maybe_get_opdef(op)._init_fn
+    assert registered is not _scaled  # else this test checks nothing
+    assert op_launcher(registered, (__name__,)) is _scaled
+    assert op_launcher(_op, (__name__,)) is _op  # a plain function is itself
+
+
 def test_debug_dump_names_each_ops_origins_and_constants_and_links_the_report(tmp_path):
     def f(q, k, cos, sin):
         q2, k2 = torch.ops.yirage.rotary(q, k, cos, sin, False)
@@ -114,5 +129,5 @@ def test_debug_dump_of_a_triton_op_holds_its_jit_kernels(tmp_path):
     dump_lowered(gm, ctx, "lowered_cuda")
     (kernel,) = tmp_path.rglob("kernels/rotary_*.py")
     text = kernel.read_text()
-    assert "def rotary(" in text and "def _rotate(" in text
+    assert "def rotary(" in text and "def _rotate(" in text and "def _rotate_row(" in text
     assert "@triton.jit" in text and "def _rotary_kernel(" in text
