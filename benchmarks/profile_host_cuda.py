@@ -1,6 +1,7 @@
 """Where the host time of a CUDA decode step goes: HF generate() under cProfile.
 
     python benchmarks/profile_host_cuda.py --shape 1b --variants inductor,yirage --out DIR
+    python benchmarks/profile_host_cuda.py --shape 7b --timeline     (yirage only, no cProfile)
 
 Per variant: after a warm-up generate (compiles), one generate of `--new` tokens runs
 under cProfile; the top functions by own time and by cumulative time are written to
@@ -16,9 +17,11 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,12 +40,77 @@ def write_profile(prof: cProfile.Profile, path: Path, top: int = 60) -> None:
     prof.dump_stats(str(path.with_suffix(".prof")))
 
 
+def _median_ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1e3 if xs else float("nan")
+
+
+def timeline(runner: Runner, model: Any, cc: Any, new: int) -> str:
+    """Per decode token, host wall-clock stamps (no profiler) at: HF's call into the
+    compiled model, our CUDA-graph runner's entry, cudaGraphLaunch's start and end, and
+    the returns; medians over the tokens, against the step's GPU time (its graph replayed
+    alone). What is not ours is HF's loop, which waits for the GPU once per token."""
+    from yirage_dynamo.runtime import cuda_graphs as cg
+
+    pc = time.perf_counter
+    marks: dict[str, list[float]] = {k: [] for k in ("call", "run", "l0", "l1", "ret", "out")}
+    compiled = model._compiled_call
+
+    def timed_call(*a: Any, **k: Any) -> Any:
+        marks["call"].append(pc())
+        out = compiled(*a, **k)
+        marks["out"].append(pc())
+        return out
+
+    runner_call, replay = cg.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay
+
+    def timed_runner(self: Any, *a: Any) -> Any:
+        marks["run"].append(pc())
+        out = runner_call(self, *a)
+        marks["ret"].append(pc())
+        return out
+
+    def timed_replay(self: Any) -> None:
+        marks["l0"].append(pc())
+        replay(self)
+        marks["l1"].append(pc())
+
+    model._compiled_call = timed_call
+    cg.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay = timed_runner, timed_replay
+    try:
+        runner.generate(new, cc)
+        torch.cuda.synchronize()
+    finally:
+        model._compiled_call = compiled
+        cg.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay = runner_call, replay
+    n = min(len(v) for v in marks.values())
+    if n < 3 or len(marks["l0"]) != len(marks["call"]):
+        return f"timeline: stamps do not line up ({ {k: len(v) for k, v in marks.items()} })"
+    m = {k: v[:n] for k, v in marks.items()}
+    runners = [r for r in cg.live_runners() if r.graph is not None]
+    gpu = cg.replay_ms(runners[-1]) if runners else float("nan")
+    rows = [
+        ("token period (call to next call)", [b - a for a, b in zip(m["call"], m["call"][1:])]),
+        ("Dynamo: call -> our runner", [b - a for a, b in zip(m["call"], m["run"])]),
+        ("runner: entry -> launch (checks, input copies)", [b - a for a, b in zip(m["run"], m["l0"])]),
+        ("cudaGraphLaunch (host)", [b - a for a, b in zip(m["l0"], m["l1"])]),
+        ("runner: launch -> return (output clones)", [b - a for a, b in zip(m["l1"], m["ret"])]),
+        ("Dynamo: runner return -> call return", [b - a for a, b in zip(m["ret"], m["out"])]),
+        ("HF: call return -> next call (waits for the GPU)", [b - a for a, b in zip(m["out"], m["call"][1:])]),
+    ]  # fmt: skip
+    lines = [f"{n} decode calls; GPU step (graph replayed alone) {gpu:.3f} ms"]
+    lines += [f"  {_median_ms(v):8.3f} ms  {name}" for name, v in rows]
+    period = _median_ms(rows[0][1])
+    lines.append(f"  {period - gpu:8.3f} ms  host time not hidden behind the GPU (period - step)")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
     ap.add_argument("--variants", default="inductor,yirage")
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--timeline", action="store_true", help="stamps per token, yirage only")
     args = ap.parse_args()
     import transformers
 
@@ -64,6 +132,14 @@ def main() -> None:
                 delattr(model, attr)
         cc = configs[name]
         runner.generate(args.new, cc)  # compile + warm up
+        if args.timeline:
+            runner.generate(args.new, cc)
+            print(f"{args.shape} {name}:\n{timeline(runner, model, cc, args.new)}", flush=True)
+            # Diagnostic only (unsafe for real use): what Dynamo's guard checks cost.
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                print("  ... with guard evaluation skipped:", flush=True)
+                print(timeline(runner, model, cc, args.new), flush=True)
+            continue
         torch.cuda.synchronize()
         t = time.perf_counter()
         runner.generate(args.new, cc)
