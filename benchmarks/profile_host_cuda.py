@@ -52,7 +52,8 @@ def timeline(runner: Runner, model: Any, cc: Any, new: int) -> str:
     from yirage_dynamo.runtime import cuda_graphs as cg
 
     pc = time.perf_counter
-    marks: dict[str, list[float]] = {k: [] for k in ("call", "run", "l0", "l1", "ret", "out")}
+    keys = ("call", "run", "c0", "c1", "l0", "l1", "ret", "out")
+    marks: dict[str, list[float]] = {k: [] for k in keys}
     compiled = model._compiled_call
 
     def timed_call(*a: Any, **k: Any) -> Any:
@@ -62,12 +63,19 @@ def timeline(runner: Runner, model: Any, cc: Any, new: int) -> str:
         return out
 
     runner_call, replay = cg.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay
+    check = cg.CudaGraphRunner._statics_unchanged
 
     def timed_runner(self: Any, *a: Any) -> Any:
         marks["run"].append(pc())
         out = runner_call(self, *a)
         marks["ret"].append(pc())
         return out
+
+    def timed_check(self: Any, args: Any) -> bool:
+        marks["c0"].append(pc())
+        same = check(self, args)
+        marks["c1"].append(pc())
+        return same
 
     def timed_replay(self: Any) -> None:
         marks["l0"].append(pc())
@@ -76,12 +84,14 @@ def timeline(runner: Runner, model: Any, cc: Any, new: int) -> str:
 
     model._compiled_call = timed_call
     cg.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay = timed_runner, timed_replay
+    cg.CudaGraphRunner._statics_unchanged = timed_check
     try:
         runner.generate(new, cc)
         torch.cuda.synchronize()
     finally:
         model._compiled_call = compiled
         cg.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay = runner_call, replay
+        cg.CudaGraphRunner._statics_unchanged = check
     n = min(len(v) for v in marks.values())
     if n < 3 or len(marks["l0"]) != len(marks["call"]):
         return f"timeline: stamps do not line up ({ {k: len(v) for k, v in marks.items()} })"
@@ -91,13 +101,22 @@ def timeline(runner: Runner, model: Any, cc: Any, new: int) -> str:
     rows = [
         ("token period (call to next call)", [b - a for a, b in zip(m["call"], m["call"][1:])]),
         ("Dynamo: call -> our runner", [b - a for a, b in zip(m["call"], m["run"])]),
-        ("runner: entry -> launch (checks, input copies)", [b - a for a, b in zip(m["run"], m["l0"])]),
+        ("runner: entry -> launch", [b - a for a, b in zip(m["run"], m["l0"])]),
+        ("  of which: static inputs' address check", [b - a for a, b in zip(m["c0"], m["c1"])]),
+        ("  of which: check -> launch (input copies)", [b - a for a, b in zip(m["c1"], m["l0"])]),
         ("cudaGraphLaunch (host)", [b - a for a, b in zip(m["l0"], m["l1"])]),
         ("runner: launch -> return (output clones)", [b - a for a, b in zip(m["l1"], m["ret"])]),
         ("Dynamo: runner return -> call return", [b - a for a, b in zip(m["ret"], m["out"])]),
         ("HF: call return -> next call (waits for the GPU)", [b - a for a, b in zip(m["out"], m["call"][1:])]),
     ]  # fmt: skip
     lines = [f"{n} decode calls; GPU step (graph replayed alone) {gpu:.3f} ms"]
+    if runners:
+        r = runners[-1]
+        lines.append(
+            f"runner: {len(r.ptr_at)} inputs, {len(r.static_idx)} address-checked, copied in "
+            f"{[len(p) for p, _ in r.copy_groups]} (per dtype), {len(r.copy_back)} copied back; "
+            f"C++ check: {hasattr(torch._C, '_tensors_data_ptrs_at_indices_equal')}"
+        )
     lines += [f"  {_median_ms(v):8.3f} ms  {name}" for name, v in rows]
     period = _median_ms(rows[0][1])
     lines.append(f"  {period - gpu:8.3f} ms  host time not hidden behind the GPU (period - step)")

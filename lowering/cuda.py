@@ -155,6 +155,15 @@ class TritonLowering(Lowering):
         report.notes.append(f"cuda graphs: yirage runner (mutated inputs {sorted(mutated)})")
         return _runner(fn, mutated, options)
 
+    def cache_salt(self) -> str:
+        # Benchmarks flip these switches between variants in one process; without them in
+        # the key, a later variant's regional pieces loaded the first variant's programs.
+        from . import cuda_gemv, cuda_gemv_fusion, cuda_kv_write, cuda_pdl
+
+        envs = (CODEGEN_ENV, CUDA_GRAPHS_ENV, INDUCTOR_CONFIG_ENV, cuda_pdl.PDL_ENV)
+        envs += (cuda_gemv.GEMV_ENV, cuda_gemv_fusion.FUSE_ENV, cuda_kv_write.KV_WRITE_ENV)
+        return ",".join(f"{e}={os.environ.get(e, '')}" for e in envs)
+
     def aot_options(self, options: Any) -> Any:
         # Horizontal GEMM fusion copies weights (see _InnerCompile): opt-in on CUDA.
         passes = {"pattern_horizontal_gemm": False, **dict(options.passes)}

@@ -160,3 +160,27 @@ def test_inductor_config_env_override_is_merged_last(monkeypatch):
         patches = inductor_config_patches(parse_options({}), [x])
     assert patches["combo_kernels"] is True and patches["fx_graph_cache"] is True
     assert patches["triton.cudagraphs"] is True
+
+
+def test_each_cuda_switch_is_in_the_graph_cache_key(monkeypatch):
+    """A benchmark flips these between variants in one process: each must key its own
+    compiled programs (the second variant once ran the first one's)."""
+    from yirage_dynamo.lowering import cuda, cuda_gemv, cuda_gemv_fusion, cuda_kv_write, cuda_pdl
+    from yirage_dynamo.runtime.graph_cache import graph_key
+
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    inputs, opts, lowering = [torch.ones(2)], parse_options({}), cuda.TritonLowering()
+    switches = {
+        cuda.CODEGEN_ENV: "inductor", cuda.CUDA_GRAPHS_ENV: "inductor",
+        cuda.INDUCTOR_CONFIG_ENV: "{}", cuda_pdl.PDL_ENV: "gemv",
+        cuda_gemv.GEMV_ENV: "off", cuda_gemv_fusion.FUSE_ENV: "on",
+        cuda_kv_write.KV_WRITE_ENV: "off",
+    }  # fmt: skip
+    for env in switches:
+        monkeypatch.delenv(env, raising=False)
+    keys = {graph_key(gm, inputs, opts, lowering, disk=False)[0]}
+    for env, value in switches.items():
+        with monkeypatch.context() as m:
+            m.setenv(env, value)
+            keys.add(graph_key(gm, inputs, opts, lowering, disk=False)[0])
+    assert None not in keys and len(keys) == 1 + len(switches)
