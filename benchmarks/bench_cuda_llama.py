@@ -300,8 +300,11 @@ def variant_configs(options: dict) -> dict[str, Any]:
         ),
     }
     for name in ENV_VARIANTS:
+        # A backend object of its own: torch.compile's wrappers compare equal when backend
+        # and options do, and Dynamo then runs the first variant's compiled code for every
+        # later one (its cache lookup matches backends by ==), whatever the environment.
         configs[name] = transformers.CompileConfig(
-            backend=yirage, mode=None, options=dict(options) or None
+            backend=functools.partial(yirage), mode=None, options=dict(options) or None
         )
     return configs
 
@@ -337,6 +340,8 @@ def bench_interleaved(
         # Different torch.compile wrappers: Dynamo keeps each one's entry (backend guard).
         compiled[name] = model._compiled_call
         graphs[name] = [r for r in live_runners() if id(r) not in before]
+        if name.startswith("yirage") and not graphs[name] and any(graphs.values()):
+            raise RuntimeError(f"{name} compiled nothing: it would time an earlier variant")
     per_tok: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name in variants:

@@ -47,7 +47,12 @@ def yirage(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Cal
         raise ValueError(
             f"unexpected yirage backend arguments {sorted(kwargs)}; it takes mode= and options="
         )
-    return compile_dynamo_graph(gm, list(example_inputs), parse_options(options, mode))
+    from yirage_dynamo.frozen_weights import guard_frozen_weights
+
+    inputs, opts = list(example_inputs), parse_options(options, mode)
+    fn = compile_dynamo_graph(gm, inputs, opts)
+    # Dynamo may hand this graph's code to another model of the same architecture.
+    return guard_frozen_weights(fn, gm, inputs, opts, compile_dynamo_graph)
 
 
 def compile_dynamo_graph(gm: GraphModule, example_inputs: list[Any], options: Options) -> Callable:
