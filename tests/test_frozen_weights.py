@@ -10,6 +10,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import needs_triton
 
 from yirage_dynamo.frozen_weights import FrozenWeightsGuard, guard_frozen_weights
 from yirage_dynamo.options import parse_options
@@ -58,7 +59,12 @@ def test_weights_of_a_deleted_model_are_not_kept_alive():
     assert weight() is None
 
 
-def test_hf_generate_of_two_llamas_matches_each_ones_eager():
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[needs_triton, pytest.mark.cuda])]
+)
+def test_hf_generate_of_two_llamas_matches_each_ones_eager(device):
+    """On CUDA: the guard in front of the CUDA-graph runner, whose frozen embedding and
+    head pieces would otherwise replay the first model's weights."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -67,19 +73,22 @@ def test_hf_generate_of_two_llamas_matches_each_ones_eager():
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        models.append(transformers.LlamaForCausalLM(cfg).eval())
-    ids = torch.randint(0, 256, (1, 8))
+        models.append(transformers.LlamaForCausalLM(cfg).to(device).eval())
+    ids = torch.randint(0, 256, (1, 8), device=device)
     gen = dict(
         max_new_tokens=5, do_sample=False, cache_implementation="static",
         output_logits=True, return_dict_in_generate=True,
     )  # fmt: skip
-    cc = transformers.CompileConfig(backend="yirage", fullgraph=False)
+    cc = transformers.CompileConfig(
+        backend="yirage", mode=None, fullgraph=False, options={"fallback": "error"}
+    )
     cc._compile_all_devices = True  # HF compiles on CPU only when asked
     with torch.no_grad():
         refs = [m.generate(ids, **gen) for m in models]
         outs = [m.generate(ids, compile_config=cc, **gen) for m in models]
+        again = models[0].generate(ids, compile_config=cc, **gen)  # the first one's program
     assert not torch.equal(refs[0].sequences, refs[1].sequences)  # else this checks nothing
-    for out, ref in zip(outs, refs):
+    for out, ref in zip([*outs, again], [*refs, refs[0]]):
         assert torch.equal(out.sequences, ref.sequences)
         for got, want in zip(out.logits, ref.logits):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
