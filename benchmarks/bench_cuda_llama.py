@@ -104,6 +104,8 @@ ENV_VARIANTS = {
     # Rotary and the static cache's two index_copy_ writes as separate launches (the
     # no-Inductor path fuses them into one kernel per layer: lowering/cuda_kv_write.py).
     "yirage_unfused_kv": {"YIRAGE_CUDA_KV_WRITE": "off"},
+    # ... and with HF's per-layer position add (arange + cumulative_length) folded in too.
+    "yirage_kv_pos": {"YIRAGE_CUDA_KV_POS": "on"},
 }
 
 

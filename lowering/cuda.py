@@ -162,6 +162,7 @@ class TritonLowering(Lowering):
 
         envs = (CODEGEN_ENV, CUDA_GRAPHS_ENV, INDUCTOR_CONFIG_ENV, cuda_pdl.PDL_ENV)
         envs += (cuda_gemv.GEMV_ENV, cuda_gemv_fusion.FUSE_ENV, cuda_kv_write.KV_WRITE_ENV)
+        envs += (cuda_kv_write.KV_POS_ENV,)
         return ",".join(f"{e}={os.environ.get(e, '')}" for e in envs)
 
     def aot_options(self, options: Any) -> Any:

@@ -17,6 +17,17 @@ Matched only where the kernel does exactly that: rotated keys used by the cache 
 alone, both writes along dim 2 at the same positions, caches with unit inner stride and
 the dtypes of what is written, nothing between the two writes touching the caches.
 `YIRAGE_CUDA_KV_WRITE=off` keeps the separate ops (benchmark A/Bs).
+
+`YIRAGE_CUDA_KV_POS=on` (opt-in until measured on a GPU) also folds the positions' own
+launch, HF's `pos = arange(S) + cumulative_length`, into the kernel:
+
+    pos = aten.add(offsets, counter)                   q2 = yirage_cuda.rotary_kv_write(
+    aten.add_(counter, S)                                       ..., offsets, counter)
+                                                       aten.add_(counter, S)
+
+The fused call then goes where `pos` was, before the counter's in-place increment, so it
+reads the counter's old value as the add did (only where nothing between there and the
+writes touches the caches, and every operand is ready there).
 """
 
 from __future__ import annotations
@@ -33,14 +44,25 @@ from yirage_dynamo.passes.fusion import VIEW_OPS
 
 _INDEX_COPY_ = torch.ops.aten.index_copy_.default
 KV_WRITE_ENV = "YIRAGE_CUDA_KV_WRITE"
+KV_POS_ENV = "YIRAGE_CUDA_KV_POS"
+_ADD = torch.ops.aten.add.Tensor
+
+
+def _switch(env: str, default: str) -> bool:
+    value = os.environ.get(env, "").strip().lower() or default
+    if value not in ("on", "off"):
+        raise ValueError(f"{env}={value!r}: expected 'on' or 'off'")
+    return value == "on"
 
 
 def enabled() -> bool:
     """YIRAGE_CUDA_KV_WRITE: "on" (default) or "off"; another value raises ValueError."""
-    value = os.environ.get(KV_WRITE_ENV, "").strip().lower() or "on"
-    if value not in ("on", "off"):
-        raise ValueError(f"{KV_WRITE_ENV}={value!r}: expected 'on' or 'off'")
-    return value == "on"
+    return _switch(KV_WRITE_ENV, "on")
+
+
+def folds_positions() -> bool:
+    """YIRAGE_CUDA_KV_POS: "off" (default) or "on"; another value raises ValueError."""
+    return _switch(KV_POS_ENV, "off")
 
 
 def rotary_kv_write_reference(
@@ -52,8 +74,10 @@ def rotary_kv_write_reference(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     pos: torch.Tensor,
+    pos_base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What `yirage_cuda::rotary_kv_write` computes, in ATen (tests, CPU)."""
+    pos = pos if pos_base is None else pos + pos_base
     q2, k2 = torch.ops.yirage.rotary(q, k, cos, sin, False)
     k_cache.index_copy_(2, pos, k2)
     v_cache.index_copy_(2, pos, v)
@@ -112,21 +136,66 @@ def _why_not(
     return None
 
 
+def _position_add(pos: Node, writes: set[Node]) -> tuple[Node, Node] | None:
+    """(offsets[S], counter[1]) of `pos = aten.add(offsets, counter)`, int64, read by the
+    two cache writes alone."""
+    if (
+        pos.op != "call_function"
+        or pos.target is not _ADD
+        or pos.kwargs
+        or set(pos.users) != writes
+    ):
+        return None
+    if len(pos.args) != 2 or not all(isinstance(a, Node) for a in pos.args):
+        return None
+    pv = node_val(pos)
+    for offsets, counter in (pos.args, pos.args[::-1]):
+        ov, cv = node_val(offsets), node_val(counter)
+        if not all(isinstance(t, torch.Tensor) for t in (ov, cv)):
+            continue
+        if not all(type(d) is int for d in (*ov.shape, *cv.shape)):
+            continue  # symbolic: comparing would specialise
+        if ov.dtype == cv.dtype == pv.dtype == torch.int64 and ov.shape == pv.shape:
+            if cv.numel() == 1 and ov.stride(-1) == 1:
+                return offsets, counter
+    return None
+
+
+def _fold_point(
+    pos: Node,
+    operands: Iterable[Node],
+    caches: tuple[Node, Node],
+    writes: set[Node],
+    last: Node,
+    order: dict[Node, int],
+) -> bool:
+    """Whether the fused call may run where `pos` is computed: every operand ready there,
+    nothing after it touching the caches before the last write but the writes."""
+    if any(order[n] >= order[pos] for n in operands):
+        return False
+    span = range(order[pos] + 1, order[last] + 1)
+    return not any(order[u] in span for u in _aliases(*caches) - writes)
+
+
 def fuse_rotary_kv_write(
     gm: GraphModule,
     ctx: PassContext,
     rotary_ops: Iterable[Any] | None = None,
     fused: Callable[..., Any] | None = None,
+    fold_positions: bool | None = None,
 ) -> int:
     """Replace rotary + both cache writes of each layer by one fused call; count them.
-    `rotary_ops`/`fused` default to the Triton ops (tests pass the references)."""
+    `rotary_ops`/`fused` default to the Triton ops (tests pass the references);
+    `fold_positions` to YIRAGE_CUDA_KV_POS (see module)."""
     from yirage_dynamo.report import KernelRecord
 
     if rotary_ops is None:
         rotary_ops = (torch.ops.yirage_cuda.rotary.default,)
         fused = torch.ops.yirage_cuda.rotary_kv_write.default
     rotary_ops = tuple(rotary_ops)
-    count = 0
+    if fold_positions is None:
+        fold_positions = folds_positions()
+    count = folded = 0
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for rot in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in rotary_ops]:
         if len(rot.args) > 4 and rot.args[4]:  # yirage.rotary's interleaved flag
@@ -154,11 +223,20 @@ def fuse_rotary_kv_write(
         vc, _, v = _cache_write(v_write)
         q, k, cos, sin = rot.args[:4]
         last = max(k_write, v_write, key=order.__getitem__)
-        with gm.graph.inserting_before(last):
-            new = gm.graph.call_function(fused, (q, k, v, cos, sin, kc, vc, pos))
-        order[new] = order[last]
+        writes = {k_write, v_write}
+        parts = _position_add(pos, writes) if fold_positions else None
+        if parts and _fold_point(pos, (q, k, v, cos, sin, kc, vc), (kc, vc), writes, last, order):
+            with gm.graph.inserting_after(pos):
+                new = gm.graph.call_function(fused, (q, k, v, cos, sin, kc, vc, *parts))
+            order[new] = order[pos]
+        else:
+            parts = None
+            with gm.graph.inserting_before(last):
+                new = gm.graph.call_function(fused, (q, k, v, cos, sin, kc, vc, pos))
+            order[new] = order[last]
         set_fake_val(gm, new)
         origins = [rot.meta.get("yirage_origin", rot.name), k_write.name, v_write.name]
+        origins += [pos.name] if parts else []
         new.meta["yirage_origin"] = "+".join(origins)
         # The rotary kernel this call replaces is no longer launched: not in the report.
         ctx.report.kernels[:] = [
@@ -167,10 +245,13 @@ def fuse_rotary_kv_write(
         outs[0].replace_all_uses_with(new)
         k_write.replace_all_uses_with(kc)
         v_write.replace_all_uses_with(vc)
-        for n in (v_write, k_write, outs[0], outs[1], rot):
+        for n in (v_write, k_write, outs[0], outs[1], rot, *([pos] if parts else [])):
             gm.graph.erase_node(n)
         ctx.report.kernels.append(KernelRecord("rotary_kv_write", "cuda", None, origins))
         count += 1
+        folded += bool(parts)
+    if folded:
+        ctx.report.count_pattern("triton_kv_write_positions", folded)
     if count:
         ctx.report.count_pattern("triton_rotary_kv_write", count)
         gm.graph.lint()

@@ -1,8 +1,9 @@
 """Rotary embedding and the static KV-cache write as one Triton kernel.
 
   rotary_kv_write(q[B, Hq, S, D], k[B, Hkv, S, D], v[B, Hkv, S, D], cos[B|1, (1,) S, D], sin,
-                  k_cache[B, Hkv, L, D], v_cache, pos[S]) -> q'
-      q' = rotary(q); k_cache[:, :, pos] = rotary(k); v_cache[:, :, pos] = v (in place).
+                  k_cache[B, Hkv, L, D], v_cache, pos[S], pos_base[1]?) -> q'
+      q' = rotary(q); k_cache[:, :, p] = rotary(k); v_cache[:, :, p] = v (in place),
+      p = pos + pos_base (HF's `arange + cumulative_length`, one launch fewer) or pos.
 
 A decode step of HF's static cache is, per layer, rotary on q, rotary on k, and two
 `index_copy_`s into the caches: four launches, each moving a few KB. One program per
@@ -34,6 +35,7 @@ def _rotary_kv_write_kernel(
     KC,
     VC,
     POS,
+    BASE,
     HQ,
     HKV,
     S,
@@ -61,6 +63,7 @@ def _rotary_kv_write_kernel(
     svcs,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    HAS_BASE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     s = pid % S
@@ -74,6 +77,8 @@ def _rotary_kv_write_kernel(
     else:
         j = h - HQ
         p = tl.load(POS + s).to(tl.int64)
+        if HAS_BASE:
+            p += tl.load(BASE).to(tl.int64)
         x_ptr = K + b * skb + j * skh + s * sks
         y_ptr = KC + b * skcb + j * skch + p * skcs
         # The value row goes to the same slot unchanged.
@@ -98,6 +103,7 @@ def rotary_kv_write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     pos: torch.Tensor,
+    pos_base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     cos, sin = _seq_major(cos), _seq_major(sin)
     q, k, v = _inner(q), _inner(k), _inner(v)
@@ -114,6 +120,7 @@ def rotary_kv_write(
         k_cache,
         v_cache,
         pos,
+        pos if pos_base is None else pos_base,
         hq,
         hkv,
         s,
@@ -141,6 +148,7 @@ def rotary_kv_write(
         v_cache.stride(2),
         HALF=d // 2,
         BLOCK_HALF=triton.next_power_of_2(d // 2),
+        HAS_BASE=pos_base is not None,
         num_warps=1,
     )
     return out

@@ -4,6 +4,8 @@ against that reference on a GPU."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import cuda_tol, needs_triton
@@ -43,6 +45,25 @@ def _cache_read_between_writes(q, k, v, cos, sin, kc, vc, pos):
     peek = kview.sum()  # ...read after the key write, before the value write
     vc.index_copy_(2, pos, v)
     return q2 + 1, peek
+
+
+def _attend(q2, kc, vc):
+    rep = q2.shape[1] // kc.shape[1]
+    scores = q2 @ kc.repeat_interleave(rep, 1).transpose(-1, -2)
+    return scores.softmax(-1) @ vc.repeat_interleave(rep, 1)
+
+
+def _hf_positions(q, k, v, cos, sin, kc, vc, counter, keep_pos=False, peek=False):
+    """HF's StaticLayer.update: positions from the layer's own counter, then its increment.
+    `keep_pos`: the positions leave the graph too; `peek`: a cache read after them that
+    must see the cache before this step's writes."""
+    q2, k2 = torch.ops.yirage.rotary(q, k, cos, sin, False)
+    pos = torch.arange(k.shape[2]) + counter
+    extra = [kc.sum()] if peek else []
+    counter.add_(k.shape[2])
+    kc.index_copy_(2, pos, k2)
+    vc.index_copy_(2, pos, v)
+    return (_attend(q2, kc, vc), *extra, *([pos] if keep_pos else []))
 
 
 def _inputs(b, hq, hkv, s, d, cache, dtype, device="cpu", start=3):
@@ -104,11 +125,14 @@ def test_graphs_the_fused_call_would_change_keep_the_separate_ops(fn):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,hq,hkv,s,d", [(1, 32, 8, 1, 128), (2, 12, 4, 5, 80), (1, 8, 8, 1, 64)])
-def test_triton_rotary_kv_write_matches_rotary_then_index_copy(dtype, b, hq, hkv, s, d):
+@pytest.mark.parametrize("with_base", [False, True])
+def test_triton_rotary_kv_write_matches_rotary_then_index_copy(dtype, b, hq, hkv, s, d, with_base):
     from yirage_dynamo.lowering.cuda_ops import _kernels
 
     _kernels()
-    args = _inputs(b, hq, hkv, s, d, 64, dtype, device="cuda", start=17)
+    args = _inputs(b, hq, hkv, s, d, 64, dtype, device="cuda", start=0 if with_base else 17)
+    if with_base:  # positions as offsets + a counter (YIRAGE_CUDA_KV_POS)
+        args.append(torch.tensor([17], device="cuda"))
     ref_args, got_args = _clones(args), _clones(args)
     ref = rotary_kv_write_reference(*ref_args)
     got = torch.ops.yirage_cuda.rotary_kv_write(*got_args)
@@ -118,7 +142,10 @@ def test_triton_rotary_kv_write_matches_rotary_then_index_copy(dtype, b, hq, hkv
     torch.testing.assert_close(got_args[6], ref_args[6], rtol=0, atol=0)
 
 
-def test_fusion_in_the_no_inductor_llama_layer_program_keeps_generate_exact(monkeypatch):
+@pytest.mark.parametrize("fold_positions", [False, True])
+def test_fusion_in_the_no_inductor_llama_layer_program_keeps_generate_exact(
+    monkeypatch, fold_positions
+):
     """The rewrite on the graphs HF's static cache really gives (regional pieces, per-layer
     positions `arange + cumulative_length`): run after the Triton swaps, with the ATen
     reference as the fused op, generate() still matches eager and each decode layer
@@ -131,7 +158,8 @@ def test_fusion_in_the_no_inductor_llama_layer_program_keeps_generate_exact(monk
 
     def substitute_then_fuse(gm, ctx, inline):
         swapped = substitute(gm, ctx, inline)
-        fuse_rotary_kv_write(gm, ctx, (torch.ops.yirage.rotary.default,), rotary_kv_write_reference)
+        rotary = (torch.ops.yirage.rotary.default,)
+        fuse_rotary_kv_write(gm, ctx, rotary, rotary_kv_write_reference, fold_positions)
         graphs.append(gm)
         return swapped
 
@@ -139,6 +167,9 @@ def test_fusion_in_the_no_inductor_llama_layer_program_keeps_generate_exact(monk
     reports = direct_generate_on_cpu(monkeypatch)
     layers = [r for r in reports if r.patterns.get("attention")]
     assert layers and all(r.patterns.get("triton_rotary_kv_write") == 1 for r in layers)
+    # HF's `arange + cumulative_length` positions, folded in where asked.
+    folded = [r.patterns.get("triton_kv_write_positions", 0) for r in layers]
+    assert folded == [int(fold_positions)] * len(layers)
     for gm in graphs:
         targets = [n.target for n in gm.graph.nodes]
         if rotary_kv_write_reference in targets:
@@ -155,3 +186,46 @@ def test_kv_write_env_switch_is_validated(monkeypatch):
     monkeypatch.setenv(KV_WRITE_ENV, "sometimes")
     with pytest.raises(ValueError, match=KV_WRITE_ENV):
         enabled()
+
+
+def _hf_inputs(dtype=torch.float32, b=1, s=1):
+    args = _inputs(b, 4, 2, s, 8, 12, dtype)
+    return [*args[:7], torch.tensor([3])]  # the counter: the next free slot
+
+
+@pytest.mark.parametrize("variant,folds", [
+    ({}, True),
+    ({"keep_pos": True}, False),  # the positions are needed anyway
+    ({"peek": True}, False),  # the writes cannot move up past the read
+])  # fmt: skip
+@pytest.mark.parametrize("s", [1, 3])
+def test_position_add_folds_into_the_fused_call_reading_the_counter_before_its_increment(
+    variant, folds, s
+):
+    fn = functools.partial(_hf_positions, **variant)
+    args = _hf_inputs(s=s)
+    gm = make_fx(fn, tracing_mode="fake")(*_clones(args))
+    ctx = PassContext(parse_options({}), CompileReport(), Capabilities("cuda"), [])
+    rotary = (torch.ops.yirage.rotary.default,)
+    assert fuse_rotary_kv_write(gm, ctx, rotary, rotary_kv_write_reference, True) == 1
+    assert ctx.report.patterns.get("triton_kv_write_positions", 0) == int(folds)
+    adds = [n for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor]
+    assert len(adds) == (0 if folds else 1)
+    ref_args, got_args = _clones(args), _clones(args)
+    ref, got = fn(*ref_args), gm(*got_args)
+    torch.testing.assert_close(got, ref)
+    for i in (5, 6, 7):  # the caches and the counter, written in place
+        torch.testing.assert_close(got_args[i], ref_args[i], rtol=0, atol=0)
+    assert got_args[7].item() == 3 + s
+
+
+def test_kv_pos_env_switch_is_validated_and_off_by_default(monkeypatch):
+    from yirage_dynamo.lowering.cuda_kv_write import KV_POS_ENV, folds_positions
+
+    monkeypatch.delenv(KV_POS_ENV, raising=False)
+    assert not folds_positions()
+    monkeypatch.setenv(KV_POS_ENV, "on")
+    assert folds_positions()
+    monkeypatch.setenv(KV_POS_ENV, "maybe")
+    with pytest.raises(ValueError, match=KV_POS_ENV):
+        folds_positions()
