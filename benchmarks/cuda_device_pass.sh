@@ -4,7 +4,7 @@
 # that hangs cannot take the others' time:
 #   1. install the project (no dependencies: the machine has torch, triton, transformers)
 #   2. the L2-prefetch micro-benchmark                        (MICRO_S, default 0: skipped)
-#   3. TEST_FILES (default: PDL, HF generate(), two models, KV write) (TESTS_S, 150 s)
+#   3. TEST_FILES (default: PDL, HF generate(), two models, KV write) (TESTS_S, 200 s)
 #   4. 7B decode, the variants interleaved in one process     (BENCH_S, default 300 s);
 #      by default the switches whose earlier A/Bs were void (RESULTS.md, 17th session)
 #   5. the rest of the CUDA test set                          (REST_S,  default 0: skipped)
@@ -27,9 +27,9 @@ if [ "${MICRO_S:-0}" -gt 0 ]; then
     tee "$OUT/micro.log"
 fi
 
-if [ "${TESTS_S:-150}" -gt 0 ]; then
+if [ "${TESTS_S:-200}" -gt 0 ]; then
   # shellcheck disable=SC2086 # a list of files
-  timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider \
+  timeout "${TESTS_S:-200}" python3 -m pytest -q -p no:cacheprovider \
     ${TEST_FILES:-tests/test_cuda_pdl.py tests/test_cuda_generate.py tests/test_frozen_weights.py tests/test_cuda_kv_write.py} 2>&1 |
     tee "$OUT/tests_full.log" | tail -n 25 | tee "$OUT/tests.log"
 fi
