@@ -311,6 +311,44 @@ def variant_configs(options: dict) -> dict[str, Any]:
     return configs
 
 
+def last_decode_call(runner: Runner, compile_config) -> tuple[tuple, dict]:
+    """The arguments of a decode step's call into the compiled model: a 2-token generate
+    (an eager prefill, then one compiled step) with the call spied on."""
+    model, seen = runner.model, {}
+    compiled = model._compiled_call
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen["call"] = (args, kwargs)
+        return compiled(*args, **kwargs)
+
+    model._compiled_call = spy
+    try:
+        runner.generate(2, compile_config)
+    finally:
+        model._compiled_call = compiled
+    return seen["call"]
+
+
+def gpu_call_ms(call, args: tuple, kwargs: dict, reps: int = 20) -> float:
+    """GPU time of one compiled decode step, for any backend and free of host time: a GPU
+    sleep queued first (~10 ms, longer than the host's guards and launch) keeps the GPU
+    busy while the host issues the call, so the events around it bracket only the step's
+    own GPU work (input copies, the graph, output copies). Inductor's CUDA-graph trees
+    included, which `replay_ms` cannot reach."""
+    call(*args, **kwargs)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        torch.cuda._sleep(20_000_000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call(*args, **kwargs)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def bench_interleaved(
     key: str, variants: list[str], rounds: int, options: dict, profile: bool = False
 ) -> str:
@@ -362,10 +400,20 @@ def bench_interleaved(
         + (f"{peak} TB/s" if peak else "unknown for this GPU"),
         f"| shape | variant | ms/token (median of {rounds}) | tok/s | GB/s (% of spec) | "
         f"per-round ratio to {base}: median (min-max) | GPU ms/step (graph replay) "
-        "| GPU GB/s (% of spec) | rest of the token, ms (host) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| GPU GB/s (% of spec) | rest of the token, ms (host) | GPU ms/step (one call, "
+        "GPU ahead of the host: any backend) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in variants:
+        model._compiled_call = compiled[name]
+        model._last_compile_config = configs[name]
+        try:
+            step = (
+                f"{gpu_call_ms(model._compiled_call, *last_decode_call(runner, configs[name])):.3f}"
+            )
+        except Exception as exc:  # noqa: BLE001 - a column of a table, not the benchmark
+            print(f"[{key}] {name}: GPU step per call not measured: {exc}", file=sys.stderr)
+            step = "-"
         med = statistics.median(per_tok[name])
         ratios = [b / a for a, b in zip(per_tok[name], per_tok[base])]
         # The decode step's own GPU time, without the host time between steps: the
@@ -381,6 +429,7 @@ def bench_interleaved(
                 if gpu is not None
                 else "- | - | - |"
             )
+            + f" {step} |"
         )
     if profile:  # every kernel of a step, per variant, after the timed rounds
         for name in variants:
