@@ -51,8 +51,10 @@ def timeline(runner: Runner, model: Any, cc: Any, new: int) -> str:
     alone). What is not ours is HF's loop, which waits for the GPU once per token."""
     from yirage_dynamo.runtime import cuda_graphs as cg
 
+    from yirage_dynamo.frozen_weights import FrozenWeightsGuard
+
     pc = time.perf_counter
-    keys = ("call", "run", "c0", "c1", "l0", "l1", "ret", "out")
+    keys = ("call", "g", "run", "c0", "c1", "l0", "l1", "ret", "out")
     marks: dict[str, list[float]] = {k: [] for k in keys}
     compiled = model._compiled_call
 
@@ -63,7 +65,11 @@ def timeline(runner: Runner, model: Any, cc: Any, new: int) -> str:
         return out
 
     runner_call, replay = cg.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay
-    check = cg.CudaGraphRunner._statics_unchanged
+    check, guard_call = cg.CudaGraphRunner._statics_unchanged, FrozenWeightsGuard.__call__
+
+    def timed_guard(self: Any, *a: Any) -> Any:
+        marks["g"].append(pc())
+        return guard_call(self, *a)
 
     def timed_runner(self: Any, *a: Any) -> Any:
         marks["run"].append(pc())
@@ -85,6 +91,7 @@ def timeline(runner: Runner, model: Any, cc: Any, new: int) -> str:
     model._compiled_call = timed_call
     cg.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay = timed_runner, timed_replay
     cg.CudaGraphRunner._statics_unchanged = timed_check
+    FrozenWeightsGuard.__call__ = timed_guard
     try:
         runner.generate(new, cc)
         torch.cuda.synchronize()
@@ -92,6 +99,9 @@ def timeline(runner: Runner, model: Any, cc: Any, new: int) -> str:
         model._compiled_call = compiled
         cg.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay = runner_call, replay
         cg.CudaGraphRunner._statics_unchanged = check
+        FrozenWeightsGuard.__call__ = guard_call
+    if not marks["g"]:  # no guard in front (freeze off): it took no time
+        marks["g"] = list(marks["call"])
     n = min(len(v) for v in marks.values())
     if n < 3 or len(marks["l0"]) != len(marks["call"]):
         return f"timeline: stamps do not line up ({ {k: len(v) for k, v in marks.items()} })"
@@ -100,7 +110,8 @@ def timeline(runner: Runner, model: Any, cc: Any, new: int) -> str:
     gpu = cg.replay_ms(runners[-1]) if runners else float("nan")
     rows = [
         ("token period (call to next call)", [b - a for a, b in zip(m["call"], m["call"][1:])]),
-        ("Dynamo: call -> our runner", [b - a for a, b in zip(m["call"], m["run"])]),
+        ("Dynamo: call -> our frozen-weights guard", [b - a for a, b in zip(m["call"], m["g"])]),
+        ("guard: entry -> our runner (weights check)", [b - a for a, b in zip(m["g"], m["run"])]),
         ("runner: entry -> launch", [b - a for a, b in zip(m["run"], m["l0"])]),
         ("  of which: static inputs' address check", [b - a for a, b in zip(m["c0"], m["c1"])]),
         ("  of which: check -> launch (input copies)", [b - a for a, b in zip(m["c1"], m["l0"])]),
