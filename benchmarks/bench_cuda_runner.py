@@ -1,6 +1,7 @@
 """Host cost of our CUDA-graph runner's per-call work, piece by piece (no model).
 
     python benchmarks/bench_cuda_runner.py [--params 291 --statics 97 --kernels 360]
+                                           [--check-parameters]
 
 A 7B decode step hands the runner ~390 inputs: 291 parameters, per layer the static
 cache's keys, values and position counter, and three small tensors it copies in (ids,
@@ -39,6 +40,11 @@ def main() -> None:
     ap.add_argument("--params", type=int, default=291)
     ap.add_argument("--statics", type=int, default=97)
     ap.add_argument("--kernels", type=int, default=360)
+    ap.add_argument(
+        "--check-parameters",
+        action="store_true",
+        help="check the parameters' addresses too (weights not frozen; frozen is the default)",
+    )
     a = ap.parse_args()
     dev = "cuda"
     params = [torch.nn.Parameter(torch.zeros(8, device=dev)) for _ in range(a.params)]
@@ -58,7 +64,7 @@ def main() -> None:
             y = y + 1  # one tiny kernel each
         return y
 
-    runner = CudaGraphRunner(step, frozenset())
+    runner = CudaGraphRunner(step, frozenset(), check_parameters=a.check_parameters)
     runner(*args)
     runner(*args)  # captured
     assert runner.graph is not None
@@ -70,7 +76,8 @@ def main() -> None:
         ("runner __call__, whole (check, copies, launch, clone)", lambda: runner(*args)),
         ("graph.replay() alone (cudaGraphLaunch)", runner.graph.replay),
         ("list(args)", lambda: list(args)),
-        ("address check, Python (map data_ptr)", lambda: [dp(args[i]) for i in idx] == ptrs),
+        ("address check, the runner's", lambda: runner._statics_unchanged(args)),
+        ("address check, Python loop", lambda: [dp(args[i]) for i in idx] == ptrs),
         ("output clone", lambda: runner.outs.clone()),
     ]
     if same is not None:

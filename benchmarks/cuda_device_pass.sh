@@ -6,7 +6,7 @@
 #   2. the L2-prefetch micro-benchmark                        (MICRO_S, default 0: skipped)
 #   3. TEST_FILES (default: PDL, HF generate(), two models, KV write) (TESTS_S, 200 s)
 #   4. 7B decode, the variants interleaved in one process     (BENCH_S, default 340 s);
-#      by default the switches whose earlier A/Bs were void (RESULTS.md, 17th session)
+#      by default the KV-cache switches against their defaults (RESULTS.md, 18th session)
 #   5. the rest of the CUDA test set                          (REST_S,  default 0: skipped)
 # A stage whose limit is 0 is skipped. The device tool allows 600 s a command, so:
 #   bash benchmarks/cuda_device_pass.sh                       (stages 1, 3, 4: ~9.5 min)
@@ -36,7 +36,7 @@ fi
 
 if [ "${BENCH_S:-340}" -gt 0 ]; then
   timeout "${BENCH_S:-340}" python3 benchmarks/bench_cuda_llama.py --shapes "${SHAPES:-7b}" \
-    --variants "${VARIANTS:-yirage,yirage_unfused_kv,yirage_kv_pos,yirage_pdl_gemv,yirage_fuse,yirage_inductor,inductor}" \
+    --variants "${VARIANTS:-yirage,yirage_no_kv_pos,yirage_no_counters,yirage_unfused_kv,inductor}" \
     --interleaved "${ROUNDS:-3}" ${PROFILE:+--profile} 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
 fi
 

@@ -162,7 +162,7 @@ class TritonLowering(Lowering):
 
         envs = (CODEGEN_ENV, CUDA_GRAPHS_ENV, INDUCTOR_CONFIG_ENV, cuda_pdl.PDL_ENV)
         envs += (cuda_gemv.GEMV_ENV, cuda_gemv_fusion.FUSE_ENV, cuda_kv_write.KV_WRITE_ENV)
-        envs += (cuda_kv_write.KV_POS_ENV,)
+        envs += (cuda_kv_write.KV_POS_ENV, cuda_kv_write.KV_COUNTERS_ENV)
         return ",".join(f"{e}={os.environ.get(e, '')}" for e in envs)
 
     def aot_options(self, options: Any) -> Any:
@@ -232,8 +232,11 @@ def _swap_in_kernels(gm: GraphModule, ctx: Any, for_inductor: bool) -> None:
         cuda_ops.substitute(gm, ctx, inline)
         if for_inductor:
             cuda_ops.decompose_for_inductor(gm, ctx)
-        elif ctx.report.patterns.get("triton_rotary") and cuda_kv_write.enabled():
-            cuda_kv_write.fuse_rotary_kv_write(gm, ctx)
+        else:
+            if ctx.report.patterns.get("triton_rotary") and cuda_kv_write.enabled():
+                cuda_kv_write.fuse_rotary_kv_write(gm, ctx)
+            if cuda_kv_write.batches_counters():
+                cuda_kv_write.batch_counter_increments(gm, ctx)
         cuda_timing.release_rotation_pads()
         gm.graph.lint()
         gm.recompile()

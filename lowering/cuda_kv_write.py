@@ -28,6 +28,14 @@ launch, HF's `pos = arange(S) + cumulative_length`, into the kernel:
 The fused call then goes where `pos` was, before the counter's in-place increment, so it
 reads the counter's old value as the add did (only where nothing between there and the
 writes touches the caches, and every operand is ready there).
+
+`batch_counter_increments` then turns the layers' counter increments, one launch each
+(~1.3 µs on an H200: 32 of a 7B step), into one multi-tensor launch where the last was
+(`YIRAGE_CUDA_KV_COUNTERS=off` keeps them apart):
+
+    aten.add_(counter_0, S)          ...                       (nothing reads a counter
+    ...                              aten._foreach_add_(        after its increment, so
+    aten.add_(counter_31, S)             [counter_0, ..., counter_31], S)   it can wait)
 """
 
 from __future__ import annotations
@@ -45,7 +53,9 @@ from yirage_dynamo.passes.fusion import VIEW_OPS
 _INDEX_COPY_ = torch.ops.aten.index_copy_.default
 KV_WRITE_ENV = "YIRAGE_CUDA_KV_WRITE"
 KV_POS_ENV = "YIRAGE_CUDA_KV_POS"
+KV_COUNTERS_ENV = "YIRAGE_CUDA_KV_COUNTERS"
 _ADD = torch.ops.aten.add.Tensor
+_ADD_ = (torch.ops.aten.add_.Tensor, torch.ops.aten.add_.Scalar)
 
 
 def _switch(env: str, default: str) -> bool:
@@ -61,8 +71,13 @@ def enabled() -> bool:
 
 
 def folds_positions() -> bool:
-    """YIRAGE_CUDA_KV_POS: "off" (default) or "on"; another value raises ValueError."""
-    return _switch(KV_POS_ENV, "off")
+    """YIRAGE_CUDA_KV_POS: "on" (default) or "off"; another value raises ValueError."""
+    return _switch(KV_POS_ENV, "on")
+
+
+def batches_counters() -> bool:
+    """YIRAGE_CUDA_KV_COUNTERS: "on" (default) or "off"; another value raises ValueError."""
+    return _switch(KV_COUNTERS_ENV, "on")
 
 
 def rotary_kv_write_reference(
@@ -257,3 +272,54 @@ def fuse_rotary_kv_write(
         gm.graph.lint()
         gm.recompile()
     return count
+
+
+def _counter_increment(node: Node, order: dict[Node, int]) -> tuple[Any, ...] | None:
+    """The group key (step, dtype, device) of `aten.add_(counter, step)` on a one-element
+    graph input that nothing uses after it; None for any other node."""
+    if node.op != "call_function" or node.target not in _ADD_ or node.kwargs or node.users:
+        return None
+    if len(node.args) != 2:
+        return None
+    counter, step = node.args
+    if not isinstance(counter, Node) or counter.op != "placeholder":
+        return None
+    if type(step) is not int:
+        return None
+    cv = node_val(counter)
+    if not isinstance(cv, torch.Tensor) or not all(type(d) is int for d in cv.shape):
+        return None
+    if cv.numel() != 1 or cv.dtype != torch.int64:
+        return None
+    if any(order[u] > order[node] for u in counter.users if u is not node):
+        return None  # read or written after its increment: it must stay where it is
+    return step, cv.dtype, cv.device
+
+
+def batch_counter_increments(gm: GraphModule, ctx: PassContext) -> int:
+    """One `_foreach_add_` per group of counter increments (see module); the number of
+    increments merged."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups: dict[tuple[Any, ...], list[Node]] = {}
+    for node in gm.graph.nodes:
+        key = _counter_increment(node, order)
+        if key is not None:
+            groups.setdefault(key, []).append(node)
+    merged = 0
+    for (step, _, _), adds in groups.items():
+        if len(adds) < 2 or len({a.args[0] for a in adds}) != len(adds):
+            continue
+        with gm.graph.inserting_after(adds[-1]):
+            new = gm.graph.call_function(
+                torch.ops.aten._foreach_add_.Scalar, ([a.args[0] for a in adds], step)
+            )
+        new.meta["val"] = None
+        new.meta["yirage_origin"] = "+".join(a.name for a in adds)
+        for a in adds:
+            gm.graph.erase_node(a)
+        merged += len(adds)
+    if merged:
+        ctx.report.count_pattern("batched_counter_increments", merged)
+        gm.graph.lint()
+        gm.recompile()
+    return merged

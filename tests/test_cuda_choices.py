@@ -174,7 +174,8 @@ def test_each_cuda_switch_is_in_the_graph_cache_key(monkeypatch):
         cuda.CODEGEN_ENV: "inductor", cuda.CUDA_GRAPHS_ENV: "inductor",
         cuda.INDUCTOR_CONFIG_ENV: "{}", cuda_pdl.PDL_ENV: "gemv",
         cuda_gemv.GEMV_ENV: "off", cuda_gemv_fusion.FUSE_ENV: "on",
-        cuda_kv_write.KV_WRITE_ENV: "off", cuda_kv_write.KV_POS_ENV: "on",
+        cuda_kv_write.KV_WRITE_ENV: "off", cuda_kv_write.KV_POS_ENV: "off",
+        cuda_kv_write.KV_COUNTERS_ENV: "off",
     }  # fmt: skip
     for env in switches:
         monkeypatch.delenv(env, raising=False)

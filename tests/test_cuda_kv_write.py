@@ -11,7 +11,11 @@ import torch
 from conftest import cuda_tol, needs_triton
 from torch.fx.experimental.proxy_tensor import make_fx
 from yirage_dynamo.lowering.base import Capabilities
-from yirage_dynamo.lowering.cuda_kv_write import fuse_rotary_kv_write, rotary_kv_write_reference
+from yirage_dynamo.lowering.cuda_kv_write import (
+    batch_counter_increments,
+    fuse_rotary_kv_write,
+    rotary_kv_write_reference,
+)
 from yirage_dynamo.passes.context import PassContext
 
 import yirage_dynamo.ops  # noqa: F401 - registers yirage::rotary
@@ -219,13 +223,50 @@ def test_position_add_folds_into_the_fused_call_reading_the_counter_before_its_i
     assert got_args[7].item() == 3 + s
 
 
-def test_kv_pos_env_switch_is_validated_and_off_by_default(monkeypatch):
-    from yirage_dynamo.lowering.cuda_kv_write import KV_POS_ENV, folds_positions
+@pytest.mark.parametrize("env,query", [
+    ("KV_POS_ENV", "folds_positions"), ("KV_COUNTERS_ENV", "batches_counters"),
+])  # fmt: skip
+def test_kv_switches_are_validated_and_on_by_default(monkeypatch, env, query):
+    from yirage_dynamo.lowering import cuda_kv_write
 
-    monkeypatch.delenv(KV_POS_ENV, raising=False)
-    assert not folds_positions()
-    monkeypatch.setenv(KV_POS_ENV, "on")
-    assert folds_positions()
-    monkeypatch.setenv(KV_POS_ENV, "maybe")
-    with pytest.raises(ValueError, match=KV_POS_ENV):
-        folds_positions()
+    env, query = getattr(cuda_kv_write, env), getattr(cuda_kv_write, query)
+    monkeypatch.delenv(env, raising=False)
+    assert query()
+    monkeypatch.setenv(env, "off")
+    assert not query()
+    monkeypatch.setenv(env, "maybe")
+    with pytest.raises(ValueError, match=env):
+        query()
+
+
+def _two_layers(q, k, v, cos, sin, kc, vc, counter, kc1, vc1, counter1, late_read=False):
+    """Two decoder layers of HF's static cache, each with its own caches and counter;
+    `late_read`: layer 0's counter is read again after its increment."""
+    a = _hf_positions(q, k, v, cos, sin, kc, vc, counter)[0]
+    b = _hf_positions(a, k, v, cos, sin, kc1, vc1, counter1)[0]
+    return (b, counter * 2) if late_read else (b,)
+
+
+@pytest.mark.parametrize("late_read", [False, True])
+@pytest.mark.parametrize("s", [1, 3])
+def test_layer_counter_increments_become_one_foreach_add_after_the_last(late_read, s):
+    fn = functools.partial(_two_layers, late_read=late_read)
+    first = _hf_inputs(s=s)
+    args = [*first, first[5].clone(), first[6].clone(), torch.tensor([7])]
+    gm = make_fx(fn, tracing_mode="fake")(*_clones(args))
+    ctx = PassContext(parse_options({}), CompileReport(), Capabilities("cuda"), [])
+    rotary = (torch.ops.yirage.rotary.default,)
+    assert fuse_rotary_kv_write(gm, ctx, rotary, rotary_kv_write_reference, True) == 2
+    merged = batch_counter_increments(gm, ctx)
+    foreach = [n for n in gm.graph.nodes if n.target is torch.ops.aten._foreach_add_.Scalar]
+    adds = [n for n in gm.graph.nodes if n.target is torch.ops.aten.add_.Tensor]
+    # A counter read after its increment keeps it in place; one left over is no batch.
+    assert merged == (0 if late_read else 2)
+    assert len(foreach) == (0 if late_read else 1) and len(adds) == (2 if late_read else 0)
+    assert ctx.report.patterns.get("batched_counter_increments", 0) == merged
+    ref_args, got_args = _clones(args), _clones(args)
+    ref, got = fn(*ref_args), gm(*got_args)
+    torch.testing.assert_close(got, ref)
+    for i in (5, 6, 7, 8, 9, 10):  # caches and counters, written in place
+        torch.testing.assert_close(got_args[i], ref_args[i], rtol=0, atol=0)
+    assert (got_args[7].item(), got_args[10].item()) == (3 + s, 7 + s)

@@ -96,6 +96,43 @@ def test_plan_cuts_at_each_decoder_layer_and_moves_the_closing_residual_add():
     assert len({tuple((n.op, str(n.target)) for n in run) for run in layers}) == 1
 
 
+def test_block_step_counters_are_incremented_together_in_the_last_piece():
+    """Each Block bumps its own counter; the bumps move after the head (one piece), the
+    blocks stay alike, and the compiled model still counts every call."""
+    model = Stack().eval()
+    x = torch.randn(3, 32)
+    gm, inputs = _dynamo_graph(model, x)
+    partition, why = _plan(gm, inputs)
+    assert partition is not None, why
+    runs = regional._runs_of(partition)
+    bumps = [n for n in partition if n.meta.get("yirage_deferred_increment")]
+    assert len(bumps) == 5 and all(n in runs[-1] for n in bumps)
+    assert runs[-1][-5:] == bumps  # after the head's nodes
+    blocks = runs[1:-1]
+    assert len(blocks) == 5 and len({tuple(regional._ops(run)) for run in blocks[1:]}) == 1
+    # Without the move, each block keeps its own.
+    gm, inputs = _dynamo_graph(Stack().eval(), x)
+    with torch.no_grad():
+        partition, _ = regional.plan(gm, inputs, defer_increments=False)
+    assert not any(n.meta.get("yirage_deferred_increment") for n in partition)
+
+
+def test_a_counter_read_after_its_increment_keeps_it_in_its_block():
+    class Peek(Block):
+        def forward(self, x):
+            self.calls.add_(1)
+            return super().forward(x) * self.calls  # read after the bump
+
+    model = Stack()
+    model.blocks = torch.nn.ModuleList(Peek(32) for _ in range(3))
+    model.eval()
+    x = torch.randn(3, 32)
+    gm, inputs = _dynamo_graph(model, x)
+    partition, why = _plan(gm, inputs)
+    assert partition is not None, why
+    assert not any(n.meta.get("yirage_deferred_increment") for n in partition)
+
+
 def test_first_layer_opens_with_a_zero_residual_so_every_layer_is_one_program(monkeypatch):
     model = build("llama", layers=4).eval()
     ids = torch.randint(0, VOCAB, (1, 6))
