@@ -114,6 +114,10 @@ def graph_key(
             isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
         ):
             raise _Uncacheable("graph may need gradients (training)")
+        if torch._C._is_any_autocast_enabled():
+            # A hit runs our program directly; AOTAutograd's wrapper would run it with
+            # autocast off (the graph has its casts already).
+            raise _Uncacheable("traced under autocast")
         h = hashlib.sha256()
         opts = {
             f.name: getattr(options, f.name)

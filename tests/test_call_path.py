@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch._dynamo
 
+import yirage_dynamo
 from yirage_dynamo.backend import _FirstCallGuard, yirage
 from yirage_dynamo.frozen_weights import FrozenWeightsGuard
 
@@ -66,13 +67,14 @@ def test_an_output_aliasing_its_input_keeps_aotautograd_s_wrapper():
     torch.testing.assert_close(doubled, x * 2)
 
 
-def test_a_graph_traced_under_autocast_keeps_aotautograd_s_wrapper():
+def test_a_graph_traced_under_autocast_keeps_aotautograd_s_wrapper(tmp_path):
     lin = torch.nn.Linear(8, 8)
     x = torch.randn(4, 8)
     seen = []
 
     def spy(gm, example_inputs):
-        seen.append(yirage(gm, example_inputs))
+        options = {"graph_cache": True, "cache_dir": str(tmp_path)}
+        seen.append(yirage(gm, example_inputs, options=options))
         return seen[-1]
 
     torch._dynamo.reset()
@@ -82,3 +84,6 @@ def test_a_graph_traced_under_autocast_keeps_aotautograd_s_wrapper():
     assert type(_program(seen[0])) is not _FirstCallGuard
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref)
+    # Nor may the whole-graph cache hand it out without the wrapper on a later hit.
+    report = yirage_dynamo.reports()[-1]
+    assert report.graph_cache == "not used: traced under autocast"
