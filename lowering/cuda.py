@@ -158,11 +158,12 @@ class TritonLowering(Lowering):
     def cache_salt(self) -> str:
         # Benchmarks flip these switches between variants in one process; without them in
         # the key, a later variant's regional pieces loaded the first variant's programs.
-        from . import cuda_gemv, cuda_gemv_fusion, cuda_kv_write, cuda_pdl
+        from . import cuda_gemv, cuda_gemv_fusion, cuda_kv_write, cuda_ops, cuda_pdl
 
         envs = (CODEGEN_ENV, CUDA_GRAPHS_ENV, INDUCTOR_CONFIG_ENV, cuda_pdl.PDL_ENV)
         envs += (cuda_gemv.GEMV_ENV, cuda_gemv_fusion.FUSE_ENV, cuda_kv_write.KV_WRITE_ENV)
         envs += (cuda_kv_write.KV_POS_ENV, cuda_kv_write.KV_COUNTERS_ENV)
+        envs += (cuda_ops.ATTN_MERGE_ENV,)
         return ",".join(f"{e}={os.environ.get(e, '')}" for e in envs)
 
     def aot_options(self, options: Any) -> Any:
@@ -218,6 +219,7 @@ def _swap_in_kernels(gm: GraphModule, ctx: Any, for_inductor: bool) -> None:
     "none") and rotary absorbs the KV-cache writes Inductor would have fused."""
     from . import cuda_gemv, cuda_gemv_fusion, cuda_kv_write, cuda_ops, cuda_timing
 
+    ctx.artifacts["cuda_codegen"] = "inductor" if for_inductor else "direct"
     everything = frozenset(cuda_ops.TRIES)
     auto = cuda_ops.INLINE_BY_DEFAULT if for_inductor else frozenset()
     inline = {"auto": auto, "all": frozenset(), "none": everything}[ctx.options.cuda_kernels]

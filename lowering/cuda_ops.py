@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 import operator
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -188,9 +189,23 @@ def _try_rotary(node: Node, tuner: Tuner) -> tuple[Any, tuple] | str:
 # ------------------------------------------------------------------------ attention
 
 
-def _split_candidates(max_len: int) -> list[dict[str, Any]]:
+ATTN_MERGE_ENV = "YIRAGE_CUDA_ATTN_MERGE"
+
+
+def merge_in_last_program(ctx: PassContext) -> bool:
+    """YIRAGE_CUDA_ATTN_MERGE: "kernel" (default: a merge kernel after the split kernel)
+    or "search" (the search also measures configs whose last split program merges, one
+    launch instead of two; the no-Inductor codegen only, where the op runs as is)."""
+    value = os.environ.get(ATTN_MERGE_ENV, "").strip().lower() or "kernel"
+    if value not in ("kernel", "search"):
+        raise ValueError(f"{ATTN_MERGE_ENV}={value!r}: expected 'kernel' or 'search'")
+    return value == "search" and ctx.artifacts.get("cuda_codegen") == "direct"
+
+
+def _split_candidates(max_len: int, merge_last: bool = False) -> list[dict[str, Any]]:
     """Few candidates on purpose: each costs a Triton compile (~0.3 s) in a cold compile.
-    They cover what won on an H200 for Llama 7B/1B shapes, caches of 32 to 4096 slots."""
+    They cover what won on an H200 for Llama 7B/1B shapes, caches of 32 to 4096 slots;
+    `merge_last`: the first two again, merged by their last split program."""
     long = max_len >= 2048
     cands = [
         # The default (used when nothing can be measured): short chunks, many programs.
@@ -199,6 +214,8 @@ def _split_candidates(max_len: int) -> list[dict[str, Any]]:
         {"split": 64, "block_n": 32, "num_warps": 2},
         {"split": 512 if long else 128, "block_n": 128, "num_warps": 4},
     ]
+    if merge_last:
+        cands += [{**c, "merge": "last"} for c in cands[:2] if c["split"] < max_len]
     out: list[dict[str, Any]] = []
     for c in cands:
         if c not in out:
@@ -206,7 +223,7 @@ def _split_candidates(max_len: int) -> list[dict[str, Any]]:
     return out
 
 
-def _attention_plan(node: Node) -> _AttentionPlan | str:
+def _attention_plan(node: Node, merge_last: bool = False) -> _AttentionPlan | str:
     """What `_try_attention` needs to choose and call the decode-attention kernel, or why
     the node keeps its reference."""
     a = _args(node)
@@ -262,9 +279,11 @@ def _attention_plan(node: Node) -> _AttentionPlan | str:
                     m = torch.zeros(m.shape, dtype=mask.dtype, device="cuda").masked_fill(
                         ~m, float("-inf")
                     )
+            sem = torch.zeros(b * hkv, dtype=torch.int32, device="cuda")
             return lambda c: kk.decode_attention(
-                qs, ks, vs, m, pos, scale, c["split"], c["block_n"], c["num_warps"]
-            )
+                qs, ks, vs, m, pos, scale, c["split"], c["block_n"], c["num_warps"],
+                sem if c.get("merge") == "last" else None,
+            )  # fmt: skip
 
     dims = {
         "b": b if _static(b) else "dyn",
@@ -275,9 +294,12 @@ def _attention_plan(node: Node) -> _AttentionPlan | str:
         "dt": str(q.dtype)[6:],
         "bound": "cp" if cp is not None else "mask" if mask is not None else "none",
     }
+    merge_last = merge_last and make_call is not None
+    if merge_last:  # another search, so another cached pick
+        dims["merge"] = "search"
     max_len = t if _static(t) else 4096
     args = (a["q"], a["k"], a["v"], a["attn_mask"], a["cache_position"], float(scale))
-    return _AttentionPlan(dims, _split_candidates(max_len), args, make_call)
+    return _AttentionPlan(dims, _split_candidates(max_len, merge_last), args, make_call)
 
 
 @dataclasses.dataclass
@@ -298,7 +320,7 @@ class _AttentionPlan:
 
 
 def _try_attention(node: Node, tuner: Tuner) -> tuple[Any, tuple] | str:
-    plan = _attention_plan(node)
+    plan = _attention_plan(node, tuner.merge_last)
     if isinstance(plan, str):
         return plan
     make_bench = None
@@ -316,7 +338,24 @@ def _try_attention(node: Node, tuner: Tuner) -> tuple[Any, tuple] | str:
             precompile_calls(plan.precompile_calls())  # all at once, in children
     cfg = tuner.pick("decode_attention", plan.dims, plan.candidates, make_bench)
     op = torch.ops.yirage_cuda.decode_attention.default
-    return op, (*plan.args, cfg["split"], cfg["block_n"], cfg["num_warps"])
+    args = (*plan.args, cfg["split"], cfg["block_n"], cfg["num_warps"])
+    if cfg.get("merge") == "last":
+        args += (_merge_counters(node),)
+    return op, args
+
+
+def _merge_counters(node: Node) -> Node:
+    """A get_attr of int32 zeros owned by this call site, one per (batch, kv head): the
+    counts the split programs keep to find the last one (each launch leaves them zero).
+    Per call site, so no two launches that could overlap share them."""
+    gm = node.graph.owning_module
+    q, k = _val(_args(node)["q"]), _val(_args(node)["k"])
+    name = f"_yirage_merge_counters_{node.name}"
+    gm.register_buffer(name, torch.zeros(q.shape[0] * k.shape[1], dtype=torch.int32, device="cuda"))
+    with gm.graph.inserting_before(node):
+        counters = gm.graph.get_attr(name)
+    set_fake_val(gm, counters)
+    return counters
 
 
 def attention_precompiles(gm: GraphModule, ctx: PassContext) -> list[tuple[str, list]]:
@@ -328,7 +367,7 @@ def attention_precompiles(gm: GraphModule, ctx: PassContext) -> list[tuple[str, 
     tuner = Tuner(ctx)
     out: dict[str, list] = {}
     for node in gm.graph.find_nodes(op="call_function", target=torch.ops.yirage.attention.default):
-        plan = _attention_plan(node)
+        plan = _attention_plan(node, tuner.merge_last)
         if isinstance(plan, str) or plan.make_call is None:
             continue
         key = tuner.key("decode_attention", plan.dims)

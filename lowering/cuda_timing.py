@@ -31,6 +31,10 @@ class Tuner:
         self.gpu = torch.cuda.get_device_name()
         # Shape keys whose candidates an earlier round of this graph compiled already.
         self.precompiled: set[str] = ctx.artifacts.setdefault("triton_precompiled", set())
+        from .cuda_ops import merge_in_last_program
+
+        # Decode attention's search includes split programs that merge (cuda_ops).
+        self.merge_last = merge_in_last_program(ctx)
 
     def key(self, kernel: str, dims: Mapping[str, Any]) -> str:
         return shape_key(kernel, self.gpu, **dims)

@@ -22,7 +22,8 @@ as its ATen reference, plus launch parameters chosen by lowering/kernel_tuning.p
       slot past cache_position) is skipped after reading only its mask values, never its
       K/V. The cache is cut into `split`-long chunks; one program per (batch, kv head, chunk)
       handles all Hq/Hkv query heads of its group (GQA without repeat_kv); a second kernel
-      merges the chunks' partial softmax results by their log-sum-exp.
+      merges the chunks' partial softmax results by their log-sum-exp, or, given
+      `merge_sem` (a call site's zeroed counters), the last chunk program to finish does.
 """
 
 from __future__ import annotations
@@ -326,9 +327,14 @@ def _decode_attn_split_kernel(
     IEEE: tl.constexpr,
     DIRECT: tl.constexpr,
     TRIGGER: tl.constexpr,
+    SEM,
+    BLOCK_S: tl.constexpr,
+    MERGE_LAST: tl.constexpr,
 ):
     # DIRECT: one split covers the cache, so this program writes the final output and
-    # no merge kernel runs.
+    # no merge kernel runs. MERGE_LAST: the last of a (batch, kv head)'s split programs to
+    # finish merges their partial results (counted in SEM[bh], left at 0 for the next
+    # launch), so no merge kernel runs either.
     if TRIGGER:  # see _pdl_trigger
         tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0).to(tl.int64)
@@ -411,6 +417,38 @@ def _decode_attn_split_kernel(
             mask=gm[:, None],
         )
         tl.store(MLSE + row * NUM_SPLITS + split, lse, mask=gm)
+        if MERGE_LAST:
+            # Every thread's stores are issued before the release below (the pattern of
+            # a split-K semaphore: barrier, then one gpu-scope acq_rel atomic).
+            tl.debug_barrier()
+            done = tl.atomic_add(SEM + bh, 1, sem="acq_rel", scope="gpu")
+            if done == NUM_SPLITS - 1:
+                _merge_rows(MO, MLSE, OUT, b * (HKV * G) + hk * G, b, hk * G, G, NUM_SPLITS, sob, soh, D, BLOCK_D, BLOCK_S)  # fmt: skip
+                tl.atomic_xchg(SEM + bh, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _merge_rows(MO, MLSE, OUT, row0, b, h0, n_rows, NUM_SPLITS, sob, soh, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """out[b, h0 + i] for i < n_rows: the splits' partial outputs weighted by their
+    log-sum-exp. Partials written by other programs are read past L1 (`.cg`)."""
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    sm = s < NUM_SPLITS
+    for i in range(0, n_rows):
+        row = row0 + i
+        lse = tl.load(
+            MLSE + row * NUM_SPLITS + s, mask=sm, other=float("-inf"), cache_modifier=".cg"
+        )
+        m = tl.max(lse, 0)
+        w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m))
+        o = tl.load(
+            MO + (row * NUM_SPLITS + s)[:, None] * BLOCK_D + d[None, :],
+            mask=sm[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(OUT + b * sob + (h0 + i) * soh + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
@@ -477,7 +515,11 @@ def decode_attention(
     split: int,
     block_n: int,
     num_warps: int,
+    merge_sem: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """`merge_sem`: int32 zeros, one per (batch, kv head), owned by this call site. Given
+    (and the cache in more than one split), the last split program of each (batch, kv
+    head) merges the partial results, instead of a second kernel; it leaves them zero."""
     b, hq, _, d = q.shape
     hkv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -496,6 +538,10 @@ def decode_attention(
         mid_lse = torch.empty((b * hq, num_splits), dtype=torch.float32, device=q.device)
     mask_kind, smb, smn = _mask_rows(attn_mask, b)
     trigger = _pdl_trigger()
+    merge_last = merge_sem is not None and not direct
+    if merge_last and (merge_sem.dtype != torch.int32 or merge_sem.numel() < b * hkv):
+        raise ValueError(f"merge_sem: expected >= {b * hkv} int32 counters")
+    block_s = max(2, triton.next_power_of_2(num_splits))
     launch(
         _decode_attn_split_kernel,
         (b * hkv, num_splits),
@@ -535,9 +581,12 @@ def decode_attention(
         IEEE=q.dtype == torch.float32,
         DIRECT=direct,
         TRIGGER=trigger,
+        SEM=merge_sem if merge_last else q,
+        BLOCK_S=block_s,
+        MERGE_LAST=merge_last,
         num_warps=num_warps,
     )
-    if direct:
+    if direct or merge_last:
         return out
     launch(
         _decode_attn_merge_kernel,
@@ -551,7 +600,7 @@ def decode_attention(
         out.stride(1),
         D=d,
         BLOCK_D=block_d,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_S=block_s,
         TRIGGER=trigger,
         num_warps=4,
     )

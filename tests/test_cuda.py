@@ -218,6 +218,7 @@ def test_triton_decode_attention_matches_reference(dtype, hq, hkv, d, pos):
     ref = torch.ops.yirage.attention(
         q, kc[:, :, : pos + 1], vc[:, :, : pos + 1], None, scale, False, cp
     )
+    counters = torch.zeros(b * hkv, dtype=torch.int32, device="cuda")
     for split, block_n, nw in [(64, 32, 2), (256, 64, 4), (1024, 128, 4)]:
         out = k.decode_attention(q, kc, vc, None, cp, scale, split, block_n, nw)
         assert out.shape == ref.shape
@@ -226,6 +227,12 @@ def test_triton_decode_attention_matches_reference(dtype, hq, hkv, d, pos):
             st for st, n in zip(ref.stride(), ref.shape) if n > 1
         ]
         torch.testing.assert_close(out, ref, **_tol(dtype))
+        # The last split program merging instead of a merge kernel: same result, and
+        # the counters back at zero for the next launch.
+        for _ in range(2):
+            merged = k.decode_attention(q, kc, vc, None, cp, scale, split, block_n, nw, counters)
+            torch.testing.assert_close(merged, ref, **_tol(dtype))
+            assert not counters.any()
 
 
 @needs_triton
@@ -284,8 +291,10 @@ def test_triton_decode_attention_follows_cache_position_under_cuda_graph():
     b, hq, hkv, d, max_len = 1, 8, 2, 64, 1024
     q, kc, vc, _ = _attention_inputs(b, hq, hkv, d, max_len, torch.bfloat16, max_len - 1)
     cp = torch.tensor([5], device="cuda")
-    for split in (128, 1024):  # split + merge; one direct split
-        fn = lambda: k.decode_attention(q, kc, vc, None, cp, 0.125, split, 64, 4)  # noqa: B023, E731
+    counters = torch.zeros(b * hkv, dtype=torch.int32, device="cuda")
+    # split + merge kernel; split, merged by the last program; one direct split
+    for split, sem in ((128, None), (128, counters), (1024, None)):
+        fn = lambda: k.decode_attention(q, kc, vc, None, cp, 0.125, split, 64, 4, sem)  # noqa: B023, E731
         cp.fill_(5)
         fn()
         torch.cuda.synchronize()

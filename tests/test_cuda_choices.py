@@ -165,7 +165,14 @@ def test_inductor_config_env_override_is_merged_last(monkeypatch):
 def test_each_cuda_switch_is_in_the_graph_cache_key(monkeypatch):
     """A benchmark flips these between variants in one process: each must key its own
     compiled programs (the second variant once ran the first one's)."""
-    from yirage_dynamo.lowering import cuda, cuda_gemv, cuda_gemv_fusion, cuda_kv_write, cuda_pdl
+    from yirage_dynamo.lowering import (
+        cuda,
+        cuda_gemv,
+        cuda_gemv_fusion,
+        cuda_kv_write,
+        cuda_ops,
+        cuda_pdl,
+    )
     from yirage_dynamo.runtime.graph_cache import graph_key
 
     gm = torch.fx.symbolic_trace(lambda x: x + 1)
@@ -175,7 +182,7 @@ def test_each_cuda_switch_is_in_the_graph_cache_key(monkeypatch):
         cuda.INDUCTOR_CONFIG_ENV: "{}", cuda_pdl.PDL_ENV: "gemv",
         cuda_gemv.GEMV_ENV: "off", cuda_gemv_fusion.FUSE_ENV: "on",
         cuda_kv_write.KV_WRITE_ENV: "off", cuda_kv_write.KV_POS_ENV: "off",
-        cuda_kv_write.KV_COUNTERS_ENV: "off",
+        cuda_kv_write.KV_COUNTERS_ENV: "off", cuda_ops.ATTN_MERGE_ENV: "search",
     }  # fmt: skip
     for env in switches:
         monkeypatch.delenv(env, raising=False)
@@ -185,3 +192,29 @@ def test_each_cuda_switch_is_in_the_graph_cache_key(monkeypatch):
             m.setenv(env, value)
             keys.add(graph_key(gm, inputs, opts, lowering, disk=False)[0])
     assert None not in keys and len(keys) == 1 + len(switches)
+
+
+def test_attention_merge_search_is_validated_and_for_the_direct_codegen_only(monkeypatch):
+    from types import SimpleNamespace
+
+    from yirage_dynamo.lowering.cuda_ops import (
+        ATTN_MERGE_ENV,
+        _split_candidates,
+        merge_in_last_program,
+    )
+
+    direct = SimpleNamespace(artifacts={"cuda_codegen": "direct"})
+    inductor = SimpleNamespace(artifacts={"cuda_codegen": "inductor"})
+    monkeypatch.delenv(ATTN_MERGE_ENV, raising=False)
+    assert not merge_in_last_program(direct)
+    monkeypatch.setenv(ATTN_MERGE_ENV, "search")
+    assert merge_in_last_program(direct) and not merge_in_last_program(inductor)
+    monkeypatch.setenv(ATTN_MERGE_ENV, "maybe")
+    with pytest.raises(ValueError, match=ATTN_MERGE_ENV):
+        merge_in_last_program(direct)
+    plain, merged = _split_candidates(384), _split_candidates(384, merge_last=True)
+    assert merged[: len(plain)] == plain and all("merge" not in c for c in plain)
+    extra = merged[len(plain) :]
+    assert extra == [{**c, "merge": "last"} for c in plain[:2]]
+    # A cache in one split has nothing to merge.
+    assert all(c["split"] < 64 for c in _split_candidates(64, True) if c.get("merge"))
