@@ -30,7 +30,7 @@ def main() -> None:
         for c in _split_candidates(t):
             args = (q, kc, vc, None, pos, d**-0.5, c["split"], c["block_n"], c["num_warps"])
             plain = time_in_graph(lambda a=args: k.decode_attention(*a), reps=50) * 1e3
-            merged = time_in_graph(lambda a=args: k.decode_attention(*a, sem), reps=50) * 1e3
+            merged = time_in_graph(lambda a=args, s=sem: k.decode_attention(*a, s), reps=50) * 1e3
             print(f"| {name} | {c['split']} | {c['block_n']} | {c['num_warps']} | {plain:.2f} | {merged:.2f} |")  # fmt: skip
 
 
