@@ -133,6 +133,18 @@ def test_a_counter_read_after_its_increment_keeps_it_in_its_block():
     assert not any(n.meta.get("yirage_deferred_increment") for n in partition)
 
 
+def test_counters_sharing_one_storage_keep_their_increments_in_place():
+    model = Stack().eval()
+    counts = torch.zeros(5, dtype=torch.int64)
+    for i, b in enumerate(model.blocks):
+        b.calls = counts[i]  # views of one tensor: graph inputs that alias
+    x = torch.randn(3, 32)
+    gm, inputs = _dynamo_graph(model, x)
+    partition, why = _plan(gm, inputs)
+    assert partition is not None, why
+    assert not any(n.meta.get("yirage_deferred_increment") for n in partition)
+
+
 def test_first_layer_opens_with_a_zero_residual_so_every_layer_is_one_program(monkeypatch):
     model = build("llama", layers=4).eval()
     ids = torch.randint(0, VOCAB, (1, 6))

@@ -152,6 +152,20 @@ def plan(
     return {nodes[i]: r for r, run in enumerate(runs) for i in run}, ""
 
 
+def _shared_storages(gm: GraphModule) -> set[Any]:
+    """Storages of more than one graph input (aliased inputs: a write through one is a
+    read of the other)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    seen: dict[Any, int] = {}
+    for p in gm.graph.find_nodes(op="placeholder"):
+        val = p.meta.get("example_value")
+        if isinstance(val, torch.Tensor):
+            ref = StorageWeakRef(val.untyped_storage())
+            seen[ref] = seen.get(ref, 0) + 1
+    return {ref for ref, n in seen.items() if n > 1}
+
+
 def defer_increments_in(gm: GraphModule) -> int:
     """Move the blocks' step counters' increments (`_deferrable_increment`) to the end of
     the graph, after the head, where they run in the last piece, together (see `plan`);
@@ -161,7 +175,8 @@ def defer_increments_in(gm: GraphModule) -> int:
     if not nodes or block_of(nodes[-1]) is not None:
         return 0
     index = {n: i for i, n in enumerate(nodes)}
-    moving = [n for n in nodes if _deferrable_increment(n, index)]
+    shared = _shared_storages(gm)
+    moving = [n for n in nodes if _deferrable_increment(n, index, shared)]
     if len(moving) < 2:
         return 0
     output = next(iter(reversed(gm.graph.nodes)))
@@ -172,9 +187,10 @@ def defer_increments_in(gm: GraphModule) -> int:
     return len(moving)
 
 
-def _deferrable_increment(node: Node, index: dict[Node, int]) -> bool:
+def _deferrable_increment(node: Node, index: dict[Node, int], shared: set[Any]) -> bool:
     """An in-place add to a one-element graph input (a block's step counter, e.g. HF's
-    `cumulative_length.add_(1)`) whose result is unused and which nothing reads after."""
+    `cumulative_length.add_(1)`) whose result is unused, which nothing reads after, and
+    which shares its storage with no other input."""
     if node.kwargs or len(node.args) != 2 or node.users:
         return False
     if not (node.op == "call_method" and node.target == "add_") and not (
@@ -188,6 +204,10 @@ def _deferrable_increment(node: Node, index: dict[Node, int]) -> bool:
     if not isinstance(val, torch.Tensor) or not all(type(d) is int for d in val.shape):
         return False
     if val.numel() != 1 or val.dtype != torch.int64:
+        return False
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    if StorageWeakRef(val.untyped_storage()) in shared:
         return False
     return all(index.get(u, -1) < index[node] for u in counter.users if u is not node)
 
