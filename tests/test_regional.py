@@ -204,6 +204,7 @@ def test_repeated_blocks_compile_once_and_match_eager(dtype, transpose_out):
     for b, rb in zip(model.blocks, ref.blocks):
         assert int(b.calls) == int(rb.calls) == 3
     reports = yirage_dynamo.reports()
+    assert "regional: 5 step-counter increments run in the last piece" in reports[-1].notes
     rearmed = [r for r in reports if r.graph_cache.startswith("re-armed")]
     if transpose_out:
         # inp | block 0 | views | block 1 | views | ... | block 4 | views + out: blocks

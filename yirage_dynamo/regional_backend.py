@@ -102,6 +102,11 @@ def compile_by_blocks(
         # Dynamo traced the graph once: its time belongs to the first piece only.
         if "total" in r.stages:
             r.stages["total"] -= r.stages.pop("dynamo_trace", 0.0)
+    deferred = sum(1 for n in partition if n.meta.get("yirage_deferred_increment"))
+    if pieces and deferred:
+        pieces[-1].notes.append(
+            f"regional: {deferred} step-counter increments run in the last piece"
+        )
     if pieces and fn is not stitched:
         pieces[-1].notes.append(f"regional: the stitched step runs in a {type(fn).__name__}")
     if pieces:
