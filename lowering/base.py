@@ -136,6 +136,9 @@ class Lowering:
     # Move a block's closing residual add into the next piece (fused there with the next
     # block's input norm) at the price of a separate first-block program (regional.plan).
     regional_fuse_across_blocks: bool = True
+    # Run the blocks' step-counter increments together in the last piece (regional.plan),
+    # for a lowering that makes them one launch there (CUDA: one `_foreach_add_`).
+    regional_defer_increments: bool = False
 
     def regional_options(self, options: Any, shared: bool) -> Any:
         """Options for one piece of a regionally compiled graph (`shared`: a repeated block)."""

@@ -189,6 +189,9 @@ class TritonLowering(Lowering):
     # so its weights stay graph inputs (frozen, they would be layer 0's constants), and
     # CUDA graphs capture the stitched step as a whole rather than each piece.
     reuses_block_programs = True
+    # The layers' cache-counter increments in the last piece, batched into one launch
+    # (cuda_kv_write.batch_counter_increments: 43 µs off a 7B H100 step).
+    regional_defer_increments = True
 
     def regional_options(self, options: Any, shared: bool) -> Any:
         # Pieces capture no graphs of their own (the stitched step is one), so "auto" is

@@ -89,7 +89,7 @@ def plan(
     gm: GraphModule,
     example_inputs: list[Any],
     move_closing_add: bool = True,
-    defer_increments: bool = True,
+    defer_increments: bool = False,
 ) -> tuple[dict[Node, int] | None, str]:
     """(partition index per node, "") when regional compilation applies, else (None, why).
 
@@ -101,7 +101,9 @@ def plan(
     `defer_increments`: the blocks' step counters (HF's static cache has one per layer)
     are incremented in the last piece instead, all together, where a lowering can make
     them one launch (lowering/cuda_kv_write.py's `batch_counter_increments`): 31
-    launches fewer per 7B decode step. This edits `gm` (`defer_increments_in`)."""
+    launches fewer per 7B decode step. This edits `gm` (`defer_increments_in`). Off on
+    the CPU, where the increments are part of each layer's one-call kernel program and,
+    in the last piece, would be ATen calls that keep it from having one."""
     if torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
     ):

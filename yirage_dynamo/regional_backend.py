@@ -50,7 +50,9 @@ def compile_by_blocks(
         fuse = {"0": False, "1": True}.get(
             os.environ.get(FUSE_ENV, ""), lowering.regional_fuse_across_blocks
         )
-        partition, why = regional.plan(gm, example_inputs, fuse)
+        partition, why = regional.plan(
+            gm, example_inputs, fuse, defer_increments=lowering.regional_defer_increments
+        )
         if partition is not None and fuse:
             undo = regional.open_first_block_with_zero_residual(gm, partition)
     except Exception as exc:  # noqa: BLE001 - the whole-graph path reports and falls back
