@@ -74,18 +74,27 @@ class _Stamps:
         return gaps[len(gaps) // 2]
 
 
+ENV_VARIANTS = {
+    # Regional compilation off: the graph compiled whole.
+    "yirage_whole": ("YIRAGE_REGIONAL", "0"),
+    # The layers' step-counter increments run in the last piece (CUDA's choice).
+    "yirage_defer": ("YIRAGE_REGIONAL_DEFER_INCREMENTS", "1"),
+}
+
+
 def _generate(model, ids, n: int, backend: str | None, streamer=None):
     from transformers.generation import CompileConfig
 
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
     if streamer is not None:
         kw["streamer"] = streamer
-    if backend == "yirage_whole":  # regional compilation off: the graph compiled whole
-        os.environ["YIRAGE_REGIONAL"] = "0"
+    if backend in ENV_VARIANTS:  # "yirage" with an environment override
+        name, value = ENV_VARIANTS[backend]
+        os.environ[name] = value
         try:
             return _generate(model, ids, n, "yirage", streamer)
         finally:
-            del os.environ["YIRAGE_REGIONAL"]
+            del os.environ[name]
     if backend is not None:
         cc = CompileConfig(backend=backend, fullgraph=False)
         cc._compile_all_devices = True

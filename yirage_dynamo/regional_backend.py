@@ -32,6 +32,7 @@ from yirage_dynamo.report import reports
 log = logging.getLogger("yirage_dynamo")
 
 FUSE_ENV = "YIRAGE_REGIONAL_FUSE_ACROSS"
+DEFER_ENV = "YIRAGE_REGIONAL_DEFER_INCREMENTS"
 
 
 def compile_by_blocks(
@@ -50,9 +51,10 @@ def compile_by_blocks(
         fuse = {"0": False, "1": True}.get(
             os.environ.get(FUSE_ENV, ""), lowering.regional_fuse_across_blocks
         )
-        partition, why = regional.plan(
-            gm, example_inputs, fuse, defer_increments=lowering.regional_defer_increments
+        defer = {"0": False, "1": True}.get(
+            os.environ.get(DEFER_ENV, ""), lowering.regional_defer_increments
         )
+        partition, why = regional.plan(gm, example_inputs, fuse, defer_increments=defer)
         if partition is not None and fuse:
             undo = regional.open_first_block_with_zero_residual(gm, partition)
     except Exception as exc:  # noqa: BLE001 - the whole-graph path reports and falls back
