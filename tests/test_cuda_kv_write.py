@@ -180,18 +180,6 @@ def test_fusion_in_the_no_inductor_llama_layer_program_keeps_generate_exact(
             assert torch.ops.aten.index_copy_.default not in targets
 
 
-def test_kv_write_env_switch_is_validated(monkeypatch):
-    from yirage_dynamo.lowering.cuda_kv_write import KV_WRITE_ENV, enabled
-
-    monkeypatch.delenv(KV_WRITE_ENV, raising=False)
-    assert enabled()
-    monkeypatch.setenv(KV_WRITE_ENV, "off")
-    assert not enabled()
-    monkeypatch.setenv(KV_WRITE_ENV, "sometimes")
-    with pytest.raises(ValueError, match=KV_WRITE_ENV):
-        enabled()
-
-
 def _hf_inputs(dtype=torch.float32, b=1, s=1):
     args = _inputs(b, 4, 2, s, 8, 12, dtype)
     return [*args[:7], torch.tensor([3])]  # the counter: the next free slot
@@ -224,7 +212,8 @@ def test_position_add_folds_into_the_fused_call_reading_the_counter_before_its_i
 
 
 @pytest.mark.parametrize("env,query", [
-    ("KV_POS_ENV", "folds_positions"), ("KV_COUNTERS_ENV", "batches_counters"),
+    ("KV_WRITE_ENV", "enabled"), ("KV_POS_ENV", "folds_positions"),
+    ("KV_COUNTERS_ENV", "batches_counters"),
 ])  # fmt: skip
 def test_kv_switches_are_validated_and_on_by_default(monkeypatch, env, query):
     from yirage_dynamo.lowering import cuda_kv_write

@@ -35,6 +35,11 @@ FUSE_ENV = "YIRAGE_REGIONAL_FUSE_ACROSS"
 DEFER_ENV = "YIRAGE_REGIONAL_DEFER_INCREMENTS"
 
 
+def _env_choice(env: str, default: bool) -> bool:
+    """`env` "0"/"1" overrides `default`; unset (or anything else) keeps it."""
+    return {"0": False, "1": True}.get(os.environ.get(env, ""), default)
+
+
 def compile_by_blocks(
     gm: GraphModule, example_inputs: list[Any], options: Options
 ) -> Callable | None:
@@ -47,13 +52,9 @@ def compile_by_blocks(
     try:
         device, _ = select_device(example_inputs, options)
         lowering, _ = choose_lowering(device)
-        # Benchmark/debug override of the lowering's choice (yirage_dynamo/regional.plan).
-        fuse = {"0": False, "1": True}.get(
-            os.environ.get(FUSE_ENV, ""), lowering.regional_fuse_across_blocks
-        )
-        defer = {"0": False, "1": True}.get(
-            os.environ.get(DEFER_ENV, ""), lowering.regional_defer_increments
-        )
+        # Benchmark/debug overrides of the lowering's choices (yirage_dynamo/regional.plan).
+        fuse = _env_choice(FUSE_ENV, lowering.regional_fuse_across_blocks)
+        defer = _env_choice(DEFER_ENV, lowering.regional_defer_increments)
         partition, why = regional.plan(gm, example_inputs, fuse, defer_increments=defer)
         if partition is not None and fuse:
             undo = regional.open_first_block_with_zero_residual(gm, partition)
