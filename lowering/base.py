@@ -140,6 +140,10 @@ class Lowering:
     # for a lowering that makes them one launch there (CUDA: one `_foreach_add_`).
     regional_defer_increments: bool = False
 
+    def regional_refusal(self, example_inputs: list[Any], options: Any) -> str | None:
+        """Why this lowering compiles a graph whole rather than by blocks, or None."""
+        return None
+
     def regional_options(self, options: Any, shared: bool) -> Any:
         """Options for one piece of a regionally compiled graph (`shared`: a repeated block)."""
         return options

@@ -193,6 +193,14 @@ class TritonLowering(Lowering):
     # (cuda_kv_write.batch_counter_increments: 43 µs off a 7B H100 step).
     regional_defer_increments = True
 
+    def regional_refusal(self, example_inputs: list[Any], options: Any) -> str | None:
+        on, _ = wants_cudagraphs(options, example_inputs)
+        if on and not _own_cuda_graphs(example_inputs):
+            # Inductor's CUDA-graph trees capture what compile_fx compiles, so the stitched
+            # step would run with no CUDA graph (4.5x slower on 7B decode, RESULTS.md).
+            return f"{CUDA_GRAPHS_ENV}=inductor: the trees capture whole graphs only"
+        return None
+
     def regional_options(self, options: Any, shared: bool) -> Any:
         # Pieces capture no graphs of their own (the stitched step is one), so "auto" is
         # decided here, for the step: regional pieces are static-shape inference graphs.

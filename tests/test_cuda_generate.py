@@ -194,12 +194,19 @@ def test_llama_generate_static_cache_matches_eager_with_cuda_graphs(
     if graphs == "inductor":
         monkeypatch.setenv("YIRAGE_CUDA_GRAPHS", "inductor")  # Inductor's CUDA-graph trees
 
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"]["cudagraph_skips"]
     prompt, ref, out, mems, again, reports = _eager_then_compiled(dtype, kernels, repeats=4)
     decode = [r for r in reports if r.patterns.get("triton_attention")]
     assert decode, [(r.patterns, r.rejected) for r in reports]
     notes = [n for r in reports for n in r.notes]
     if graphs == "inductor":
         assert any("triton.cudagraphs=True" in n for n in notes)
+        # The trees capture whole compile_fx graphs: compiled by layers, the step would
+        # have run with no CUDA graph at all.
+        assert not any(n.startswith("regional:") for n in notes), notes
+        assert counters["inductor"]["cudagraph_skips"] == skips
     else:
         assert any("cuda graphs: yirage runner" in n for n in notes), notes
         # No Inductor: each layer's rotary and both cache writes run as one kernel.

@@ -55,7 +55,11 @@ def compile_by_blocks(
         # Benchmark/debug overrides of the lowering's choices (yirage_dynamo/regional.plan).
         fuse = _env_choice(FUSE_ENV, lowering.regional_fuse_across_blocks)
         defer = _env_choice(DEFER_ENV, lowering.regional_defer_increments)
-        partition, why = regional.plan(gm, example_inputs, fuse, defer_increments=defer)
+        refusal = lowering.regional_refusal(example_inputs, options)
+        if refusal is not None:
+            partition, why = None, refusal
+        else:
+            partition, why = regional.plan(gm, example_inputs, fuse, defer_increments=defer)
         if partition is not None and fuse:
             undo = regional.open_first_block_with_zero_residual(gm, partition)
     except Exception as exc:  # noqa: BLE001 - the whole-graph path reports and falls back
