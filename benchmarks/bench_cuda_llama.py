@@ -52,6 +52,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -332,7 +333,31 @@ def last_decode_call(runner: Runner, compile_config) -> tuple[tuple, dict]:
     return seen["call"]
 
 
-def gpu_call_ms(call, args: tuple, kwargs: dict, reps: int = 20) -> float:
+def cache_positions_kept(kwargs: dict) -> tuple[Callable[[], None], int]:
+    """A function that puts the static cache's write positions back where they are now,
+    and how many more steps fit in the cache from there.
+
+    HF's StaticCache layers count the tokens written (`cumulative_length`, a static-address
+    tensor the compiled step increments in place) and write at that count. A step called
+    or replayed over and over to time it advances them: the 1B shape's 192-slot cache
+    overflowed after 72 extra steps and the writes went past its end (an illegal memory
+    access under YIRAGE_CUDA_GEMV_FUSE=on). Resetting before each timed call keeps every
+    step writing the same slot."""
+    cache = kwargs.get("past_key_values")
+    layers = getattr(cache, "layers", [])
+    counters = [c for c in (getattr(x, "cumulative_length", None) for x in layers)
+                if isinstance(c, torch.Tensor)]  # fmt: skip
+    if not counters:
+        return (lambda: None), 10**9
+    saved = [c.clone() for c in counters]
+    keys = getattr(layers[0], "keys", None)
+    room = (keys.shape[-2] if keys is not None else 10**9) - int(saved[0].max())
+    return (lambda: torch._foreach_copy_(counters, saved)), room
+
+
+def gpu_call_ms(
+    call, args: tuple, kwargs: dict, reps: int = 20, reset: Callable[[], None] = lambda: None
+) -> float:
     """GPU time of one compiled decode step, for any backend and free of host time: a GPU
     sleep queued first (~10 ms, longer than the host's guards and launch) keeps the GPU
     busy while the host issues the call, so the events around it bracket only the step's
@@ -341,10 +366,12 @@ def gpu_call_ms(call, args: tuple, kwargs: dict, reps: int = 20) -> float:
     # generate() runs under no_grad: with grad on, Dynamo's grad-mode guard failed, the
     # frame recompiled up to its limit, and the "step" timed was HF's eager forward.
     with torch.no_grad():
+        reset()
         call(*args, **kwargs)
         torch.cuda.synchronize()
         times = []
         for _ in range(reps):
+            reset()  # queued before the sleep: not inside the events
             torch.cuda._sleep(20_000_000)
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
@@ -424,19 +451,22 @@ def _bench_interleaved(
     for name in variants:
         model._compiled_call = compiled[name]
         model._last_compile_config = configs[name]
+        args, kwargs = last_decode_call(runner, configs[name])
+        reset, room = cache_positions_kept(kwargs)
         try:
-            step = (
-                f"{gpu_call_ms(model._compiled_call, *last_decode_call(runner, configs[name])):.3f}"
-            )
+            step = f"{gpu_call_ms(model._compiled_call, args, kwargs, reset=reset):.3f}"
         except Exception as exc:  # noqa: BLE001 - a column of a table, not the benchmark
             print(f"[{key}] {name}: GPU step per call not measured: {exc}", file=sys.stderr)
             step = "-"
+        reset()
         med = statistics.median(per_tok[name])
         ratios = [b / a for a, b in zip(per_tok[name], per_tok[base])]
         # The decode step's own GPU time, without the host time between steps: the
         # variant's last captured graph replayed back to back (yirage's runner only).
         captured = [r for r in graphs[name] if r.graph is not None]
-        gpu = replay_ms(captured[-1]) if captured else None
+        # Replays advance the cache positions too: as many as fit (a warm one first).
+        gpu = replay_ms(captured[-1], reps=min(50, room - 2)) if captured and room > 2 else None
+        reset()
         lines.append(
             f"| {key} | {name} | {med:.3f} | {1e3 / med:.1f} | "
             f"{_bandwidth(bytes_tok, med, peak)} | "

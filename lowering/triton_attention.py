@@ -75,7 +75,8 @@ def _decode_attn_split_kernel(
     hk = bh % HKV
     if HAS_CP:
         # Valid prefix, read on the device: CUDA-graph replays see each step's value.
-        valid = tl.load(CP + n_cp - 1).to(tl.int32) + 1
+        # Clamped to the cache: a position past its end must not read past it.
+        valid = tl.minimum(tl.load(CP + n_cp - 1).to(tl.int32) + 1, T)
     else:
         valid = T
     start = split * SPLIT

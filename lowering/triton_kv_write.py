@@ -39,6 +39,7 @@ def _rotary_kv_write_kernel(
     HQ,
     HKV,
     S,
+    T,
     sqb,
     sqh,
     sqs,
@@ -79,6 +80,12 @@ def _rotary_kv_write_kernel(
         p = tl.load(POS + s).to(tl.int64)
         if HAS_BASE:
             p += tl.load(BASE).to(tl.int64)
+        # A position outside the cache is not written. ATen's index_copy_ fails a device
+        # assert there; with HF's counter-based positions, a CUDA graph replayed past the
+        # cache's end (a benchmark timing one step over and over) would otherwise write
+        # into whatever memory follows the cache. TRITON_DEBUG=1 turns it into an assert.
+        tl.device_assert((p >= 0) & (p < T), "rotary_kv_write: position outside the cache")
+        m = m & (p >= 0) & (p < T)
         x_ptr = K + b * skb + j * skh + s * sks
         y_ptr = KC + b * skcb + j * skch + p * skcs
         # The value row goes to the same slot unchanged.
@@ -124,6 +131,7 @@ def rotary_kv_write(
         hq,
         hkv,
         s,
+        k_cache.shape[2],
         q.stride(0),
         q.stride(1),
         q.stride(2),

@@ -54,8 +54,9 @@ def live_runners() -> list[CudaGraphRunner]:
 def replay_ms(runner: CudaGraphRunner, reps: int = 50) -> float | None:
     """GPU milliseconds per replay of `runner`'s captured graph (None before a capture):
     CUDA events around `reps` back-to-back replays, so no host time between steps is
-    counted. The replays rerun the last step on its own inputs (a decode step rewrites
-    the same KV-cache slot)."""
+    counted. The replays rerun the last step on its own inputs; state the step mutates in
+    place advances with each (HF's static cache writes at a counter the step increments:
+    the caller keeps `reps` within the cache, see benchmarks/bench_cuda_llama.py)."""
     graph = runner.graph
     if graph is None:
         return None

@@ -236,6 +236,21 @@ def test_triton_decode_attention_matches_reference(dtype, hq, hkv, d, pos):
 
 
 @needs_triton
+def test_triton_decode_attention_reads_no_further_than_the_cache_for_a_later_position():
+    """cache_position past the cache's end (HF's counters run on when a step is replayed
+    to time it): the valid prefix is the whole cache, and the last split, which reaches
+    past the end (100 slots in splits of 64), reads nothing beyond it (NaN there)."""
+    k = _ops()
+    b, hq, hkv, d, max_len = 1, 8, 2, 64, 100
+    q, kbuf, vbuf, _ = _attention_inputs(b, hq, hkv, d, 128, torch.bfloat16, max_len - 1)
+    kc, vc = kbuf[:, :, :max_len], vbuf[:, :, :max_len]
+    scale = 1 / math.sqrt(d)
+    ref = torch.ops.yirage.attention(q, kc, vc, None, scale, False, None)
+    out = k.decode_attention(q, kc, vc, None, torch.tensor([max_len + 5], device="cuda"), scale, 64, 32, 2)  # fmt: skip
+    torch.testing.assert_close(out, ref, **_tol(torch.bfloat16))
+
+
+@needs_triton
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 def test_triton_decode_attention_applies_padding_mask(mask_dtype):
     k = _ops()

@@ -146,6 +146,34 @@ def test_triton_rotary_kv_write_matches_rotary_then_index_copy(dtype, b, hq, hkv
     torch.testing.assert_close(got_args[6], ref_args[6], rtol=0, atol=0)
 
 
+@needs_triton
+def test_triton_rotary_kv_write_skips_positions_past_the_cache_end():
+    """A step replayed past the cache's end (HF's counter keeps counting) must not write
+    into the memory after the cache: the cache here is the front of a larger buffer."""
+    from yirage_dynamo.lowering.cuda_ops import _kernels
+
+    _kernels()
+    b, hq, hkv, s, d, cache = 1, 8, 2, 2, 64, 16
+    q, k, v, cos, sin, kbuf, vbuf, pos = _inputs(b, hq, hkv, s, d, cache + 8, torch.bfloat16, "cuda", 0)  # fmt: skip
+    base = torch.tensor([cache - 1], device="cuda")  # positions cache-1 (inside) and cache
+    before_k, before_v = kbuf.clone(), vbuf.clone()
+    ref_k, ref_v = kbuf.clone(), vbuf.clone()
+    ref = rotary_kv_write_reference(q, k, v, cos, sin, ref_k, ref_v, pos, base)
+    got = torch.ops.yirage_cuda.rotary_kv_write(
+        q, k, v, cos, sin, kbuf[:, :, :cache], vbuf[:, :, :cache], pos, base
+    )
+    tol = cuda_tol(torch.bfloat16)
+    torch.testing.assert_close(got, ref, **tol)
+    # The slot inside is written as the reference writes it...
+    torch.testing.assert_close(kbuf[:, :, :cache], ref_k[:, :, :cache], **tol)
+    torch.testing.assert_close(vbuf[:, :, :cache], ref_v[:, :, :cache], rtol=0, atol=0)
+    assert not torch.equal(vbuf[:, :, cache - 1], before_v[:, :, cache - 1])
+    # ...and the memory after the cache, where the reference wrote the second, is not.
+    assert not torch.equal(ref_v[:, :, cache], before_v[:, :, cache])
+    assert torch.equal(kbuf[:, :, cache:], before_k[:, :, cache:])
+    assert torch.equal(vbuf[:, :, cache:], before_v[:, :, cache:])
+
+
 @pytest.mark.parametrize("fold_positions", [False, True])
 def test_fusion_in_the_no_inductor_llama_layer_program_keeps_generate_exact(
     monkeypatch, fold_positions
