@@ -34,6 +34,10 @@ GEMV time grew 4.40 -> 4.84 ms/token, with their own 4.39 -> 4.51, which about c
 the two norm kernels per layer it removes (~0.14 ms/token). Measured on an H100 (7B
 decode, benchmarks/RESULTS.md): GPU busy 5.31 -> 5.27 ms/token, end to end +1.7% in
 an interleaved comparison whose rounds range -4%..+3%: within noise, so still opt-in.
+Until the twentieth session it fused only whole graphs (frozen get_attr weights), so in
+regional pieces, the default, it did nothing; now it fuses there too, and on an H200 the
+step is the same either way (1B 0.910 -> 0.909 ms, 7B 3.884 -> 3.894: the GEMVs' +7% eats
+the norms it removes, and the residual add at each piece's start stays an ATen add).
 `YIRAGE_CUDA_GEMV_FUSE=off` disables it everywhere.
 """
 
@@ -52,9 +56,11 @@ from .cuda_gemv import (
     _gemv_candidates,
     _gemv_dims,
     _is_view,
+    _sibling_weights,
+    _weight_value,
 )
 from .cuda_ops import _args, _kernels, _val
-from .cuda_timing import Tuner, rand, rotation_groups, time_rotating
+from .cuda_timing import Tuner, disjoint_groups, rand, rotation_groups, time_rotating
 
 FUSE_ENV = "YIRAGE_CUDA_GEMV_FUSE"
 
@@ -130,7 +136,7 @@ def fuse_norm_prologues(gm: GraphModule, ctx: PassContext) -> int:
     count = 0
     streams: dict[Node, Node] = {}
     for g in list(gm.graph.nodes):
-        if not _fusible_gemv(g) or "norm_weight" in g.kwargs:
+        if not _fusible_gemv(gm, g, ctx) or "norm_weight" in g.kwargs:
             continue
         src = _source(g.args[0])
         rn = _norm_of(src)
@@ -188,7 +194,11 @@ def fuse_residual_epilogues(gm: GraphModule, ctx: PassContext) -> int:
         for gi in (1, 0):
             src = _source(add.args[gi])
             r = add.args[1 - gi]
-            if _is_op(src, "yirage_cuda", "gemv") and _fusible_gemv(src) and len(src.users) == 1:
+            if (
+                _is_op(src, "yirage_cuda", "gemv")
+                and _fusible_gemv(gm, src, ctx)
+                and len(src.users) == 1
+            ):
                 break
         else:
             continue
@@ -225,22 +235,25 @@ _WEIGHTS = {"gemv": 1, "gemv_gated": 2, "gemv3": 3}
 _CFG_AT = {"gemv": 3, "gemv_gated": 4, "gemv3": 4}
 
 
-def _fusible_gemv(g: Node) -> bool:
-    """A GEMV launch over frozen weights (get_attr operands): the only kind retuned here."""
+def _fusible_gemv(gm: GraphModule, g: Node, ctx: PassContext) -> bool:
+    """A GEMV launch whose weights are known tensors (needed to retune it): frozen
+    constants (get_attr) of a whole graph, or the parameter inputs of a regional piece
+    that every layer calls. Regional compilation is the default, and with get_attr alone
+    nothing fused there: `YIRAGE_CUDA_GEMV_FUSE=on` left the 1B step's 30 norm kernels."""
     if not any(_is_op(g, "yirage_cuda", op) for op in _WEIGHTS):
         return False
     ws = g.args[1 : 1 + _WEIGHTS[g.target._opname]]
-    return all(isinstance(w, Node) and w.op == "get_attr" for w in ws)
+    return all(_weight_value(gm, w, ctx) is not None for w in ws)
 
 
-def _weights(gm: GraphModule, g: Node) -> tuple[torch.Tensor, ...]:
-    """The frozen weight tensors a GEMV launch reads (its get_attr operands)."""
-    return tuple(getattr(gm, w.target) for w in g.args[1 : 1 + _WEIGHTS[g.target._opname]])
+def _weights(gm: GraphModule, g: Node, ctx: PassContext) -> tuple[torch.Tensor, ...]:
+    """The weight tensors (W^T) a GEMV launch reads."""
+    ws = g.args[1 : 1 + _WEIGHTS[g.target._opname]]
+    return tuple(_weight_value(gm, w, ctx) for w in ws)
 
 
-def _signature(gm: GraphModule, g: Node) -> tuple:
-    ws = _weights(gm, g)
-    return (g.target._opname, tuple(tuple(w.shape) for w in ws), ws[0].dtype)
+def _signature(reals: tuple[torch.Tensor, ...], name: str) -> tuple:
+    return (name, tuple((tuple(w.shape), w.stride()) for w in reals), reals[0].dtype)
 
 
 def retune_fused(gm: GraphModule, ctx: PassContext) -> int:
@@ -252,21 +265,28 @@ def retune_fused(gm: GraphModule, ctx: PassContext) -> int:
     """
     k_ = _kernels()
     tuner = Tuner(ctx)
-    fused = [g for g in gm.graph.nodes if g.meta.get("yirage_fused") and _fusible_gemv(g)]
-    # Same-shape weight groups of this graph, for the rotation that defeats L2 (as in
-    # cuda_gemv): each launch reads a different layer's weights, as the model does.
+    fused = [g for g in gm.graph.nodes if g.meta.get("yirage_fused") and _fusible_gemv(gm, g, ctx)]
+    # Same-shape weight groups for the rotation that defeats L2 (as in cuda_gemv): each
+    # launch reads a different layer's weights, as the model does. A regional piece holds
+    # one layer's: the other layers' come from the pieces' sibling inputs.
     pools: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
     for g in fused:
-        pools.setdefault(_signature(gm, g), []).append(_weights(gm, g))
+        reals = _weights(gm, g, ctx)
+        pool = pools.setdefault(_signature(reals, g.target._opname), [])
+        seen = {tuple(w.data_ptr() for w in ws) for ws in pool}
+        for ws in [reals, *disjoint_groups([_sibling_weights(r, list(reals)) for r in reals])]:
+            if tuple(w.data_ptr() for w in ws) not in seen:  # two launches of one shape
+                seen.add(tuple(w.data_ptr() for w in ws))
+                pool.append(ws)
     for g in fused:
         name = g.target._opname
-        reals = _weights(gm, g)
+        reals = _weights(gm, g, ctx)
         nw = len(reals)
         m, kk = _val(g.args[0]).shape
         n_max = max(r.shape[1] for r in reals)
         dtype = reals[0].dtype
         extra = tuple(g.args[1 + nw : _CFG_AT[name]])  # bias (gemv) / act (gemv_gated)
-        pool = pools[_signature(gm, g)]
+        pool = pools[_signature(reals, name)]
 
         def launches(
             cfg, g=g, m=m, kk=kk, n=n_max, dtype=dtype, nw=nw, pool=pool, name=name, extra=extra
