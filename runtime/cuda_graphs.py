@@ -56,7 +56,7 @@ def replay_ms(runner: CudaGraphRunner, reps: int = 50) -> float | None:
     CUDA events around `reps` back-to-back replays, so no host time between steps is
     counted. The replays rerun the last step on its own inputs; state the step mutates in
     place advances with each (HF's static cache writes at a counter the step increments:
-    the caller keeps `reps` within the cache, see benchmarks/bench_cuda_llama.py)."""
+    the caller keeps `reps` within the cache: benchmarks/cuda_step_timing.py)."""
     graph = runner.graph
     if graph is None:
         return None

@@ -47,3 +47,32 @@ def test_equal_backends_share_dynamos_compiled_code():
     assert len(compiles) == 1
     torch.compile(f, backend=functools.partial(backend), options={"k": 1})(x)
     assert len(compiles) == 2
+
+
+def test_cache_positions_are_put_back_after_steps_timed_over_and_over():
+    """Timing one decode step again and again advances HF's per-layer write counters; past
+    the cache's end the writes would leave it (RESULTS.md, nineteenth session)."""
+    transformers = pytest.importorskip("transformers")
+    from cuda_step_timing import cache_positions_kept
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=64, vocab_size=100,
+    )  # fmt: skip
+    cache = transformers.StaticCache(config=cfg, max_cache_len=16)
+    kv = torch.randn(1, 2, 3, 8)
+    for layer in range(2):
+        cache.update(kv, kv, layer)
+    counters = [layer.cumulative_length for layer in cache.layers]
+    if not all(isinstance(c, torch.Tensor) for c in counters):
+        pytest.skip("this transformers' StaticCache counts positions on the host")
+    reset, room = cache_positions_kept({"past_key_values": cache})
+    assert room == 16 - 3
+    for c in counters:
+        c.add_(5)  # five timed steps
+    reset()
+    assert [int(c) for c in counters] == [3, 3]
+    # Nothing to keep without a static cache: no reset, no limit.
+    reset, room = cache_positions_kept({})
+    reset()
+    assert room >= 10**9
