@@ -269,24 +269,21 @@ def retune_fused(gm: GraphModule, ctx: PassContext) -> int:
     # Same-shape weight groups for the rotation that defeats L2 (as in cuda_gemv): each
     # launch reads a different layer's weights, as the model does. A regional piece holds
     # one layer's: the other layers' come from the pieces' sibling inputs.
-    pools: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
-    for g in fused:
-        reals = _weights(gm, g, ctx)
-        pool = pools.setdefault(_signature(reals, g.target._opname), [])
-        seen = {tuple(w.data_ptr() for w in ws) for ws in pool}
+    weights = {g: _weights(gm, g, ctx) for g in fused}
+    pools: dict[tuple, dict[tuple[int, ...], tuple[torch.Tensor, ...]]] = {}
+    for g, reals in weights.items():
+        pool = pools.setdefault(_signature(reals, g.target._opname), {})
         for ws in [reals, *disjoint_groups([_sibling_weights(r, list(reals)) for r in reals])]:
-            if tuple(w.data_ptr() for w in ws) not in seen:  # two launches of one shape
-                seen.add(tuple(w.data_ptr() for w in ws))
-                pool.append(ws)
-    for g in fused:
+            # Keyed by address: two launches of one shape share their siblings.
+            pool.setdefault(tuple(w.data_ptr() for w in ws), ws)
+    for g, reals in weights.items():
         name = g.target._opname
-        reals = _weights(gm, g, ctx)
         nw = len(reals)
         m, kk = _val(g.args[0]).shape
         n_max = max(r.shape[1] for r in reals)
         dtype = reals[0].dtype
         extra = tuple(g.args[1 + nw : _CFG_AT[name]])  # bias (gemv) / act (gemv_gated)
-        pool = pools[_signature(reals, name)]
+        pool = list(pools[_signature(reals, name)].values())
 
         def launches(
             cfg, g=g, m=m, kk=kk, n=n_max, dtype=dtype, nw=nw, pool=pool, name=name, extra=extra
