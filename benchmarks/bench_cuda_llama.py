@@ -7,6 +7,8 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
   inductor  HF's default CompileConfig (backend="inductor", mode="reduce-overhead")
   yirage    CompileConfig(backend=yirage) (CUDA graphs on by default for inference)
   yirage_all  the same with options={"cuda_kernels": "all"} (every yirage op on our kernels)
+  yirage_run_ahead  the same with options={"run_ahead": True}: the next decode step
+                 starts on a side stream before HF asks for it (runtime/run_ahead.py)
   yirage_gemv    yirage with the Triton decode GEMV forced on (YIRAGE_CUDA_GEMV=on) for
                  every eligible projection, whatever the cuBLAS comparison says
   yirage_nogemv  yirage with the GEMV off (YIRAGE_CUDA_GEMV=off): cuBLAS for every matmul
@@ -304,6 +306,9 @@ def variant_configs(options: dict) -> dict[str, Any]:
         "yirage_all": transformers.CompileConfig(
             backend=yirage, mode=None, options={**options, "cuda_kernels": "all"}
         ),
+        "yirage_run_ahead": transformers.CompileConfig(
+            backend=yirage, mode=None, options={**options, "run_ahead": True}
+        ),
     }
     for name in ENV_VARIANTS:
         # A backend object of its own: torch.compile's wrappers compare equal when backend
@@ -410,6 +415,13 @@ def _bench_interleaved(
             )
             + f" {step} |"
         )
+    for name in variants:
+        ahead = [r for r in graphs[name] if hasattr(r, "hits")]
+        if ahead:
+            lines.append(
+                f"{name}: steps handed out from a run-ahead step "
+                f"{sum(r.hits for r in ahead)}, dropped {sum(r.misses for r in ahead)}"
+            )
     if profile:  # every kernel of a step, per variant, after the timed rounds
         for name in variants:
             model._compiled_call = compiled[name]

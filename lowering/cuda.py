@@ -152,7 +152,10 @@ class TritonLowering(Lowering):
             # What a regional piece tells the runner around the stitched graph.
             fn.mutated_inputs = mutated
             return fn
-        report.notes.append(f"cuda graphs: yirage runner (mutated inputs {sorted(mutated)})")
+        report.notes.append(
+            f"cuda graphs: yirage runner{', run-ahead' if options.run_ahead else ''}"
+            f" (mutated inputs {sorted(mutated)})"
+        )
         return _runner(fn, mutated, options)
 
     def cache_salt(self) -> str:
@@ -181,7 +184,9 @@ class TritonLowering(Lowering):
         fn = make_boxed_func(gm.forward)
         on, _ = wants_cudagraphs(ctx.options, ctx.example_inputs)
         if on and ctx.inference and _own_cuda_graphs(ctx.example_inputs):
-            ctx.report.notes.append("cuda graphs: yirage runner")
+            ctx.report.notes.append(
+                "cuda graphs: yirage runner" + (", run-ahead" if ctx.options.run_ahead else "")
+            )
             return _runner(fn, ctx.mutated_inputs, ctx.options)
         return fn
 
@@ -214,13 +219,11 @@ class TritonLowering(Lowering):
     def finish_regional(
         self, fn: Callable, example_inputs: list[Any], options: Any, mutated: frozenset[int]
     ) -> Callable:
-        from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
-
         on, _ = wants_cudagraphs(options, example_inputs)
         if not (on and _own_cuda_graphs(example_inputs)):
             return fn
         # The shared pieces read weights through their parameter inputs: check them.
-        return CudaGraphRunner(fn, mutated, check_parameters=True)
+        return _runner_class(options)(fn, mutated, check_parameters=True)
 
 
 def _swap_in_kernels(gm: GraphModule, ctx: Any, for_inductor: bool) -> None:
@@ -260,10 +263,15 @@ def _swap_in_kernels(gm: GraphModule, ctx: Any, for_inductor: bool) -> None:
 
 
 def _runner(fn: Callable, mutated: frozenset[int], options: Any) -> Callable:
-    from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
-
     # Frozen weights are constants: their parameter inputs need no address check.
-    return CudaGraphRunner(fn, mutated, check_parameters=not options.freeze)
+    return _runner_class(options)(fn, mutated, check_parameters=not options.freeze)
+
+
+def _runner_class(options: Any) -> type:
+    from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    return RunAheadRunner if options.run_ahead else CudaGraphRunner
 
 
 CUDA_GRAPHS_ENV = "YIRAGE_CUDA_GRAPHS"

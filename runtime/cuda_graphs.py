@@ -44,6 +44,8 @@ MAX_CAPTURES = 8
 # (benchmarks; `replay_ms`). Weak: a runner lives as long as its compiled function.
 _LIVE: weakref.WeakSet[CudaGraphRunner] = weakref.WeakSet()
 _SERIAL = itertools.count()
+# Runners with a step started ahead and not yet handed out (runtime/run_ahead.py).
+_PENDING: weakref.WeakSet[CudaGraphRunner] = weakref.WeakSet()
 
 
 def live_runners() -> list[CudaGraphRunner]:
@@ -60,6 +62,7 @@ def replay_ms(runner: CudaGraphRunner, reps: int = 50) -> float | None:
     graph = runner.graph
     if graph is None:
         return None
+    runner.drain()
     graph.replay()  # warm: clocks, L2
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -68,6 +71,15 @@ def replay_ms(runner: CudaGraphRunner, reps: int = 50) -> float | None:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def drain_others(runner: CudaGraphRunner) -> None:
+    """A step another runner started ahead (runtime/run_ahead.py) may write the cache this
+    call uses: the current stream waits for it, and it is not handed out."""
+    if _PENDING:
+        for other in list(_PENDING):
+            if other is not runner:
+                other.drain()
 
 
 def is_static_input(t: Any) -> bool:
@@ -103,8 +115,11 @@ class CudaGraphRunner:
     # ------------------------------------------------------------------ calling
     def __call__(self, *args: Any) -> Any:
         self._boxed = len(args) == 1 and type(args[0]) is list
-        args = list(args[0]) if self._boxed else list(args)
+        return self._call(list(args[0]) if self._boxed else list(args))
+
+    def _call(self, args: list[Any]) -> Any:
         self.calls += 1
+        drain_others(self)
         if self.disabled is not None or self.calls == 1:
             return self._eager(args)
         if self.graph is None or not self._statics_unchanged(args):
@@ -122,6 +137,10 @@ class CudaGraphRunner:
     def _eager(self, args: list[Any]) -> Any:
         return self.fn(args) if self._boxed else self.fn(*args)
 
+    def drain(self) -> None:
+        """Order the current stream after any work this runner started on its own (none
+        here; runtime/run_ahead.py's speculative step)."""
+
     def _disable(self, why: str) -> None:
         log.warning("yirage: CUDA graphs off for this graph (%s); running without", why)
         self.disabled = why
@@ -131,14 +150,20 @@ class CudaGraphRunner:
     def _capture(self, args: list[Any]) -> None:
         if any(not isinstance(a, torch.Tensor) for a in args):
             raise TypeError("non-tensor graph input")
+        private = self._private_statics(args)
         statics = [
             i
             for i, a in enumerate(args)
             if is_static_input(a)
+            and i not in private
             and (self.check_parameters or not isinstance(a, torch.nn.Parameter))
         ]
         static_set = set(statics)
-        copied = [i for i, a in enumerate(args) if i not in static_set and not _is_param(a)]
+        copied = [
+            i
+            for i, a in enumerate(args)
+            if i not in static_set and (i in private or not _is_param(a))
+        ]
         buffers = list(args)
         for i in copied:
             buffers[i] = torch.empty_strided(
@@ -157,8 +182,9 @@ class CudaGraphRunner:
         self.static_idx = statics
         # Static inputs' addresses by input position (0 elsewhere): the C++ check's layout.
         self.ptr_at = [a.data_ptr() if i in static_set else 0 for i, a in enumerate(args)]
+        self.buffers, self.copied = buffers, copied
         self.copy_groups = _copy_groups([(i, buffers[i]) for i in copied])
-        self.copy_back = [(i, buffers[i]) for i in copied if i in self.mutated]
+        self.copy_back = _copy_groups([(i, buffers[i]) for i in copied if i in self.mutated])
         self.outs = outs
         # Outputs that view a static input stay valid after later replays; others live
         # in the graph's pool and are handed out as copies.
@@ -168,6 +194,10 @@ class CudaGraphRunner:
             isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in static_storages
             for o in flat
         ]
+
+    def _private_statics(self, args: list[Any]) -> set[int]:
+        """Static inputs the graph reads from buffers of its own, copied like the rest."""
+        return set()
 
     def _statics_unchanged(self, args: Sequence[Any]) -> bool:
         # Every step checks every weight's address (~300 on a 7B model): the C++ check of
@@ -187,14 +217,22 @@ class CudaGraphRunner:
             else:
                 torch._foreach_copy_(bufs, [args[i] for i in positions])
         self.graph.replay()
-        for i, buf in self.copy_back:
-            args[i].copy_(buf)
-        outs = self.outs
-        flat = outs if isinstance(outs, list | tuple) else [outs]
-        fresh = [o.clone() if c else o for o, c in zip(flat, self.clone_out)]
-        if isinstance(outs, tuple):
+        self._copy_back(args)
+        flat = self.outs if isinstance(self.outs, list | tuple) else [self.outs]
+        return self._shaped([o.clone() if c else o for o, c in zip(flat, self.clone_out)])
+
+    def _copy_back(self, args: list[Any]) -> None:
+        for positions, bufs in self.copy_back:
+            if len(bufs) == 1:
+                args[positions[0]].copy_(bufs[0])
+            else:
+                torch._foreach_copy_([args[i] for i in positions], bufs)
+
+    def _shaped(self, fresh: list[Any]) -> Any:
+        """Outputs in the structure the compiled function returned them."""
+        if isinstance(self.outs, tuple):
             return tuple(fresh)
-        if isinstance(outs, list):
+        if isinstance(self.outs, list):
             return fresh
         return fresh[0]
 

@@ -38,6 +38,11 @@ class Options:
     memory_planning: bool = True
     # None: decided by mode and device (CUDA inference graphs with static shapes).
     cudagraphs: bool | None = None
+    # CUDA graphs: start the next decode step on a side stream before it is asked for
+    # (runtime/run_ahead.py), hiding HF's per-token host time behind the GPU. Outputs are
+    # handed out only for inputs equal to the prediction. Opt-in: see the module on the
+    # one case it does not order (eager writes to the cache right after the last step).
+    run_ahead: bool = False
     # CUDA lowering: which yirage ops run as our Triton kernels. "auto": decode attention,
     # and decode GEMVs where measured faster than cuBLAS on this GPU; the pointwise/norm ops
     # go back to ATen for Inductor to fuse. "all": every op with a kernel. "none": no Triton
@@ -92,7 +97,7 @@ def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = N
 
     Environment overrides apply where an option was not given explicitly:
     YIRAGE_DEBUG, YIRAGE_DEBUG_DIR, YIRAGE_REPORT, YIRAGE_CACHE_DIR, YIRAGE_DEVICE,
-    YIRAGE_FALLBACK, YIRAGE_CXX, YIRAGE_GRAPH_CACHE.
+    YIRAGE_FALLBACK, YIRAGE_CXX, YIRAGE_GRAPH_CACHE, YIRAGE_REGIONAL, YIRAGE_RUN_AHEAD.
     """
     from yirage_dynamo.passes import PASS_NAMES  # late: passes import torch internals
 
@@ -132,7 +137,10 @@ def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = N
         raw["graph_cache"] = _env_flag("YIRAGE_GRAPH_CACHE")
     if "regional" not in raw and _env_flag("YIRAGE_REGIONAL") is not None:
         raw["regional"] = _env_flag("YIRAGE_REGIONAL")
-    for key in ("debug", "freeze", "memory_planning", "verify", "graph_cache", "regional"):
+    if "run_ahead" not in raw and _env_flag("YIRAGE_RUN_AHEAD") is not None:
+        raw["run_ahead"] = _env_flag("YIRAGE_RUN_AHEAD")
+    bools = ("debug", "freeze", "memory_planning", "verify", "graph_cache", "regional", "run_ahead")
+    for key in bools:
         if key in raw:
             _kind(key, raw[key], (bool,), "True or False")
     if "cuda_kernels" in raw:

@@ -1,0 +1,267 @@
+"""Run-ahead decoding: the next decode step runs on the GPU while HF's loop runs on the host.
+
+Why: in HF `generate()` every token ends with a host sync (its stopping check), and the
+host then spends 1.1-2.1 ms (HF's loop, Dynamo's guards and input gathering) before the
+next step is launched; the GPU idles all that time, with any backend (RESULTS.md, where a
+decode token's host time goes). A decode step's inputs are predictable from the step
+before: the token is the argmax of its logits, positions move by one, the attention mask
+grows by one slot, the cache counters carry over. So the runner starts step n+1 on a
+side stream as soon as step n is queued, and the host time is hidden behind it:
+
+    call n      replay (or hand out a step started ahead, below); then, on a side stream:
+                predict step n+1's inputs into the graph's input buffers, keep a copy,
+                replay the graph, copy its outputs out
+    call n+1    compare the inputs Dynamo passes with the copy (one host sync; the GPU is
+                busy with step n+1, the compare waits only for the prediction)
+                  same:      the caller's stream waits for step n+1; its outputs are handed
+                             out, its small mutated state is committed; step n+2 starts
+                  different: the caller's stream waits for it, it is dropped, and the call
+                             runs as usual
+
+Outputs are only ever handed out for inputs equal to the prediction, so results are the
+ones the step computes for the caller's inputs; sampling, logits processors that change
+the argmax, or a new sequence just cost one dropped step each (repeated misses pause the
+run-ahead, doubling the pause each time).
+
+The rules are learned, not assumed: after each of the first replays, every copied input is
+checked (on the GPU, one sync per call) against each rule applied to the call before, and
+a rule is kept where it held over two consecutive calls, for every input, with at least
+one input fed back from an output (the token). Otherwise the runner never runs ahead.
+
+    token  argmax over the last position of a float output (batch, ..., vocab)
+    step   the previous value plus a constant (positions)
+    grow   a bool mask with one more slot set after its last set one (HF's padding mask)
+    carry  the value after the previous step (the cache counters, which the step mutates)
+
+What a step started ahead writes: its private input buffers (small mutated static inputs,
+the cache counters, are given private buffers here and committed only when handed out),
+and the KV cache slot at the next position, past the valid prefix until that step is
+used; a real step at that position rewrites it. Every call of a CUDA-graph runner first
+orders its stream after any pending step. Not ordered: eager code the caller runs on the
+same cache in the few milliseconds after the last step (a new generate's eager prefill
+right after the previous one ended), which is why this is opt-in
+(`options={"run_ahead": True}`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .cuda_graphs import _PENDING, CudaGraphRunner, drain_others
+
+log = logging.getLogger("yirage_dynamo")
+
+# Static inputs the step mutates that get private buffers: the cache's counters (one
+# element each); the KV cache itself stays in place.
+PRIVATE_NUMEL = 64
+# Replays observed before giving up on learning the rules.
+LEARN_CALLS = 6
+# Calls without run-ahead after a miss, doubled per consecutive miss.
+FIRST_PAUSE, MAX_PAUSE = 2, 256
+
+
+@dataclasses.dataclass
+class _Started:
+    """A step started ahead on the side stream."""
+
+    ready: torch.cuda.Event  # its predicted inputs are in `predicted`
+    done: torch.cuda.Event  # its outputs are in `outs`
+    outs: list[Any]
+
+
+class RunAheadRunner(CudaGraphRunner):
+    """A CUDA-graph runner that starts the next decode step before it is asked for."""
+
+    def __init__(self, fn: Callable, mutated_inputs: frozenset[int] = frozenset(), **kw: Any):
+        super().__init__(fn, mutated_inputs, **kw)
+        self.rules: list[tuple] | None = None  # per copied input; None: still learning
+        self.learn_failed: str | None = None
+        self.hits = self.misses = 0
+        self._seen: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self._candidates: list[set] | None = None
+        self._started: _Started | None = None
+        self._side: torch.cuda.Stream | None = None
+        self._pause = self._pause_len = 0
+
+    # ------------------------------------------------------------------ calling
+    def _call(self, args: list[Any]) -> Any:
+        if self._started is not None:
+            if self.graph is not None and self._statics_unchanged(args):
+                drain_others(self)
+                outs = self._take_started(args)
+                if outs is not None:
+                    self.calls += 1
+                    return outs
+            else:
+                self.drain()
+        return super()._call(args)
+
+    def drain(self) -> None:
+        started, self._started = self._started, None
+        _PENDING.discard(self)
+        if started is not None:
+            torch.cuda.current_stream().wait_event(started.done)
+
+    def _private_statics(self, args: list[Any]) -> set[int]:
+        return {
+            i
+            for i in self.mutated
+            if i < len(args)
+            and isinstance(args[i], torch.Tensor)
+            and not isinstance(args[i], torch.nn.Parameter)
+            and args[i].numel() <= PRIVATE_NUMEL
+        }
+
+    def _capture(self, args: list[Any]) -> None:
+        self.drain()
+        super()._capture(args)
+        self.rules, self._seen, self._candidates = None, [], None
+        self._predicted = torch.cat([self.buffers[i].reshape(-1) for i in self.copied])
+        self._actual = torch.empty_like(self._predicted)
+
+    def _replay(self, args: list[Any]) -> Any:
+        learning = self.rules is None and self.learn_failed is None
+        # This call's inputs before the step mutates any (the counters are copied back).
+        now = [args[i].detach().clone() for i in self.copied] if learning else []
+        outs = super()._replay(args)
+        if learning:
+            self._learn(now)
+        if self.rules and self._pause == 0:
+            self._start_next()
+        elif self._pause:
+            self._pause -= 1
+        return outs
+
+    # ------------------------------------------------------------------ handing out
+    def _take_started(self, args: list[Any]) -> Any:
+        started, self._started = self._started, None
+        _PENDING.discard(self)
+        main = torch.cuda.current_stream()
+        main.wait_event(started.ready)
+        torch.cat([args[i].reshape(-1) for i in self.copied], out=self._actual)
+        same = torch.equal(self._actual, self._predicted)
+        main.wait_event(started.done)
+        if not same:
+            self.misses += 1
+            self._pause_len = min(max(FIRST_PAUSE, 2 * self._pause_len), MAX_PAUSE)
+            self._pause = self._pause_len
+            return None
+        self.hits += 1
+        self._pause_len = 0
+        self._copy_back(args)  # the step's counters, now the caller's
+        self._start_next()
+        return self._shaped(started.outs)
+
+    def _start_next(self) -> None:
+        main = torch.cuda.current_stream()
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=main.device)
+        side = self._side
+        flat = self.outs if isinstance(self.outs, list | tuple) else [self.outs]
+        # Allocated on the caller's stream, which uses and frees them: it waits for `done`
+        # before either.
+        fresh = [torch.empty_like(o) if c else o for o, c in zip(flat, self.clone_out)]
+        ready, done = torch.cuda.Event(), torch.cuda.Event()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for i, rule in zip(self.copied, self.rules):
+                _predict(self.buffers[i], rule, flat)
+            torch.cat([self.buffers[i].reshape(-1) for i in self.copied], out=self._predicted)
+            ready.record(side)
+            self.graph.replay()
+            for f, o, c in zip(fresh, flat, self.clone_out):
+                if c:
+                    f.copy_(o)
+            done.record(side)
+        self._started = _Started(ready, done, fresh)
+        _PENDING.add(self)
+
+    # ------------------------------------------------------------------ learning
+    def _learn(self, now: list[torch.Tensor]) -> None:
+        """Observe this replay (`now`: its inputs); after two transitions agree, fix the
+        rules (or give up)."""
+        flat = self.outs if isinstance(self.outs, list | tuple) else [self.outs]
+        after = [self.buffers[i].clone() for i in self.copied]
+        tokens = [_last_argmax(o) for o in flat]
+        if self._seen:
+            prev_after, prev_tokens = self._seen[-1]
+            held = _rules_that_held(now, prev_after, prev_tokens)
+            if self._candidates is None:
+                self._candidates = held
+            else:
+                self._candidates = [a & b for a, b in zip(self._candidates, held)]
+                self.rules = self._choose(self._candidates)
+        self._seen = [(after, tokens)]
+        if self.rules is None and self.calls > LEARN_CALLS:
+            self.learn_failed = "no consistent rules"
+
+    def _choose(self, candidates: list[set]) -> list[tuple] | None:
+        order = {"token": 0, "step": 1, "grow": 2, "carry": 3}
+        rules = []
+        for i, held in zip(self.copied, candidates):
+            if not held:
+                self.learn_failed = f"input {i}: no rule predicts it"
+                log.info("yirage: no run-ahead for this graph (%s)", self.learn_failed)
+                return None
+            rules.append(min(held, key=lambda r: order[r[0]]))
+        if not any(r[0] == "token" for r in rules):
+            self.learn_failed = "no input is fed back from an output"
+            return None
+        log.info("yirage: run-ahead rules %s", rules)
+        return rules
+
+
+def _last_argmax(out: Any) -> torch.Tensor | None:
+    """argmax over the vocabulary at the last position, for outputs shaped like logits."""
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or not out.dtype.is_floating_point:
+        return None
+    last = out[:, -1] if out.dim() >= 3 else out
+    return last.argmax(-1).reshape(out.shape[0])
+
+
+def _grown(mask: torch.Tensor) -> torch.Tensor:
+    shifted = torch.cat([torch.zeros_like(mask[..., :1]), mask[..., :-1]], dim=-1)
+    return mask | shifted
+
+
+def _rules_that_held(
+    now: list[torch.Tensor], prev: list[torch.Tensor], tokens: list[torch.Tensor | None]
+) -> list[set]:
+    """Which rules turn the previous call into this one, per input (host syncs: learning
+    takes a few calls)."""
+    held: list[set] = []
+    for x, p in zip(now, prev):
+        rules: set = set()
+        integral = not x.dtype.is_floating_point and x.dtype != torch.bool
+        if x.shape == p.shape and x.dtype == p.dtype:
+            if torch.equal(x, p):
+                rules.add(("carry",))
+            if x.dtype == torch.bool and torch.equal(x, _grown(p)):
+                rules.add(("grow",))
+            if integral and x.numel():
+                delta = int((x.reshape(-1)[0] - p.reshape(-1)[0]).item())
+                if delta and torch.equal(x, p + delta):
+                    rules.add(("step", delta))
+        for o, tok in enumerate(tokens):
+            if integral and tok is not None and tok.numel() == x.numel():
+                if torch.equal(x.reshape(-1), tok.to(x.dtype)):
+                    rules.add(("token", o))
+        held.append(rules)
+    return held
+
+
+def _predict(buf: torch.Tensor, rule: tuple, outs: list[Any]) -> None:
+    kind = rule[0]
+    if kind == "carry":
+        return
+    if kind == "step":
+        buf.add_(rule[1])
+    elif kind == "grow":
+        buf.copy_(_grown(buf))
+    else:  # token
+        buf.copy_(_last_argmax(outs[rule[1]]).reshape(buf.shape))

@@ -1,0 +1,227 @@
+"""Run-ahead decoding (runtime/run_ahead.py): the next decode step started on a side
+stream from predicted inputs, handed out only when the caller's inputs equal them.
+
+The rule learning is checked on CPU tensors; the runner itself needs a GPU (CUDA graphs,
+streams) and skips cleanly without one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import needs_cuda, needs_triton
+from yirage_dynamo.runtime.run_ahead import _grown, _predict, _rules_that_held
+
+# --------------------------------------------------------------------------- rules (CPU)
+
+
+def test_rules_learned_from_one_decode_transition():
+    vocab, slots = 11, 8
+    logits = torch.randn(1, 1, vocab)
+    token = logits[:, -1].argmax(-1)
+    prev = [
+        torch.tensor([[4]]),  # ids
+        torch.tensor([[5]]),  # position
+        torch.arange(slots).reshape(1, 1, 1, slots) <= 5,  # padding mask
+        torch.tensor(6),  # cache counter, after the step's increment
+    ]
+    now = [
+        token.reshape(1, 1),
+        torch.tensor([[6]]),
+        torch.arange(slots).reshape(1, 1, 1, slots) <= 6,
+        torch.tensor(6),
+    ]
+    held = _rules_that_held(now, prev, [token])
+    assert ("token", 0) in held[0]
+    assert held[1] == {("step", 1)}
+    assert ("grow",) in held[2] and ("carry",) not in held[2]
+    assert held[3] == {("carry",)}
+
+
+def test_rules_find_nothing_for_an_input_no_rule_explains():
+    prev = [torch.tensor([[1, 5, 2]]), torch.tensor([[3]])]
+    now = [torch.tensor([[7, 0, 2]]), torch.tensor([[9]])]
+    held = _rules_that_held(now, prev, [torch.tensor([2])])
+    assert held[0] == set()
+    # One element always moved by some constant: the runner needs the same rule to hold
+    # over two transitions before it keeps it.
+    assert held[1] == {("step", 6)}
+
+
+def test_grown_mask_sets_the_slot_after_the_last_set_one_with_left_padding():
+    mask = torch.tensor([[False, False, True, True, False, False]])
+    assert _grown(mask).tolist() == [[False, False, True, True, True, False]]
+
+
+def test_predict_applies_each_rule_in_place():
+    logits = torch.tensor([[[0.1, 3.0, -1.0]]])
+    ids, pos = torch.tensor([[0]]), torch.tensor([[4]])
+    mask = torch.tensor([[True, True, False]])
+    counter = torch.tensor(7)
+    _predict(ids, ("token", 0), [logits])
+    _predict(pos, ("step", 1), [logits])
+    _predict(mask, ("grow",), [logits])
+    _predict(counter, ("carry",), [logits])
+    assert ids.tolist() == [[1]] and pos.tolist() == [[5]]
+    assert mask.tolist() == [[True, True, True]] and counter.item() == 7
+
+
+def test_run_ahead_option_is_validated():
+    from yirage_dynamo.options import parse_options
+
+    assert parse_options({"run_ahead": True}).run_ahead is True
+    assert parse_options({}).run_ahead is False
+    with pytest.raises(ValueError, match="run_ahead"):
+        parse_options({"run_ahead": "yes"})
+
+
+# --------------------------------------------------------------------------- runner (CUDA)
+
+VOCAB, SLOTS, WIDTH = 16, 32, 8
+
+
+def _decode_step(ids, pos, mask, cache, counter, table):
+    """A decode-step stand-in with HF's inputs: writes the token's row at the cache
+    counter, bumps the counter in place, attends over the masked cache."""
+    row = table[ids.reshape(-1)] + pos.reshape(-1, 1).to(table.dtype)
+    cache.index_copy_(0, counter.reshape(1), row)
+    counter.add_(1)
+    ctx = (cache * mask.reshape(-1, 1).to(cache.dtype)).sum(0, keepdim=True)
+    return ((ctx @ table.T).unsqueeze(1),)
+
+
+def _decode_loop(step, table, steps: int, choose=None):
+    """HF's loop in miniature: next token from the logits (argmax unless `choose`), one
+    host sync per token, position + 1, the mask grown by one slot."""
+    cache = torch.zeros(SLOTS, WIDTH, device="cuda")
+    counter = torch.tensor(3, device="cuda")
+    for t in (cache, counter):
+        torch._dynamo.mark_static_address(t)
+    ids = torch.tensor([[5]], device="cuda")
+    pos = torch.tensor([[3]], device="cuda")
+    mask = torch.arange(SLOTS, device="cuda") <= 3
+    logits_seen = []
+    for k in range(steps):
+        (logits,) = step(ids, pos, mask, cache, counter, table)
+        logits_seen.append(logits)
+        nxt = logits[:, -1].float().argmax(-1) if choose is None else choose(k, logits)
+        assert nxt.max().item() >= 0  # HF's per-step stopping check: a host sync
+        ids, pos, mask = nxt[:, None], pos + 1, _grown(mask)
+    torch.cuda.synchronize()
+    return logits_seen, cache, counter
+
+
+def _runner():
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    return RunAheadRunner(_decode_step, mutated_inputs=frozenset({3, 4}))
+
+
+def _table():
+    torch.manual_seed(0)
+    return torch.nn.Parameter(torch.randn(VOCAB, WIDTH, device="cuda"), requires_grad=False)
+
+
+def _assert_same_run(got, ref) -> None:
+    (logits, cache, counter), (ref_logits, ref_cache, ref_counter) = got, ref
+    for a, b in zip(logits, ref_logits, strict=True):
+        torch.testing.assert_close(a, b)
+    # The counter the caller sees is its own: a step started ahead bumps only a private
+    # copy until it is handed out.
+    assert counter.item() == ref_counter.item()
+    # The cache agrees wherever a step handed out wrote (the step started after the last
+    # one may have written the next slot).
+    n = ref_counter.item()
+    torch.testing.assert_close(cache[:n], ref_cache[:n])
+
+
+@needs_cuda
+def test_run_ahead_hands_out_the_started_step_when_the_inputs_were_predicted():
+    table = _table()
+    runner = _runner()
+    got = _decode_loop(runner, table, steps=14)
+    ref = _decode_loop(_decode_step, table, steps=14)
+    _assert_same_run(got, ref)
+    # Call 1 eager, 2 captured, 2-4 observed; from call 5 on every step was started ahead.
+    assert runner.rules is not None and ("token", 0) in runner.rules
+    assert (runner.hits, runner.misses) == (14 - 4, 0)
+
+
+@needs_cuda
+def test_run_ahead_drops_a_step_whose_inputs_were_not_the_predicted_ones():
+    table = _table()
+
+    def once_not_argmax(k, logits):
+        best = logits[:, -1].float().argmax(-1)
+        return (best + 1) % VOCAB if k == 8 else best
+
+    runner = _runner()
+    got = _decode_loop(runner, table, steps=20, choose=once_not_argmax)
+    ref = _decode_loop(_decode_step, table, steps=20, choose=once_not_argmax)
+    _assert_same_run(got, ref)
+    assert runner.misses == 1 and runner.hits > 8
+
+
+@needs_cuda
+def test_run_ahead_stays_off_when_no_input_is_predictable():
+    table = _table()
+
+    def sampled(k, logits):
+        return torch.tensor([(7 * k + 3) % VOCAB], device="cuda")
+
+    runner = _runner()
+    got = _decode_loop(runner, table, steps=10, choose=sampled)
+    ref = _decode_loop(_decode_step, table, steps=10, choose=sampled)
+    _assert_same_run(got, ref)
+    assert runner.rules is None and runner.learn_failed
+    assert runner.hits == runner.misses == 0
+
+
+# --------------------------------------------------------------------------- HF generate
+
+
+def _generate(model, ids, options: dict | None, new: int):
+    """generate() compiled with these yirage options (None: eager)."""
+    import transformers
+
+    from yirage_dynamo.backend import yirage
+
+    gen = dict(max_new_tokens=new, do_sample=False, cache_implementation="static")
+    gen.update(output_logits=True, return_dict_in_generate=True)
+    if options is None:
+        return model.generate(ids, disable_compile=True, **gen)
+    cc = transformers.CompileConfig(backend=yirage, mode=None, options=options)
+    return model.generate(ids, compile_config=cc, **gen)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_generate_with_run_ahead_matches_eager(dtype):
+    """HF static-cache generate() with run-ahead: eager's tokens and logits, most decode
+    steps handed out from a step started ahead; then a second generate() right after the
+    first (same cache, new prompt: the step started after the first one's last token is
+    dropped, the new prefill rewrites the cache)."""
+    from test_cuda_generate import _assert_matches_eager, _tiny_llama
+    from yirage_dynamo.runtime.cuda_graphs import live_runners
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    import yirage_dynamo
+
+    model = _tiny_llama(dtype)
+    # Same cache length (prompt + new) for both calls: HF reuses the cache object.
+    calls = [(torch.randint(3, 512, (1, 12), device="cuda"), 24)]
+    calls.append((torch.randint(3, 512, (1, 20), device="cuda"), 16))
+    yirage_dynamo.clear_reports()
+    before = set(map(id, live_runners()))
+    with torch.no_grad():
+        for ids, new in calls:
+            ref = _generate(model, ids, None, new)
+            out = _generate(model, ids, {"fallback": "error", "run_ahead": True}, new)
+            _assert_matches_eager(out, ref, ids.shape[1], dtype)
+    mine = [r for r in live_runners() if id(r) not in before]
+    runners = [r for r in mine if isinstance(r, RunAheadRunner) and r.hits]
+    assert runners, [(type(r).__name__, getattr(r, "learn_failed", None)) for r in mine]
+    # 23 + 15 decode calls: 4 to learn, the second call's first step dropped, a pause.
+    assert sum(r.hits for r in runners) >= (24 - 6) + (16 - 6), [r.hits for r in runners]
+    assert sum(r.misses for r in runners) <= 1
+    notes = [n for r in yirage_dynamo.reports() for n in r.notes]
+    assert any("RunAheadRunner" in n or "run-ahead" in n for n in notes), notes
