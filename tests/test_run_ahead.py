@@ -225,3 +225,126 @@ def test_llama_generate_with_run_ahead_matches_eager(dtype):
     assert sum(r.misses for r in runners) <= 1
     notes = [n for r in yirage_dynamo.reports() for n in r.notes]
     assert any("RunAheadRunner" in n or "run-ahead" in n for n in notes), notes
+
+
+# --------------------------------------------------------------------------- runner logic (CPU)
+
+
+class _FakeGraph:
+    """A CUDA graph stand-in for CPU tests: "replay" reruns the captured step on the
+    captured buffers and writes its results into the captured outputs. Streams and
+    events are no-ops, so a step started ahead runs at once: what this checks is the
+    bookkeeping (rules, hand-out or drop, the private counters), not the overlap."""
+
+    capturing: _FakeGraph | None = None
+
+    def __init__(self) -> None:
+        self.recorded = None
+
+    def replay(self) -> None:
+        fn, args, outs = self.recorded
+        for out, new in zip(outs, fn(*args), strict=True):
+            out.copy_(new)
+
+
+class _FakeCapture:
+    def __init__(self, graph, pool=None) -> None:
+        self.graph = graph
+
+    def __enter__(self):
+        _FakeGraph.capturing = self.graph
+
+    def __exit__(self, *exc) -> None:
+        _FakeGraph.capturing = None
+
+
+class _NoOp:
+    def __init__(self, *a, **k) -> None:
+        self.device = "cpu"
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _recorded_step(*args):
+    out = _decode_step(*args)
+    if _FakeGraph.capturing is not None:
+        _FakeGraph.capturing.recorded = (_decode_step, args, out)
+    return out
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    for name, fake in [
+        ("CUDAGraph", _FakeGraph),
+        ("graph", _FakeCapture),
+        ("graph_pool_handle", lambda: None),
+        ("synchronize", lambda: None),
+        ("Stream", _NoOp),
+        ("Event", _NoOp),
+        ("current_stream", lambda: _NoOp()),
+        ("stream", _NoOp),
+    ]:
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _cpu_loop(step, table, steps: int, choose=None):
+    cache, counter = torch.zeros(SLOTS, WIDTH), torch.tensor(3)
+    for t in (cache, counter):
+        torch._dynamo.mark_static_address(t)
+    ids, pos, mask = torch.tensor([[5]]), torch.tensor([[3]]), torch.arange(SLOTS) <= 3
+    seen = []
+    for k in range(steps):
+        (logits,) = step(ids, pos, mask, cache, counter, table)
+        seen.append(logits)
+        nxt = logits[:, -1].argmax(-1) if choose is None else choose(k, logits)
+        ids, pos, mask = nxt[:, None], pos + 1, _grown(mask)
+    return seen, cache, counter
+
+
+def _cpu_table():
+    torch.manual_seed(0)
+    return torch.nn.Parameter(torch.randn(VOCAB, WIDTH), requires_grad=False)
+
+
+def test_run_ahead_bookkeeping_hands_out_predicted_steps_and_keeps_counters_private(fake_cuda):
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    def once_not_argmax(k, logits):
+        best = logits[:, -1].argmax(-1)
+        return (best + 1) % VOCAB if k == 8 else best
+
+    table = _cpu_table()
+    runner = RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}))
+    got = _cpu_loop(runner, table, 20, once_not_argmax)
+    ref = _cpu_loop(_decode_step, table, 20, once_not_argmax)
+    # Every step here ran to completion before the next call, the last one started ahead
+    # included: the cache past the caller's counter holds its write, the counter does not.
+    _assert_same_run(got, ref)
+    assert runner.rules[0] == ("token", 0) and runner.rules[1] == ("step", 1)
+    assert runner.rules[2] == ("grow",) and runner.rules[3] == ("carry",)
+    # Calls 5-9 handed out, call 10 dropped (the token was not the argmax), a pause of
+    # two calls, then calls 13-20.
+    assert (runner.hits, runner.misses) == (13, 1)
+
+
+def test_run_ahead_never_starts_without_a_token_fed_back(fake_cuda):
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    def sampled(k, logits):
+        return torch.tensor([(7 * k + 3) % VOCAB])
+
+    table = _cpu_table()
+    runner = RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}))
+    _assert_same_run(
+        _cpu_loop(runner, table, 10, sampled), _cpu_loop(_decode_step, table, 10, sampled)
+    )
+    assert runner.rules is None and "input 0" in runner.learn_failed
+    assert runner.hits == runner.misses == 0
