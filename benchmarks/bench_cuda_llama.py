@@ -8,7 +8,8 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
   yirage    CompileConfig(backend=yirage) (CUDA graphs on by default for inference)
   yirage_all  the same with options={"cuda_kernels": "all"} (every yirage op on our kernels)
   yirage_run_ahead  the same with options={"run_ahead": True}: the next decode step
-                 starts on a side stream before HF asks for it (runtime/run_ahead.py)
+                 starts on a side stream before HF asks for it (runtime/run_ahead.py),
+                 kept if timed faster than in order; _always: no trial
   yirage_gemv    yirage with the Triton decode GEMV forced on (YIRAGE_CUDA_GEMV=on) for
                  every eligible projection, whatever the cuBLAS comparison says
   yirage_nogemv  yirage with the GEMV off (YIRAGE_CUDA_GEMV=off): cuBLAS for every matmul
@@ -309,6 +310,9 @@ def variant_configs(options: dict) -> dict[str, Any]:
         "yirage_run_ahead": transformers.CompileConfig(
             backend=yirage, mode=None, options={**options, "run_ahead": True}
         ),
+        "yirage_run_ahead_always": transformers.CompileConfig(
+            backend=yirage, mode=None, options={**options, "run_ahead": "always"}
+        ),
     }
     for name in ENV_VARIANTS:
         # A backend object of its own: torch.compile's wrappers compare equal when backend
@@ -420,7 +424,8 @@ def _bench_interleaved(
         if ahead:
             lines.append(
                 f"{name}: steps handed out from a run-ahead step "
-                f"{sum(r.hits for r in ahead)}, dropped {sum(r.misses for r in ahead)}"
+                f"{sum(r.hits for r in ahead)}, dropped {sum(r.misses for r in ahead)}; "
+                f"trial {[(r.choice, r.trial_ms) for r in ahead]}"
             )
     if profile:  # every kernel of a step, per variant, after the timed rounds
         for name in variants:

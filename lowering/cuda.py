@@ -223,7 +223,7 @@ class TritonLowering(Lowering):
         if not (on and _own_cuda_graphs(example_inputs)):
             return fn
         # The shared pieces read weights through their parameter inputs: check them.
-        return _runner_class(options)(fn, mutated, check_parameters=True)
+        return _runner(fn, mutated, options, check_parameters=True)
 
 
 def _swap_in_kernels(gm: GraphModule, ctx: Any, for_inductor: bool) -> None:
@@ -262,16 +262,19 @@ def _swap_in_kernels(gm: GraphModule, ctx: Any, for_inductor: bool) -> None:
         dump_lowered(gm, ctx, "lowered_cuda_for_inductor" if for_inductor else "lowered_cuda")
 
 
-def _runner(fn: Callable, mutated: frozenset[int], options: Any) -> Callable:
-    # Frozen weights are constants: their parameter inputs need no address check.
-    return _runner_class(options)(fn, mutated, check_parameters=not options.freeze)
-
-
-def _runner_class(options: Any) -> type:
+def _runner(
+    fn: Callable, mutated: frozenset[int], options: Any, check_parameters: bool | None = None
+) -> Callable:
     from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
     from yirage_dynamo.runtime.run_ahead import RunAheadRunner
 
-    return RunAheadRunner if options.run_ahead else CudaGraphRunner
+    # Frozen weights are constants: their parameter inputs need no address check.
+    check = not options.freeze if check_parameters is None else check_parameters
+    if not options.run_ahead:
+        return CudaGraphRunner(fn, mutated, check_parameters=check)
+    # True: timed against running in order, the faster kept; "always": no trial.
+    trial = options.run_ahead != "always"
+    return RunAheadRunner(fn, mutated, trial=trial, check_parameters=check)
 
 
 CUDA_GRAPHS_ENV = "YIRAGE_CUDA_GRAPHS"

@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +65,10 @@ PRIVATE_NUMEL = 64
 LEARN_CALLS = 6
 # Calls without run-ahead after a miss, doubled per consecutive miss.
 FIRST_PAUSE, MAX_PAUSE = 2, 256
+# The trial once the rules are known: blocks of calls in order / ahead, timed by the
+# caller's period (call to call: its whole token). The first two calls of a block are
+# the switch and are not timed. Ahead must be this much faster to be kept.
+TRIAL_PLAN, TRIAL_BLOCK, TRIAL_GAIN = (False, True, False, True, False, True), 6, 0.97
 
 
 @dataclasses.dataclass
@@ -77,11 +83,25 @@ class _Started:
 class RunAheadRunner(CudaGraphRunner):
     """A CUDA-graph runner that starts the next decode step before it is asked for."""
 
-    def __init__(self, fn: Callable, mutated_inputs: frozenset[int] = frozenset(), **kw: Any):
+    def __init__(
+        self,
+        fn: Callable,
+        mutated_inputs: frozenset[int] = frozenset(),
+        trial: bool = True,
+        **kw: Any,
+    ) -> None:
         super().__init__(fn, mutated_inputs, **kw)
         self.rules: list[tuple] | None = None  # per copied input; None: still learning
         self.learn_failed: str | None = None
         self.hits = self.misses = 0
+        # Run ahead or not, once the trial has timed both (None: trial running). Without a
+        # trial: always.
+        self.choice: bool | None = None if trial else True
+        self.trial_ms: dict[str, float] = {}
+        self._periods: dict[bool, list[float]] = {False: [], True: []}
+        self._since_rules = 0
+        self._last_entry = 0.0
+        self._observed = 0
         self._seen: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self._candidates: list[set] | None = None
         self._started: _Started | None = None
@@ -90,6 +110,10 @@ class RunAheadRunner(CudaGraphRunner):
 
     # ------------------------------------------------------------------ calling
     def _call(self, args: list[Any]) -> Any:
+        now = time.perf_counter()
+        if self.rules and self.choice is None:
+            self._time_trial(now - self._last_entry)
+        self._last_entry = now
         if self._started is not None:
             if self.graph is not None and self._statics_unchanged(args):
                 drain_others(self)
@@ -120,7 +144,11 @@ class RunAheadRunner(CudaGraphRunner):
     def _capture(self, args: list[Any]) -> None:
         self.drain()
         super()._capture(args)
-        self.rules, self._seen, self._candidates = None, [], None
+        # The rules describe the caller's loop, not the addresses: a re-capture (a new
+        # cache object) keeps them.
+        if self.rules is not None and len(self.rules) != len(self.copied):
+            self.rules = None
+        self._seen, self._candidates, self._observed = [], None, 0
         self._predicted = torch.cat([self.buffers[i].reshape(-1) for i in self.copied])
         self._actual = torch.empty_like(self._predicted)
 
@@ -131,11 +159,37 @@ class RunAheadRunner(CudaGraphRunner):
         outs = super()._replay(args)
         if learning:
             self._learn(now)
-        if self.rules and self._pause == 0:
+        if self._ahead_wanted():
             self._start_next()
         elif self._pause:
             self._pause -= 1
         return outs
+
+    def _ahead_wanted(self) -> bool:
+        if not self.rules or self._pause:
+            return False
+        if self.choice is not None:
+            return self.choice
+        block = (self._since_rules - 1) // TRIAL_BLOCK
+        return block >= 0 and TRIAL_PLAN[min(block, len(TRIAL_PLAN) - 1)]
+
+    def _time_trial(self, period: float) -> None:
+        """Times the trial's calls; after the last block, keeps the faster way."""
+        k = self._since_rules
+        if k % TRIAL_BLOCK >= 2:
+            self._periods[TRIAL_PLAN[k // TRIAL_BLOCK]].append(period)
+        self._since_rules += 1
+        if self._since_rules < TRIAL_BLOCK * len(TRIAL_PLAN):
+            return
+        ahead, in_order = (statistics.median(self._periods[m]) * 1e3 for m in (True, False))
+        self.trial_ms = {"ahead": ahead, "in_order": in_order}
+        self.choice = ahead < TRIAL_GAIN * in_order
+        log.info(
+            "yirage: run-ahead %s (call to call: %.3f ms ahead, %.3f ms in order)",
+            "kept" if self.choice else "off",
+            ahead,
+            in_order,
+        )
 
     # ------------------------------------------------------------------ handing out
     def _take_started(self, args: list[Any]) -> Any:
@@ -154,7 +208,8 @@ class RunAheadRunner(CudaGraphRunner):
         self.hits += 1
         self._pause_len = 0
         self._copy_back(args)  # the step's counters, now the caller's
-        self._start_next()
+        if self._ahead_wanted():
+            self._start_next()
         return self._shaped(started.outs)
 
     def _start_next(self) -> None:
@@ -197,7 +252,10 @@ class RunAheadRunner(CudaGraphRunner):
                 self._candidates = [a & b for a, b in zip(self._candidates, held)]
                 self.rules = self._choose(self._candidates)
         self._seen = [(after, tokens)]
-        if self.rules is None and self.calls > LEARN_CALLS:
+        self._observed += 1
+        if self.rules is not None:
+            self._since_rules = 0
+        elif self._observed > LEARN_CALLS:
             self.learn_failed = "no consistent rules"
 
     def _choose(self, candidates: list[set]) -> list[tuple] | None:

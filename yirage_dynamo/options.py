@@ -40,9 +40,10 @@ class Options:
     cudagraphs: bool | None = None
     # CUDA graphs: start the next decode step on a side stream before it is asked for
     # (runtime/run_ahead.py), hiding HF's per-token host time behind the GPU. Outputs are
-    # handed out only for inputs equal to the prediction. Opt-in: see the module on the
-    # one case it does not order (eager writes to the cache right after the last step).
-    run_ahead: bool = False
+    # handed out only for inputs equal to the prediction. True: timed against running in
+    # order over the first calls, the faster kept; "always": no trial. Opt-in: see the
+    # module on the one case it does not order (eager cache writes right after the end).
+    run_ahead: bool | str = False
     # CUDA lowering: which yirage ops run as our Triton kernels. "auto": decode attention,
     # and decode GEMVs where measured faster than cuBLAS on this GPU; the pointwise/norm ops
     # go back to ATen for Inductor to fuse. "all": every op with a kernel. "none": no Triton
@@ -138,9 +139,16 @@ def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = N
     if "regional" not in raw and _env_flag("YIRAGE_REGIONAL") is not None:
         raw["regional"] = _env_flag("YIRAGE_REGIONAL")
     if "run_ahead" not in raw and _env_flag("YIRAGE_RUN_AHEAD") is not None:
-        raw["run_ahead"] = _env_flag("YIRAGE_RUN_AHEAD")
-    bools = ("debug", "freeze", "memory_planning", "verify", "graph_cache", "regional", "run_ahead")
-    for key in bools:
+        env = os.environ["YIRAGE_RUN_AHEAD"].strip().lower()
+        raw["run_ahead"] = "always" if env == "always" else _env_flag("YIRAGE_RUN_AHEAD")
+    if "run_ahead" in raw and not (
+        isinstance(raw["run_ahead"], bool) or raw["run_ahead"] == "always"
+    ):
+        raise ValueError(
+            f"yirage option 'run_ahead'={raw['run_ahead']!r} is invalid; "
+            "expected True, False or 'always'"
+        )
+    for key in ("debug", "freeze", "memory_planning", "verify", "graph_cache", "regional"):
         if key in raw:
             _kind(key, raw[key], (bool,), "True or False")
     if "cuda_kernels" in raw:
