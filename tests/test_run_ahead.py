@@ -386,3 +386,19 @@ def test_run_ahead_trial_keeps_the_faster_way(fake_cuda, monkeypatch, ahead_ms, 
     # The trial's ahead blocks handed steps out; after it, every call or none.
     assert hits[-10] >= 3 * (run_ahead.TRIAL_BLOCK - 1)
     assert hits[-1] - hits[-10] == (9 if keeps else 0)
+
+
+def test_run_ahead_keeps_its_rules_when_a_new_cache_is_captured(fake_cuda):
+    """A second sequence on a new cache object (new static addresses: a re-capture, as
+    HF's second generate() did on the H100): the rules still hold, so the new graph runs
+    ahead from its first call (they were once re-learned against the calls counted since
+    the first capture, and learning gave up)."""
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    table = _cpu_table()
+    runner = RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}), trial=False)
+    _assert_same_run(_cpu_loop(runner, table, 14), _cpu_loop(_decode_step, table, 14))
+    first = runner.hits
+    _assert_same_run(_cpu_loop(runner, table, 14), _cpu_loop(_decode_step, table, 14))
+    assert runner.captures == 2 and runner.learn_failed is None
+    assert (first, runner.hits - first) == (10, 13)
