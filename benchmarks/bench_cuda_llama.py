@@ -419,13 +419,13 @@ def _bench_interleaved(
             )
             + f" {step} |"
         )
-    for name in variants:
+    for name in variants:  # what run-ahead did (yirage_dynamo.profiling.cuda_graph_stats)
         ahead = [r for r in graphs[name] if hasattr(r, "hits")]
         if ahead:
             lines.append(
                 f"{name}: steps handed out from a run-ahead step "
                 f"{sum(r.hits for r in ahead)}, dropped {sum(r.misses for r in ahead)}; "
-                f"trial {[(r.choice, r.trial_ms) for r in ahead]}"
+                f"kept, trial ms: {[(r.choice, r.trial_ms) for r in ahead]}"
             )
     if profile:  # every kernel of a step, per variant, after the timed rounds
         for name in variants:

@@ -402,3 +402,8 @@ def test_run_ahead_keeps_its_rules_when_a_new_cache_is_captured(fake_cuda):
     _assert_same_run(_cpu_loop(runner, table, 14), _cpu_loop(_decode_step, table, 14))
     assert runner.captures == 2 and runner.learn_failed is None
     assert (first, runner.hits - first) == (10, 13)
+    from yirage_dynamo.profiling import cuda_graph_stats
+
+    (row,) = [r for r in cuda_graph_stats() if r["calls"] == runner.calls and r["captures"] == 2]
+    assert row["runner"] == "RunAheadRunner" and row["handed_out"] == runner.hits
+    assert row["rules"][0] == ("token", 0) and row["run_ahead_kept"] is True

@@ -8,6 +8,9 @@
 * `kernel_time_table(prof)` turns a `torch.profiler` trace of compiled code into a
   per-kernel table, using the `record_function` ranges the generated wrapper opens
   (only while the profiler runs, see runtime/wrapper.py).
+* `cuda_graph_stats()` says what each live CUDA-graph runner did at run time: calls,
+  captures, why graphs went off, and for run-ahead its rules, steps handed out or
+  dropped, and its trial's timings.
 """
 
 from __future__ import annotations
@@ -106,6 +109,21 @@ def explain(model: Callable, *args: Any, **kwargs: Any) -> GraphBreakSummary:
         ops_per_graph=[len(ops) for ops in (out.ops_per_graph or [])],
         breaks=breaks,
     )
+
+
+def cuda_graph_stats() -> list[dict[str, Any]]:
+    """One dict per live CUDA-graph runner (runtime/cuda_graphs.py), oldest first."""
+    from yirage_dynamo.runtime.cuda_graphs import live_runners
+
+    rows = []
+    for r in live_runners():
+        row = {"runner": type(r).__name__, "calls": r.calls, "captures": r.captures}
+        row["graphs_off"] = r.disabled
+        if hasattr(r, "hits"):  # run-ahead (runtime/run_ahead.py)
+            row.update(rules=r.rules, learn_failed=r.learn_failed, handed_out=r.hits)
+            row.update(dropped=r.misses, run_ahead_kept=r.choice, trial_ms=dict(r.trial_ms))
+        rows.append(row)
+    return rows
 
 
 @dataclasses.dataclass
