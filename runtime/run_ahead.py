@@ -55,7 +55,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import queue
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +80,12 @@ FIRST_PAUSE, MAX_PAUSE = 2, 256
 # caller's period (call to call: its whole token). The first two calls of a block are
 # the switch and are not timed. Ahead must be this much faster to be kept.
 TRIAL_PLAN, TRIAL_BLOCK, TRIAL_GAIN = (False, True, False, True, False, True), 6, 0.97
+# Who launches the step ahead. "call" (default): the runner, before it returns. "thread"
+# (an experiment, not yet measured): a worker thread, which gets the GIL when the caller
+# blocks in its per-token sync, so the step starts after the caller's own small kernels
+# instead of sharing the GPU with them (1B, where the step is shorter than HF's loop).
+LAUNCH_ENV = "YIRAGE_RUN_AHEAD_LAUNCH"
+LAUNCHES = ("call", "thread")
 
 
 @dataclasses.dataclass
@@ -115,9 +124,16 @@ class RunAheadRunner(CudaGraphRunner):
         self._started: _Started | None = None
         self._side: torch.cuda.Stream | None = None
         self._pause = self._pause_len = 0
+        launch = os.environ.get(LAUNCH_ENV, "").strip().lower() or "call"
+        if launch not in LAUNCHES:
+            raise ValueError(f"{LAUNCH_ENV}={launch!r}: expected one of {', '.join(LAUNCHES)}")
+        self.launch = launch
+        self._launching: threading.Event | None = None  # a launch the worker has not done
+        self.launch_error: str | None = None
 
     # ------------------------------------------------------------------ calling
     def _call(self, args: list[Any]) -> Any:
+        self._settle()
         now = time.perf_counter()
         if self.rules and self.choice is None:
             self._time_trial(now - self._last_entry)
@@ -134,6 +150,7 @@ class RunAheadRunner(CudaGraphRunner):
         return super()._call(args)
 
     def drain(self) -> None:
+        self._settle()
         started, self._started = self._started, None
         _PENDING.discard(self)
         if started is not None:
@@ -222,13 +239,35 @@ class RunAheadRunner(CudaGraphRunner):
 
     def _start_next(self) -> None:
         main = torch.cuda.current_stream()
+        _PENDING.add(self)  # here, not in the worker: other runners iterate the set
+        if self.launch == "thread":
+            self._launching = _worker().submit(lambda: self._launch_or_stop(main))
+        else:
+            self._launch_or_stop(main)
+
+    def _launch_or_stop(self, main: torch.cuda.Stream) -> None:
+        try:
+            self._launch(main)
+        except Exception as exc:  # noqa: BLE001 - an optimisation: the calls run in order
+            self._started, self.choice = None, False
+            self.launch_error = f"{type(exc).__name__}: {exc}"
+            log.warning("yirage: run-ahead off for this graph (%s)", self.launch_error)
+
+    def _settle(self) -> None:
+        """Wait until the worker has launched what it was handed (or failed to)."""
+        if self._launching is not None:
+            self._launching.wait()
+            self._launching = None
+
+    def _launch(self, main: torch.cuda.Stream) -> None:
         if self._side is None:
             self._side = torch.cuda.Stream(device=main.device)
         side = self._side
         flat = self.outs if isinstance(self.outs, list | tuple) else [self.outs]
-        # Allocated on the caller's stream, which uses and frees them: it waits for `done`
-        # before either.
-        fresh = [torch.empty_like(o) if c else o for o, c in zip(flat, self.clone_out)]
+        with torch.cuda.stream(main):
+            # Allocated on the caller's stream, which uses and frees them: it waits for
+            # `done` before either.
+            fresh = [torch.empty_like(o) if c else o for o, c in zip(flat, self.clone_out)]
         ready, done = torch.cuda.Event(), torch.cuda.Event()
         side.wait_stream(main)
         with torch.cuda.stream(side):
@@ -242,7 +281,6 @@ class RunAheadRunner(CudaGraphRunner):
                     f.copy_(o)
             done.record(side)
         self._started = _Started(ready, done, fresh)
-        _PENDING.add(self)
 
     # ------------------------------------------------------------------ learning
     def _learn(self, now: list[torch.Tensor]) -> None:
@@ -280,6 +318,36 @@ class RunAheadRunner(CudaGraphRunner):
             return None
         log.info("yirage: run-ahead rules %s", rules)
         return rules
+
+
+class _Worker:
+    """One daemon thread that runs the launches handed to it, in order."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="yirage-run-ahead", daemon=True).start()
+
+    def submit(self, job: Callable[[], None]) -> threading.Event:
+        finished = threading.Event()
+        self._jobs.put((job, finished))
+        return finished
+
+    def _loop(self) -> None:
+        while True:
+            job, finished = self._jobs.get()
+            try:
+                job()  # never raises: _launch_or_stop
+            finally:
+                finished.set()
+
+
+_WORKER: list[_Worker] = []  # started on first use, not at import
+
+
+def _worker() -> _Worker:
+    if not _WORKER:
+        _WORKER.append(_Worker())
+    return _WORKER[0]
 
 
 def _last_argmax(out: Any) -> torch.Tensor | None:

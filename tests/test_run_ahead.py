@@ -322,8 +322,15 @@ def _cpu_table():
     return torch.nn.Parameter(torch.randn(VOCAB, WIDTH), requires_grad=False)
 
 
-def test_run_ahead_bookkeeping_hands_out_predicted_steps_and_keeps_counters_private(fake_cuda):
-    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+@pytest.mark.parametrize("launch", ["call", "thread"])
+def test_run_ahead_bookkeeping_hands_out_predicted_steps_and_keeps_counters_private(
+    fake_cuda, monkeypatch, launch
+):
+    """Launched by the runner before it returns, or by the worker thread (which the next
+    call waits for): the same steps handed out and dropped, the same results."""
+    from yirage_dynamo.runtime.run_ahead import LAUNCH_ENV, RunAheadRunner
+
+    monkeypatch.setenv(LAUNCH_ENV, launch)
 
     def once_not_argmax(k, logits):
         best = logits[:, -1].argmax(-1)
@@ -332,6 +339,7 @@ def test_run_ahead_bookkeeping_hands_out_predicted_steps_and_keeps_counters_priv
     table = _cpu_table()
     runner = RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}), trial=False)
     got = _cpu_loop(runner, table, 20, once_not_argmax)
+    runner.drain()  # the worker's last launch done before the cache is read
     ref = _cpu_loop(_decode_step, table, 20, once_not_argmax)
     # Every step here ran to completion before the next call, the last one started ahead
     # included: the cache past the caller's counter holds its write, the counter does not.
@@ -407,3 +415,27 @@ def test_run_ahead_keeps_its_rules_when_a_new_cache_is_captured(fake_cuda):
     (row,) = [r for r in cuda_graph_stats() if r["calls"] == runner.calls and r["captures"] == 2]
     assert row["runner"] == "RunAheadRunner" and row["handed_out"] == runner.hits
     assert row["rules"][0] == ("token", 0) and row["run_ahead_kept"] is True
+
+
+def test_run_ahead_launch_that_fails_turns_it_off_without_failing_the_call(
+    fake_cuda, monkeypatch, caplog
+):
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    def broken(self, main):
+        raise RuntimeError("no side stream here")
+
+    monkeypatch.setattr(RunAheadRunner, "_launch", broken)
+    table = _cpu_table()
+    runner = RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}), trial=False)
+    _assert_same_run(_cpu_loop(runner, table, 10), _cpu_loop(_decode_step, table, 10))
+    assert runner.choice is False and "no side stream" in runner.launch_error
+    assert runner.hits == 0 and "run-ahead off" in caplog.text
+
+
+def test_run_ahead_launch_switch_is_validated(monkeypatch):
+    from yirage_dynamo.runtime.run_ahead import LAUNCH_ENV, RunAheadRunner
+
+    monkeypatch.setenv(LAUNCH_ENV, "later")
+    with pytest.raises(ValueError, match=f"{LAUNCH_ENV}='later'.*call, thread"):
+        RunAheadRunner(_decode_step)
