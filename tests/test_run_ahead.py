@@ -137,10 +137,15 @@ def _assert_same_run(got, ref) -> None:
 
 
 @needs_cuda
-def test_run_ahead_hands_out_the_started_step_when_the_inputs_were_predicted():
+@pytest.mark.parametrize("launch", ["call", "thread"])
+def test_run_ahead_hands_out_the_started_step_when_the_inputs_were_predicted(monkeypatch, launch):
+    from yirage_dynamo.runtime.run_ahead import LAUNCH_ENV
+
+    monkeypatch.setenv(LAUNCH_ENV, launch)
     table = _table()
     runner = _runner()
     got = _decode_loop(runner, table, steps=14)
+    runner.drain()
     ref = _decode_loop(_decode_step, table, steps=14)
     _assert_same_run(got, ref)
     # Call 1 eager, 2 captured, 2-4 observed; from call 5 on every step was started ahead.
