@@ -218,8 +218,13 @@ class CudaGraphRunner:
                 torch._foreach_copy_(bufs, [args[i] for i in positions])
         self.graph.replay()
         self._copy_back(args)
-        flat = self.outs if isinstance(self.outs, list | tuple) else [self.outs]
-        return self._shaped([o.clone() if c else o for o, c in zip(flat, self.clone_out)])
+        return self._shaped(
+            [o.clone() if c else o for o, c in zip(self._flat_outs(), self.clone_out)]
+        )
+
+    def _flat_outs(self) -> list[Any]:
+        """The captured outputs (in the graph's pool) as a list."""
+        return list(self.outs) if isinstance(self.outs, list | tuple) else [self.outs]
 
     def _copy_back(self, args: list[Any]) -> None:
         for positions, bufs in self.copy_back:

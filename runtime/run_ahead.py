@@ -119,7 +119,8 @@ class RunAheadRunner(CudaGraphRunner):
         self._since_rules = 0
         self._last_entry = 0.0
         self._observed = 0
-        self._seen: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        # The last replay observed while learning: its inputs after the step, its tokens.
+        self._prev: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None
         self._candidates: list[set] | None = None
         self._started: _Started | None = None
         self._side: torch.cuda.Stream | None = None
@@ -173,8 +174,8 @@ class RunAheadRunner(CudaGraphRunner):
         # cache object) keeps them.
         if self.rules is not None and len(self.rules) != len(self.copied):
             self.rules = None
-        self._seen, self._candidates, self._observed = [], None, 0
-        self._predicted = torch.cat([self.buffers[i].reshape(-1) for i in self.copied])
+        self._prev, self._candidates, self._observed = None, None, 0
+        self._predicted = self._flat_copied(self.buffers)
         self._actual = torch.empty_like(self._predicted)
 
     def _replay(self, args: list[Any]) -> Any:
@@ -189,6 +190,10 @@ class RunAheadRunner(CudaGraphRunner):
         elif self._pause:
             self._pause -= 1
         return outs
+
+    def _flat_copied(self, ts: list[Any], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The copied inputs among `ts`, flattened into one tensor (one launch)."""
+        return torch.cat([ts[i].reshape(-1) for i in self.copied], out=out)
 
     def _ahead_wanted(self) -> bool:
         if not self.rules or self._pause:
@@ -222,8 +227,7 @@ class RunAheadRunner(CudaGraphRunner):
         _PENDING.discard(self)
         main = torch.cuda.current_stream()
         main.wait_event(started.ready)
-        torch.cat([args[i].reshape(-1) for i in self.copied], out=self._actual)
-        same = torch.equal(self._actual, self._predicted)
+        same = torch.equal(self._flat_copied(args, out=self._actual), self._predicted)
         main.wait_event(started.done)
         if not same:
             self.misses += 1
@@ -263,7 +267,7 @@ class RunAheadRunner(CudaGraphRunner):
         if self._side is None:
             self._side = torch.cuda.Stream(device=main.device)
         side = self._side
-        flat = self.outs if isinstance(self.outs, list | tuple) else [self.outs]
+        flat = self._flat_outs()
         with torch.cuda.stream(main):
             # Allocated on the caller's stream, which uses and frees them: it waits for
             # `done` before either.
@@ -273,7 +277,7 @@ class RunAheadRunner(CudaGraphRunner):
         with torch.cuda.stream(side):
             for i, rule in zip(self.copied, self.rules):
                 _predict(self.buffers[i], rule, flat)
-            torch.cat([self.buffers[i].reshape(-1) for i in self.copied], out=self._predicted)
+            self._flat_copied(self.buffers, out=self._predicted)
             ready.record(side)
             self.graph.replay()
             for f, o, c in zip(fresh, flat, self.clone_out):
@@ -286,18 +290,17 @@ class RunAheadRunner(CudaGraphRunner):
     def _learn(self, now: list[torch.Tensor]) -> None:
         """Observe this replay (`now`: its inputs); after two transitions agree, fix the
         rules (or give up)."""
-        flat = self.outs if isinstance(self.outs, list | tuple) else [self.outs]
+        flat = self._flat_outs()
         after = [self.buffers[i].clone() for i in self.copied]
         tokens = [_last_argmax(o) for o in flat]
-        if self._seen:
-            prev_after, prev_tokens = self._seen[-1]
-            held = _rules_that_held(now, prev_after, prev_tokens)
+        if self._prev is not None:
+            held = _rules_that_held(now, *self._prev)
             if self._candidates is None:
                 self._candidates = held
             else:
                 self._candidates = [a & b for a, b in zip(self._candidates, held)]
                 self.rules = self._choose(self._candidates)
-        self._seen = [(after, tokens)]
+        self._prev = (after, tokens)
         self._observed += 1
         if self.rules is not None:
             self._since_rules = 0
