@@ -45,10 +45,14 @@ What a step started ahead writes: its private input buffers (small mutated stati
 the cache counters, are given private buffers here and committed only when handed out),
 and the KV cache slot at the next position, past the valid prefix until that step is
 used; a real step at that position rewrites it. Every call of a CUDA-graph runner first
-orders its stream after any pending step. Not ordered: eager code the caller runs on the
-same cache in the few milliseconds after the last step (a new generate's eager prefill
-right after the previous one ended), which is why this is opt-in
-(`options={"run_ahead": True}`).
+orders its stream after any pending step. `generate(cache_implementation="static")` makes
+a new cache per call, and the runner holds the old one until it re-captures (after
+ordering itself after the pending step), so nothing else writes where that step writes.
+Not ordered: eager code that writes the same cache in the few milliseconds after the last
+step, such as a multi-turn chat that passes its cache back into `generate()`, whose
+eager prefill writes the slot after the previous turn's end. That is why this is opt-in
+(`options={"run_ahead": True}`); closing it needs the step to keep the new K/V apart
+from the cache until it is handed out.
 """
 
 from __future__ import annotations
@@ -272,6 +276,11 @@ class RunAheadRunner(CudaGraphRunner):
             # Allocated on the caller's stream, which uses and frees them: it waits for
             # `done` before either.
             fresh = [torch.empty_like(o) if c else o for o, c in zip(flat, self.clone_out)]
+        for f, c in zip(fresh, self.clone_out):
+            # A step never handed out (its runner freed while the step runs) must not
+            # have its outputs' memory reused before the side stream is done with it.
+            if c and f.is_cuda:
+                f.record_stream(side)
         ready, done = torch.cuda.Event(), torch.cuda.Event()
         side.wait_stream(main)
         with torch.cuda.stream(side):
