@@ -115,6 +115,10 @@ ENV_VARIANTS = {
     # Run-ahead with the step launched by a worker thread once HF blocks in its sync
     # (runtime/run_ahead.py; an experiment for 1B, where the step is shorter than HF's loop).
     "yirage_run_ahead_thread": {"YIRAGE_RUN_AHEAD": "always", "YIRAGE_RUN_AHEAD_LAUNCH": "thread"},
+    # Run-ahead with the step held back on the GPU for 100 / 300 us after the prediction
+    # (an experiment for 1B: HF's small kernels before its sync go first).
+    "yirage_run_ahead_delay100": {"YIRAGE_RUN_AHEAD": "always", "YIRAGE_RUN_AHEAD_DELAY_US": "100"},
+    "yirage_run_ahead_delay300": {"YIRAGE_RUN_AHEAD": "always", "YIRAGE_RUN_AHEAD_DELAY_US": "300"},
     # The layers' cache-counter increments one launch each (default: one _foreach_add_).
     "yirage_no_counters": {"YIRAGE_CUDA_KV_COUNTERS": "off"},
 }

@@ -2,6 +2,11 @@
 
     python benchmarks/profile_host_cuda.py --shape 1b --variants inductor,yirage --out DIR
     python benchmarks/profile_host_cuda.py --shape 7b --timeline     (yirage only, no cProfile)
+    python benchmarks/profile_host_cuda.py --shape 1b --trace --variants yirage,yirage_run_ahead_always
+
+`--trace`: instead of cProfile, one generate under torch.profiler per variant (any name of
+bench_cuda_llama.py's, environment variants included), its Chrome trace written to
+DIR/<variant>_trace.json.gz: both streams' kernels and the host's waits, token by token.
 
 Per variant: after a warm-up generate (compiles), one generate of `--new` tokens runs
 under cProfile; the top functions by own time and by cumulative time are written to
@@ -26,7 +31,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_cuda_llama import SHAPES, Runner, build_model  # noqa: E402
+from bench_cuda_llama import (  # noqa: E402
+    ENV_VARIANTS,
+    SHAPES,
+    Runner,
+    _env,
+    build_model,
+    variant_configs,
+)
 
 
 def write_profile(prof: cProfile.Profile, path: Path, top: int = 60) -> None:
@@ -134,6 +146,23 @@ def timeline(runner: Runner, model: Any, cc: Any, new: int) -> str:
     return "\n".join(lines)
 
 
+def trace(runner: Runner, cc: Any, new: int, stem: Path) -> float:
+    """One generate under torch.profiler after two warm-ups; the trace at
+    `stem`_trace.json.gz; returns the unprofiled ms/token of the second warm-up."""
+    runner.generate(new, cc)  # compile (and, with run-ahead, learn and trial)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    runner.generate(new, cc)
+    torch.cuda.synchronize()
+    plain = (time.perf_counter() - t) / new * 1e3
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        runner.generate(new, cc)
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(f"{stem}_trace.json.gz")
+    return plain
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
@@ -141,6 +170,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--out", default=".")
     ap.add_argument("--timeline", action="store_true", help="stamps per token, yirage only")
+    ap.add_argument("--trace", action="store_true", help="a torch.profiler trace per variant")
     args = ap.parse_args()
     import transformers
 
@@ -155,12 +185,18 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.trace:
+        configs = variant_configs({})
     for name in args.variants.split(","):
         torch._dynamo.reset()
         for attr in ("_compiled_call", "_last_compile_config"):
             if hasattr(model, attr):
                 delattr(model, attr)
         cc = configs[name]
+        if args.trace:
+            with _env(ENV_VARIANTS.get(name, {})):
+                print(f"{name}: {trace(runner, cc, args.new, out / name):.3f} ms/token", flush=True)
+            continue
         runner.generate(args.new, cc)  # compile + warm up
         if args.timeline:
             runner.generate(args.new, cc)

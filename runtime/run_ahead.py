@@ -90,6 +90,12 @@ TRIAL_PLAN, TRIAL_BLOCK, TRIAL_GAIN = (False, True, False, True, False, True), 6
 # instead of sharing the GPU with them (1B, where the step is shorter than HF's loop).
 LAUNCH_ENV = "YIRAGE_RUN_AHEAD_LAUNCH"
 LAUNCHES = ("call", "thread")
+# An experiment for 1B: the side stream idles this many microseconds (a spin kernel of one
+# block) after the prediction and before the step, so that the caller's own small kernels
+# queued after the call (HF's argmax and stopping check, before its sync) are not
+# scheduled behind the step's.
+DELAY_ENV = "YIRAGE_RUN_AHEAD_DELAY_US"
+SM_CYCLES_PER_US = 1980  # H100/H200 boost clock: the spin kernel counts cycles
 
 
 @dataclasses.dataclass
@@ -133,6 +139,11 @@ class RunAheadRunner(CudaGraphRunner):
         if launch not in LAUNCHES:
             raise ValueError(f"{LAUNCH_ENV}={launch!r}: expected one of {', '.join(LAUNCHES)}")
         self.launch = launch
+        delay = os.environ.get(DELAY_ENV, "").strip() or "0"
+        try:
+            self.delay_cycles = int(float(delay) * SM_CYCLES_PER_US)
+        except ValueError:
+            raise ValueError(f"{DELAY_ENV}={delay!r}: expected microseconds (a number)") from None
         self._launching: threading.Event | None = None  # a launch the worker has not done
         self.launch_error: str | None = None
 
@@ -288,6 +299,8 @@ class RunAheadRunner(CudaGraphRunner):
                 _predict(self.buffers[i], rule, flat)
             self._flat_copied(self.buffers, out=self._predicted)
             ready.record(side)
+            if self.delay_cycles > 0:
+                torch.cuda._sleep(self.delay_cycles)
             self.graph.replay()
             for f, o, c in zip(fresh, flat, self.clone_out):
                 if c:
