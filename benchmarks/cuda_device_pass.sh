@@ -14,9 +14,9 @@
 #   TESTS_S=0 BENCH_S=0 REST_S=500 bash benchmarks/cuda_device_pass.sh   (stage 5)
 #   VARIANTS=yirage,inductor ROUNDS=5 bash benchmarks/cuda_device_pass.sh
 #   PROFILE=1 ...: the bench also lists each compiled variant's kernels (torch.profiler)
-#   Run-ahead, still to check on a GPU (RESULTS.md, 21st session):
-#   TEST_FILES="tests/test_run_ahead.py tests/test_cuda_generate.py" SHAPES=1b,7b \
-#     VARIANTS=yirage,yirage_run_ahead,yirage_run_ahead_thread,inductor ROUNDS=3 \
+#   Run-ahead against in order and Inductor (RESULTS.md, 22nd session):
+#   TEST_FILES=tests/test_run_ahead.py SHAPES=1b,7b \
+#     VARIANTS=yirage,yirage_run_ahead,yirage_run_ahead_always,inductor ROUNDS=3 \
 #     BENCH_S=330 bash benchmarks/cuda_device_pass.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -211,11 +211,7 @@ class CudaGraphRunner:
     def _replay(self, args: list[Any]) -> Any:
         # One launch per dtype: a decode step's ids and positions are on the critical path
         # between HF's per-step sync and the graph launch (each copy_ is its own launch).
-        for positions, bufs in self.copy_groups:
-            if len(bufs) == 1:
-                bufs[0].copy_(args[positions[0]])
-            else:
-                torch._foreach_copy_(bufs, [args[i] for i in positions])
+        _copy_in(self.copy_groups, args)
         self.graph.replay()
         self._copy_back(args)
         return self._shaped(
@@ -250,6 +246,15 @@ def _copy_groups(copied: list[tuple[int, torch.Tensor]]) -> list[tuple[list[int]
         positions.append(i)
         bufs.append(buf)
     return list(groups.values())
+
+
+def _copy_in(groups: list[tuple[list[int], list]], src: Sequence[Any]) -> None:
+    """Each group's buffers from `src` at its positions, one launch per group."""
+    for positions, bufs in groups:
+        if len(bufs) == 1:
+            bufs[0].copy_(src[positions[0]])
+        else:
+            torch._foreach_copy_(bufs, [src[i] for i in positions])
 
 
 def _reset_capture_state() -> None:

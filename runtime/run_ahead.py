@@ -60,16 +60,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .cuda_graphs import _PENDING, CudaGraphRunner, drain_others
+from .cuda_graphs import (
+    _PENDING,
+    CudaGraphRunner,
+    _copy_groups,
+    _copy_in,
+    _reset_capture_state,
+    drain_others,
+)
 
 log = logging.getLogger("yirage_dynamo")
 
@@ -84,12 +89,6 @@ FIRST_PAUSE, MAX_PAUSE = 2, 256
 # caller's period (call to call: its whole token). The first two calls of a block are
 # the switch and are not timed. Ahead must be this much faster to be kept.
 TRIAL_PLAN, TRIAL_BLOCK, TRIAL_GAIN = (False, True, False, True, False, True), 6, 0.97
-# Who launches the step ahead. "call" (default): the runner, before it returns. "thread"
-# (an experiment, not yet measured): a worker thread, which gets the GIL when the caller
-# blocks in its per-token sync, so the step starts after the caller's own small kernels
-# instead of sharing the GPU with them (1B, where the step is shorter than HF's loop).
-LAUNCH_ENV = "YIRAGE_RUN_AHEAD_LAUNCH"
-LAUNCHES = ("call", "thread")
 # An experiment for 1B: the side stream idles this many microseconds (a spin kernel of one
 # block) after the prediction and before the step, so that the caller's own small kernels
 # queued after the call (HF's argmax and stopping check, before its sync) are not
@@ -135,21 +134,16 @@ class RunAheadRunner(CudaGraphRunner):
         self._started: _Started | None = None
         self._side: torch.cuda.Stream | None = None
         self._pause = self._pause_len = 0
-        launch = os.environ.get(LAUNCH_ENV, "").strip().lower() or "call"
-        if launch not in LAUNCHES:
-            raise ValueError(f"{LAUNCH_ENV}={launch!r}: expected one of {', '.join(LAUNCHES)}")
-        self.launch = launch
         delay = os.environ.get(DELAY_ENV, "").strip() or "0"
         try:
             self.delay_cycles = int(float(delay) * SM_CYCLES_PER_US)
         except ValueError:
             raise ValueError(f"{DELAY_ENV}={delay!r}: expected microseconds (a number)") from None
-        self._launching: threading.Event | None = None  # a launch the worker has not done
         self.launch_error: str | None = None
+        self._predict_step: Callable[[], None] | None = None  # the prediction, as a graph
 
     # ------------------------------------------------------------------ calling
     def _call(self, args: list[Any]) -> Any:
-        self._settle()
         now = time.perf_counter()
         if self.rules and self.choice is None:
             self._time_trial(now - self._last_entry)
@@ -166,7 +160,6 @@ class RunAheadRunner(CudaGraphRunner):
         return super()._call(args)
 
     def drain(self) -> None:
-        self._settle()
         started, self._started = self._started, None
         _PENDING.discard(self)
         if started is not None:
@@ -190,8 +183,9 @@ class RunAheadRunner(CudaGraphRunner):
         if self.rules is not None and len(self.rules) != len(self.copied):
             self.rules = None
         self._prev, self._candidates, self._observed = None, None, 0
-        self._predicted = self._flat_copied(self.buffers)
-        self._actual = torch.empty_like(self._predicted)
+        self._predicted, self._predicted_slots = self._snapshot_slots()
+        self._actual, self._actual_slots = self._snapshot_slots()
+        self._predict_step = None  # it reads this graph's buffers and outputs
 
     def _replay(self, args: list[Any]) -> Any:
         learning = self.rules is None and self.learn_failed is None
@@ -206,9 +200,23 @@ class RunAheadRunner(CudaGraphRunner):
             self._pause -= 1
         return outs
 
-    def _flat_copied(self, ts: list[Any], out: torch.Tensor | None = None) -> torch.Tensor:
-        """The copied inputs among `ts`, flattened into one tensor (one launch)."""
-        return torch.cat([ts[i].reshape(-1) for i in self.copied], out=out)
+    def _snapshot_slots(self) -> tuple[torch.Tensor, list[tuple[list[int], list]]]:
+        """A zeroed byte buffer with an 8-byte-aligned slot per copied input, and the slots
+        as typed views grouped per dtype: filled with one `_foreach_copy_` per dtype and
+        compared as one tensor. (`torch.cat` of the ~20 inputs of a regional step, the
+        mask and the layers' counters, cost ~0.2 ms of host time per call on an H200.)"""
+        like = [self.buffers[i] for i in self.copied]
+        starts, total = [], 0
+        for t in like:
+            starts.append(total)
+            total += -(-t.numel() * t.element_size() // 8) * 8
+        device = like[0].device if like else None
+        flat = torch.zeros(total, dtype=torch.uint8, device=device)
+        typed = [
+            (i, flat[a : a + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
+            for i, a, t in zip(self.copied, starts, like)
+        ]
+        return flat, _copy_groups(typed)
 
     def _ahead_wanted(self) -> bool:
         if not self.rules or self._pause:
@@ -242,7 +250,8 @@ class RunAheadRunner(CudaGraphRunner):
         _PENDING.discard(self)
         main = torch.cuda.current_stream()
         main.wait_event(started.ready)
-        same = torch.equal(self._flat_copied(args, out=self._actual), self._predicted)
+        _copy_in(self._actual_slots, args)
+        same = torch.equal(self._actual, self._predicted)
         main.wait_event(started.done)
         if not same:
             self.misses += 1
@@ -257,36 +266,24 @@ class RunAheadRunner(CudaGraphRunner):
         return self._shaped(started.outs)
 
     def _start_next(self) -> None:
-        main = torch.cuda.current_stream()
-        _PENDING.add(self)  # here, not in the worker: other runners iterate the set
-        if self.launch == "thread":
-            self._launching = _worker().submit(lambda: self._launch_or_stop(main))
-        else:
-            self._launch_or_stop(main)
-
-    def _launch_or_stop(self, main: torch.cuda.Stream) -> None:
+        _PENDING.add(self)
         try:
-            self._launch(main)
+            self._launch(torch.cuda.current_stream())
         except Exception as exc:  # noqa: BLE001 - an optimisation: the calls run in order
             self._started, self.choice = None, False
             self.launch_error = f"{type(exc).__name__}: {exc}"
             log.warning("yirage: run-ahead off for this graph (%s)", self.launch_error)
 
-    def _settle(self) -> None:
-        """Wait until the worker has launched what it was handed (or failed to)."""
-        if self._launching is not None:
-            self._launching.wait()
-            self._launching = None
-
     def _launch(self, main: torch.cuda.Stream) -> None:
         if self._side is None:
             self._side = torch.cuda.Stream(device=main.device)
         side = self._side
+        if self._predict_step is None:
+            self._predict_step = _as_graph(self._predict_all)
         flat = self._flat_outs()
-        with torch.cuda.stream(main):
-            # Allocated on the caller's stream, which uses and frees them: it waits for
-            # `done` before either.
-            fresh = [torch.empty_like(o) if c else o for o, c in zip(flat, self.clone_out)]
+        # Allocated on the caller's stream, which uses and frees them: it waits for `done`
+        # before either.
+        fresh = [torch.empty_like(o) if c else o for o, c in zip(flat, self.clone_out)]
         for f, c in zip(fresh, self.clone_out):
             # A step never handed out (its runner freed while the step runs) must not
             # have its outputs' memory reused before the side stream is done with it.
@@ -295,9 +292,7 @@ class RunAheadRunner(CudaGraphRunner):
         ready, done = torch.cuda.Event(), torch.cuda.Event()
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            for i, rule in zip(self.copied, self.rules):
-                _predict(self.buffers[i], rule, flat)
-            self._flat_copied(self.buffers, out=self._predicted)
+            self._predict_step()
             ready.record(side)
             if self.delay_cycles > 0:
                 torch.cuda._sleep(self.delay_cycles)
@@ -307,6 +302,13 @@ class RunAheadRunner(CudaGraphRunner):
                     f.copy_(o)
             done.record(side)
         self._started = _Started(ready, done, fresh)
+
+    def _predict_all(self) -> None:
+        """The next step's inputs into the graph's input buffers, and a copy of them."""
+        flat = self._flat_outs()
+        for i, rule in zip(self.copied, self.rules):
+            _predict(self.buffers[i], rule, flat)
+        _copy_in(self._predicted_slots, self.buffers)
 
     # ------------------------------------------------------------------ learning
     def _learn(self, now: list[torch.Tensor]) -> None:
@@ -345,34 +347,19 @@ class RunAheadRunner(CudaGraphRunner):
         return rules
 
 
-class _Worker:
-    """One daemon thread that runs the launches handed to it, in order."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name="yirage-run-ahead", daemon=True).start()
-
-    def submit(self, job: Callable[[], None]) -> threading.Event:
-        finished = threading.Event()
-        self._jobs.put((job, finished))
-        return finished
-
-    def _loop(self) -> None:
-        while True:
-            job, finished = self._jobs.get()
-            try:
-                job()  # never raises: _launch_or_stop
-            finally:
-                finished.set()
-
-
-_WORKER: list[_Worker] = []  # started on first use, not at import
-
-
-def _worker() -> _Worker:
-    if not _WORKER:
-        _WORKER.append(_Worker())
-    return _WORKER[0]
+def _as_graph(fn: Callable[[], None]) -> Callable[[], None]:
+    """`fn` recorded as a CUDA graph, returned as its replay: its dozen small launches
+    (the prediction) become one. Without CUDA (the CPU tests' stand-ins), `fn` itself."""
+    if not torch.cuda.is_available():
+        return fn
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:
+        _reset_capture_state()
+        raise
+    return graph.replay
 
 
 def _last_argmax(out: Any) -> torch.Tensor | None:

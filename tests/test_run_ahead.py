@@ -48,6 +48,35 @@ def test_rules_find_nothing_for_an_input_no_rule_explains():
     assert held[1] == {("step", 6)}
 
 
+def test_snapshot_slots_hold_mixed_dtypes_and_compare_as_one_tensor():
+    """The prediction and the caller's inputs are compared as one byte buffer: each copied
+    input in an aligned slot of its own dtype, whatever the sizes before it."""
+    from yirage_dynamo.runtime.cuda_graphs import _copy_in
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    inputs = [
+        torch.tensor([[4]]),  # ids
+        torch.arange(7).reshape(1, 1, 1, 7) <= 3,  # a bool mask of odd length
+        torch.tensor(6),  # a 0-dim counter, after 7 bytes of mask
+        torch.tensor([2.5], dtype=torch.float32),  # not copied: stays out of the buffer
+        torch.tensor([[5, 6]], dtype=torch.int32).t(),  # non-contiguous
+    ]
+    runner = RunAheadRunner(_decode_step)
+    runner.buffers, runner.copied = [t.clone() for t in inputs], [0, 1, 2, 4]
+    flat, slots = runner._snapshot_slots()
+    assert flat.dtype == torch.uint8 and flat.numel() == 8 + 8 + 8 + 8
+    _copy_in(slots, inputs)
+    for positions, views in slots:
+        for i, v in zip(positions, views):
+            assert v.dtype == inputs[i].dtype and torch.equal(v, inputs[i])
+    other, other_slots = runner._snapshot_slots()
+    _copy_in(other_slots, inputs)
+    assert torch.equal(flat, other)
+    inputs[1][..., 4] = True
+    _copy_in(other_slots, inputs)
+    assert not torch.equal(flat, other)
+
+
 def test_grown_mask_sets_the_slot_after_the_last_set_one_with_left_padding():
     mask = torch.tensor([[False, False, True, True, False, False]])
     assert _grown(mask).tolist() == [[False, False, True, True, True, False]]
@@ -137,11 +166,12 @@ def _assert_same_run(got, ref) -> None:
 
 
 @needs_cuda
-@pytest.mark.parametrize("launch", ["call", "thread"])
-def test_run_ahead_hands_out_the_started_step_when_the_inputs_were_predicted(monkeypatch, launch):
-    from yirage_dynamo.runtime.run_ahead import LAUNCH_ENV
+@pytest.mark.parametrize("delay_us", ["0", "50"])
+def test_run_ahead_hands_out_the_started_step_when_the_inputs_were_predicted(monkeypatch, delay_us):
+    """With and without the GPU-side delay before the step started ahead."""
+    from yirage_dynamo.runtime.run_ahead import DELAY_ENV
 
-    monkeypatch.setenv(LAUNCH_ENV, launch)
+    monkeypatch.setenv(DELAY_ENV, delay_us)
     table = _table()
     runner = _runner()
     got = _decode_loop(runner, table, steps=14)
@@ -327,15 +357,10 @@ def _cpu_table():
     return torch.nn.Parameter(torch.randn(VOCAB, WIDTH), requires_grad=False)
 
 
-@pytest.mark.parametrize("launch", ["call", "thread"])
 def test_run_ahead_bookkeeping_hands_out_predicted_steps_and_keeps_counters_private(
-    fake_cuda, monkeypatch, launch
+    fake_cuda,
 ):
-    """Launched by the runner before it returns, or by the worker thread (which the next
-    call waits for): the same steps handed out and dropped, the same results."""
-    from yirage_dynamo.runtime.run_ahead import LAUNCH_ENV, RunAheadRunner
-
-    monkeypatch.setenv(LAUNCH_ENV, launch)
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
 
     def once_not_argmax(k, logits):
         best = logits[:, -1].argmax(-1)
@@ -344,7 +369,6 @@ def test_run_ahead_bookkeeping_hands_out_predicted_steps_and_keeps_counters_priv
     table = _cpu_table()
     runner = RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}), trial=False)
     got = _cpu_loop(runner, table, 20, once_not_argmax)
-    runner.drain()  # the worker's last launch done before the cache is read
     ref = _cpu_loop(_decode_step, table, 20, once_not_argmax)
     # Every step here ran to completion before the next call, the last one started ahead
     # included: the cache past the caller's counter holds its write, the counter does not.
@@ -438,9 +462,9 @@ def test_run_ahead_launch_that_fails_turns_it_off_without_failing_the_call(
     assert runner.hits == 0 and "run-ahead off" in caplog.text
 
 
-def test_run_ahead_launch_switch_is_validated(monkeypatch):
-    from yirage_dynamo.runtime.run_ahead import LAUNCH_ENV, RunAheadRunner
+def test_run_ahead_delay_switch_is_validated(monkeypatch):
+    from yirage_dynamo.runtime.run_ahead import DELAY_ENV, RunAheadRunner
 
-    monkeypatch.setenv(LAUNCH_ENV, "later")
-    with pytest.raises(ValueError, match=f"{LAUNCH_ENV}='later'.*call, thread"):
+    monkeypatch.setenv(DELAY_ENV, "soon")
+    with pytest.raises(ValueError, match=f"{DELAY_ENV}='soon'.*microseconds"):
         RunAheadRunner(_decode_step)
