@@ -462,6 +462,47 @@ def test_run_ahead_launch_that_fails_turns_it_off_without_failing_the_call(
     assert runner.hits == 0 and "run-ahead off" in caplog.text
 
 
+def test_run_ahead_prediction_that_cannot_be_recorded_turns_it_off_and_says_why(
+    fake_cuda, monkeypatch
+):
+    """The prediction is recorded as a CUDA graph on the first launch; where that fails,
+    the capture state is reset, the calls run in order and the stats name the error."""
+    from yirage_dynamo.runtime import run_ahead
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner, _as_graph
+
+    from yirage_dynamo.profiling import cuda_graph_stats
+
+    class FailingCapture:
+        def __init__(self, graph, pool=None) -> None:
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+    resets = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    monkeypatch.setattr(run_ahead, "_reset_capture_state", lambda: resets.append(1))
+    with pytest.raises(RuntimeError, match="not permitted"):
+        _as_graph(lambda: None)
+    assert resets == [1]
+
+    def unrecordable(fn):
+        raise RuntimeError("prediction not capturable")
+
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+    monkeypatch.setattr(run_ahead, "_as_graph", unrecordable)
+    table = _cpu_table()
+    runner = RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}), trial=False)
+    _assert_same_run(_cpu_loop(runner, table, 10), _cpu_loop(_decode_step, table, 10))
+    assert runner.hits == 0 and runner.choice is False
+    (row,) = [r for r in cuda_graph_stats() if r["calls"] == runner.calls and r["dropped"] == 0]
+    assert "prediction not capturable" in row["launch_error"]
+
+
 def test_run_ahead_delay_switch_is_validated(monkeypatch):
     from yirage_dynamo.runtime.run_ahead import DELAY_ENV, RunAheadRunner
 

@@ -122,6 +122,7 @@ def cuda_graph_stats() -> list[dict[str, Any]]:
         if hasattr(r, "hits"):  # run-ahead (runtime/run_ahead.py)
             row.update(rules=r.rules, learn_failed=r.learn_failed, handed_out=r.hits)
             row.update(dropped=r.misses, run_ahead_kept=r.choice, trial_ms=dict(r.trial_ms))
+            row["launch_error"] = r.launch_error  # why run-ahead went off, if it did
         rows.append(row)
     return rows
 
