@@ -9,8 +9,8 @@ grows by one slot, the cache counters carry over. So the runner starts step n+1 
 side stream as soon as step n is queued, and the host time is hidden behind it:
 
     call n      replay (or hand out a step started ahead, below); then, on a side stream:
-                predict step n+1's inputs into the graph's input buffers, keep a copy,
-                replay the graph, copy its outputs out
+                predict step n+1's inputs into the graph's input buffers and keep a copy
+                (both one CUDA graph of their own), replay the graph, copy its outputs out
     call n+1    compare the inputs Dynamo passes with the copy (one host sync; the GPU is
                 busy with step n+1, the compare waits only for the prediction)
                   same:      the caller's stream waits for step n+1; its outputs are handed
@@ -33,13 +33,14 @@ one input fed back from an output (the token). Otherwise the runner never runs a
     grow   a bool mask with one more slot set after its last set one (HF's padding mask)
     carry  the value after the previous step (the cache counters, which the step mutates)
 
-Whether it pays is measured, not assumed: a 7B step (5 ms on an H100) hides HF's host
-loop whole (1.32x the in-order runner), but a 1B step (1.1 ms) is shorter than that loop,
-and the step started ahead then shares the GPU with HF's own small kernels before its
-sync: forced on, 1B was slower (RESULTS.md, twenty-first session). So once the rules are
-known, blocks of calls run in order and ahead in turn, timed by the caller's period (call
-to call: its whole token), and the faster way is kept (`run_ahead=True`; "always" skips
-the trial).
+Whether it pays is measured, not assumed: a 7B step (3.8 ms on an H200) hides HF's host
+loop whole (1.23x the in-order runner), but where the host is the critical path (1B: a
+0.9 ms step, 0.75 ms of host time per token) every microsecond of this runner's own call
+counts, and forced on, 1B was slower (RESULTS.md, twenty-second session: the call then
+concatenated ~20 inputs twice and launched a dozen prediction kernels; now two per-dtype
+copies and one graph). So once the rules are known, blocks of calls run in order and
+ahead in turn, timed by the caller's period (call to call: its whole token), and the
+faster way is kept (`run_ahead=True`; "always" skips the trial).
 
 What a step started ahead writes: its private input buffers (small mutated static inputs,
 the cache counters, are given private buffers here and committed only when handed out),
