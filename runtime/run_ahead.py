@@ -45,8 +45,11 @@ faster way is kept (`run_ahead=True`; "always" skips the trial).
 What a step started ahead writes: its private input buffers (small mutated static inputs,
 the cache counters, are given private buffers here and committed only when handed out),
 and the KV cache slot at the next position, past the valid prefix until that step is
-used; a real step at that position rewrites it. Every call of a CUDA-graph runner first
-orders its stream after any pending step. `generate(cache_implementation="static")` makes
+used; a real step at that position rewrites it. No step starts after the cache's last
+position, which the mask's last slot marks (HF sizes its own static cache to the last
+position a generate() decodes; a write past it fails ATen's device assert): a graph
+without such a mask never runs ahead. Every call of a CUDA-graph runner first orders its
+stream after any pending step. `generate(cache_implementation="static")` makes
 a new cache per call, and the runner holds the old one until it re-captures (after
 ordering itself after the pending step), so nothing else writes where that step writes.
 Not ordered: eager code that writes the same cache in the few milliseconds after the last
@@ -132,6 +135,7 @@ class RunAheadRunner(CudaGraphRunner):
         # The last replay observed while learning: its inputs after the step, its tokens.
         self._prev: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None
         self._candidates: list[set] | None = None
+        self._end_mask = -1  # the input (a "grow" mask) whose last slot marks the cache's end
         self._started: _Started | None = None
         self._side: torch.cuda.Stream | None = None
         self._pause = self._pause_len = 0
@@ -184,26 +188,31 @@ class RunAheadRunner(CudaGraphRunner):
         if self.rules is not None and len(self.rules) != len(self.copied):
             self.rules = None
         self._prev, self._candidates, self._observed = None, None, 0
-        self._predicted, self._predicted_slots = self._snapshot_slots()
-        self._actual, self._actual_slots = self._snapshot_slots()
+        self._predicted, predicted = self._snapshot_slots()
+        self._actual, self._actual_views = self._snapshot_slots()
+        self._predicted_slots = _copy_groups(list(predicted.items()))
+        self._actual_slots = _copy_groups(list(self._actual_views.items()))
         self._predict_step = None  # it reads this graph's buffers and outputs
 
     def _replay(self, args: list[Any]) -> Any:
         learning = self.rules is None and self.learn_failed is None
         # This call's inputs before the step mutates any (the counters are copied back).
         now = [args[i].detach().clone() for i in self.copied] if learning else []
+        # Decided before the replay: the check syncs, and after the launch it would wait
+        # for the whole step.
+        ahead = self._ahead_wanted() and not self._at_cache_end(args[self._end_mask])
         outs = super()._replay(args)
         if learning:
             self._learn(now)
-        if self._ahead_wanted():
+        if ahead:
             self._start_next()
         elif self._pause:
             self._pause -= 1
         return outs
 
-    def _snapshot_slots(self) -> tuple[torch.Tensor, list[tuple[list[int], list]]]:
+    def _snapshot_slots(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """A zeroed byte buffer with an 8-byte-aligned slot per copied input, and the slots
-        as typed views grouped per dtype: filled with one `_foreach_copy_` per dtype and
+        as typed views by input position: filled with one `_foreach_copy_` per dtype and
         compared as one tensor. (`torch.cat` of the ~20 inputs of a regional step, the
         mask and the layers' counters, cost ~0.2 ms of host time per call on an H200.)"""
         like = [self.buffers[i] for i in self.copied]
@@ -213,11 +222,17 @@ class RunAheadRunner(CudaGraphRunner):
             total += -(-t.numel() * t.element_size() // 8) * 8
         device = like[0].device if like else None
         flat = torch.zeros(total, dtype=torch.uint8, device=device)
-        typed = [
-            (i, flat[a : a + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
+        typed = {
+            i: flat[a : a + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
             for i, a, t in zip(self.copied, starts, like)
-        ]
-        return flat, _copy_groups(typed)
+        }
+        return flat, typed
+
+    @staticmethod
+    def _at_cache_end(mask: torch.Tensor) -> bool:
+        """The mask's last slot is set: the caller is at the cache's last position, so the
+        step after it would write past the cache's end (one host sync)."""
+        return bool(mask[..., -1].any())
 
     def _ahead_wanted(self) -> bool:
         if not self.rules or self._pause:
@@ -252,9 +267,13 @@ class RunAheadRunner(CudaGraphRunner):
         main = torch.cuda.current_stream()
         main.wait_event(started.ready)
         _copy_in(self._actual_slots, args)
-        same = torch.equal(self._actual, self._predicted)
+        # One sync for both: were the inputs the predicted ones, and is this the cache's
+        # last position (then no step starts after it)?
+        differs = torch.ne(self._actual, self._predicted).any()
+        end = self._actual_views[self._end_mask][..., -1].any()
+        differs, at_end = torch.stack([differs, end]).tolist()
         main.wait_event(started.done)
-        if not same:
+        if differs:
             self.misses += 1
             self._pause_len = min(max(FIRST_PAUSE, 2 * self._pause_len), MAX_PAUSE)
             self._pause = self._pause_len
@@ -262,7 +281,7 @@ class RunAheadRunner(CudaGraphRunner):
         self.hits += 1
         self._pause_len = 0
         self._copy_back(args)  # the step's counters, now the caller's
-        if self._ahead_wanted():
+        if self._ahead_wanted() and not at_end:
             self._start_next()
         return self._shaped(started.outs)
 
@@ -344,6 +363,13 @@ class RunAheadRunner(CudaGraphRunner):
         if not any(r[0] == "token" for r in rules):
             self.learn_failed = "no input is fed back from an output"
             return None
+        grows = [i for i, r in zip(self.copied, rules) if r[0] == "grow"]
+        if not grows:
+            # Without it nothing tells where the cache ends: a step started after its last
+            # slot would write past it (ATen's index_copy_ fails a device assert there).
+            self.learn_failed = "no mask input marks the cache's end"
+            return None
+        self._end_mask = grows[0]
         log.info("yirage: run-ahead rules %s", rules)
         return rules
 
