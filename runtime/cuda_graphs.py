@@ -224,10 +224,7 @@ class CudaGraphRunner:
 
     def _copy_back(self, args: list[Any]) -> None:
         for positions, bufs in self.copy_back:
-            if len(bufs) == 1:
-                args[positions[0]].copy_(bufs[0])
-            else:
-                torch._foreach_copy_([args[i] for i in positions], bufs)
+            _copy_all([args[i] for i in positions], bufs)
 
     def _shaped(self, fresh: list[Any]) -> Any:
         """Outputs in the structure the compiled function returned them."""
@@ -251,10 +248,15 @@ def _copy_groups(copied: list[tuple[int, torch.Tensor]]) -> list[tuple[list[int]
 def _copy_in(groups: list[tuple[list[int], list]], src: Sequence[Any]) -> None:
     """Each group's buffers from `src` at its positions, one launch per group."""
     for positions, bufs in groups:
-        if len(bufs) == 1:
-            bufs[0].copy_(src[positions[0]])
-        else:
-            torch._foreach_copy_(bufs, [src[i] for i in positions])
+        _copy_all(bufs, [src[i] for i in positions])
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[k] = src[k] for every k, one launch (a plain copy_ for one pair)."""
+    if len(dst) == 1:
+        dst[0].copy_(src[0])
+    else:
+        torch._foreach_copy_(dst, src)
 
 
 def _reset_capture_state() -> None:

@@ -62,6 +62,7 @@ from the cache until it is handed out.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import statistics
@@ -200,7 +201,7 @@ class RunAheadRunner(CudaGraphRunner):
         now = [args[i].detach().clone() for i in self.copied] if learning else []
         # Decided before the replay: the check syncs, and after the launch it would wait
         # for the whole step.
-        ahead = self._ahead_wanted() and not self._at_cache_end(args[self._end_mask])
+        ahead = self._ahead_wanted() and not bool(_last_slot_set(args[self._end_mask]))
         outs = super()._replay(args)
         if learning:
             self._learn(now)
@@ -216,23 +217,15 @@ class RunAheadRunner(CudaGraphRunner):
         compared as one tensor. (`torch.cat` of the ~20 inputs of a regional step, the
         mask and the layers' counters, cost ~0.2 ms of host time per call on an H200.)"""
         like = [self.buffers[i] for i in self.copied]
-        starts, total = [], 0
-        for t in like:
-            starts.append(total)
-            total += -(-t.numel() * t.element_size() // 8) * 8
+        sizes = [t.numel() * t.element_size() for t in like]
+        starts = [0, *itertools.accumulate(-(-n // 8) * 8 for n in sizes)]
         device = like[0].device if like else None
-        flat = torch.zeros(total, dtype=torch.uint8, device=device)
+        flat = torch.zeros(starts[-1], dtype=torch.uint8, device=device)
         typed = {
-            i: flat[a : a + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            for i, a, t in zip(self.copied, starts, like)
+            i: flat[a : a + n].view(t.dtype).view(t.shape)
+            for i, a, n, t in zip(self.copied, starts, sizes, like)
         }
         return flat, typed
-
-    @staticmethod
-    def _at_cache_end(mask: torch.Tensor) -> bool:
-        """The mask's last slot is set: the caller is at the cache's last position, so the
-        step after it would write past the cache's end (one host sync)."""
-        return bool(mask[..., -1].any())
 
     def _ahead_wanted(self) -> bool:
         if not self.rules or self._pause:
@@ -270,7 +263,7 @@ class RunAheadRunner(CudaGraphRunner):
         # One sync for both: were the inputs the predicted ones, and is this the cache's
         # last position (then no step starts after it)?
         differs = torch.ne(self._actual, self._predicted).any()
-        end = self._actual_views[self._end_mask][..., -1].any()
+        end = _last_slot_set(self._actual_views[self._end_mask])
         differs, at_end = torch.stack([differs, end]).tolist()
         main.wait_event(started.done)
         if differs:
@@ -307,6 +300,7 @@ class RunAheadRunner(CudaGraphRunner):
         for f, c in zip(fresh, self.clone_out):
             # A step never handed out (its runner freed while the step runs) must not
             # have its outputs' memory reused before the side stream is done with it.
+            # (CPU tensors: the tests' stand-in graph.)
             if c and f.is_cuda:
                 f.record_stream(side)
         ready, done = torch.cuda.Event(), torch.cuda.Event()
@@ -387,6 +381,12 @@ def _as_graph(fn: Callable[[], None]) -> Callable[[], None]:
         _reset_capture_state()
         raise
     return graph.replay
+
+
+def _last_slot_set(mask: torch.Tensor) -> torch.Tensor:
+    """Whether the mask's last slot is set (on the device): the caller is at the cache's
+    last position, and a step after it would write past the cache's end."""
+    return mask[..., -1].any()
 
 
 def _last_argmax(out: Any) -> torch.Tensor | None:
