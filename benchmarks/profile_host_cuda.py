@@ -172,52 +172,47 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true", help="stamps per token, yirage only")
     ap.add_argument("--trace", action="store_true", help="a torch.profiler trace per variant")
     args = ap.parse_args()
-    import transformers
-
-    from yirage_dynamo.backend import yirage
-
     s = dict(SHAPES[args.shape], new=args.new)
     model = build_model(s)
     runner = Runner(model, s)
-    configs = {
-        "inductor": transformers.CompileConfig(),
-        "yirage": transformers.CompileConfig(backend=yirage, mode=None),
-    }
+    configs = variant_configs({})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.trace:
-        configs = variant_configs({})
     for name in args.variants.split(","):
         torch._dynamo.reset()
         for attr in ("_compiled_call", "_last_compile_config"):
             if hasattr(model, attr):
                 delattr(model, attr)
-        cc = configs[name]
-        if args.trace:
-            with _env(ENV_VARIANTS.get(name, {})):
-                print(f"{name}: {trace(runner, cc, args.new, out / name):.3f} ms/token", flush=True)
-            continue
-        runner.generate(args.new, cc)  # compile + warm up
-        if args.timeline:
-            runner.generate(args.new, cc)
-            print(f"{args.shape} {name}:\n{timeline(runner, model, cc, args.new)}", flush=True)
-            # Diagnostic only (unsafe for real use): what Dynamo's guard checks cost.
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                print("  ... with guard evaluation skipped:", flush=True)
-                print(timeline(runner, model, cc, args.new), flush=True)
-            continue
-        torch.cuda.synchronize()
-        t = time.perf_counter()
+        with _env(ENV_VARIANTS.get(name, {})):
+            run_variant(args, name, configs[name], runner, model, out)
+
+
+def run_variant(args: Any, name: str, cc: Any, runner: Runner, model: Any, out: Path) -> None:
+    """One variant's trace, timeline or cProfile (its environment already set)."""
+    if args.trace:
+        print(f"{name}: {trace(runner, cc, args.new, out / name):.3f} ms/token", flush=True)
+        return
+    runner.generate(args.new, cc)  # compile + warm up
+    if args.timeline:
         runner.generate(args.new, cc)
-        torch.cuda.synchronize()
-        plain = (time.perf_counter() - t) / args.new * 1e3
-        prof = cProfile.Profile()
-        prof.enable()
-        runner.generate(args.new, cc)
-        torch.cuda.synchronize()
-        prof.disable()
-        write_profile(prof, out / f"{name}_host.txt")
-        print(f"{name}: {plain:.3f} ms/token unprofiled", flush=True)
+        print(f"{args.shape} {name}:\n{timeline(runner, model, cc, args.new)}", flush=True)
+        # Diagnostic only (unsafe for real use): what Dynamo's guard checks cost.
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            print("  ... with guard evaluation skipped:", flush=True)
+            print(timeline(runner, model, cc, args.new), flush=True)
+        return
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    runner.generate(args.new, cc)
+    torch.cuda.synchronize()
+    plain = (time.perf_counter() - t) / args.new * 1e3
+    prof = cProfile.Profile()
+    prof.enable()
+    runner.generate(args.new, cc)
+    torch.cuda.synchronize()
+    prof.disable()
+    write_profile(prof, out / f"{name}_host.txt")
+    print(f"{name}: {plain:.3f} ms/token unprofiled", flush=True)
 
 
 if __name__ == "__main__":

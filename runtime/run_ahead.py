@@ -11,8 +11,9 @@ side stream as soon as step n is queued, and the host time is hidden behind it:
     call n      replay (or hand out a step started ahead, below); then, on a side stream:
                 predict step n+1's inputs into the graph's input buffers and keep a copy
                 (both one CUDA graph of their own), replay the graph, copy its outputs out
-    call n+1    compare the inputs Dynamo passes with the copy (one host sync; the GPU is
-                busy with step n+1, the compare waits only for the prediction)
+    call n+1    compare the inputs Dynamo passes with the copy (a CUDA graph too, then one
+                host sync; the GPU is busy with step n+1, the compare waits only for the
+                prediction)
                   same:      the caller's stream waits for step n+1; its outputs are handed
                              out, its small mutated state is committed; step n+2 starts
                   different: the caller's stream waits for it, it is dropped, and the call
@@ -147,6 +148,10 @@ class RunAheadRunner(CudaGraphRunner):
             raise ValueError(f"{DELAY_ENV}={delay!r}: expected microseconds (a number)") from None
         self.launch_error: str | None = None
         self._predict_step: Callable[[], None] | None = None  # the prediction, as a graph
+        self._check_step: Callable[[], None] | None = None  # the hand-out's check, as a graph
+        # One set per runner, re-recorded per step: every wait on the last record is
+        # enqueued before the next (creating them per call cost host time on 1B).
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event] | None = None
 
     # ------------------------------------------------------------------ calling
     def _call(self, args: list[Any]) -> Any:
@@ -193,7 +198,9 @@ class RunAheadRunner(CudaGraphRunner):
         self._actual, self._actual_views = self._snapshot_slots()
         self._predicted_slots = _copy_groups(list(predicted.items()))
         self._actual_slots = _copy_groups(list(self._actual_views.items()))
-        self._predict_step = None  # it reads this graph's buffers and outputs
+        # Flags the check writes: the inputs differ from the prediction, the cache ends.
+        self._flags = torch.zeros(2, dtype=torch.bool, device=self._actual.device)
+        self._predict_step = self._check_step = None  # they read this graph's buffers
 
     def _replay(self, args: list[Any]) -> Any:
         learning = self.rules is None and self.learn_failed is None
@@ -262,9 +269,8 @@ class RunAheadRunner(CudaGraphRunner):
         _copy_in(self._actual_slots, args)
         # One sync for both: were the inputs the predicted ones, and is this the cache's
         # last position (then no step starts after it)?
-        differs = torch.ne(self._actual, self._predicted).any()
-        end = _last_slot_set(self._actual_views[self._end_mask])
-        differs, at_end = torch.stack([differs, end]).tolist()
+        self._check_step()
+        differs, at_end = self._flags.tolist()
         main.wait_event(started.done)
         if differs:
             self.misses += 1
@@ -292,6 +298,7 @@ class RunAheadRunner(CudaGraphRunner):
             self._side = torch.cuda.Stream(device=main.device)
         side = self._side
         if self._predict_step is None:
+            self._check_step = _as_graph(self._check_all)
             self._predict_step = _as_graph(self._predict_all)
         flat = self._flat_outs()
         # Allocated on the caller's stream, which uses and frees them: it waits for `done`
@@ -303,8 +310,11 @@ class RunAheadRunner(CudaGraphRunner):
             # (CPU tensors: the tests' stand-in graph.)
             if c and f.is_cuda:
                 f.record_stream(side)
-        ready, done = torch.cuda.Event(), torch.cuda.Event()
-        side.wait_stream(main)
+        if self._events is None:
+            self._events = (torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())
+        ready, done, queued = self._events
+        queued.record(main)
+        side.wait_event(queued)
         with torch.cuda.stream(side):
             self._predict_step()
             ready.record(side)
@@ -323,6 +333,12 @@ class RunAheadRunner(CudaGraphRunner):
         for i, rule in zip(self.copied, self.rules):
             _predict(self.buffers[i], rule, flat)
         _copy_in(self._predicted_slots, self.buffers)
+
+    def _check_all(self) -> None:
+        """The hand-out's check of the inputs copied into `_actual`, into `_flags`."""
+        differs = torch.ne(self._actual, self._predicted).any()
+        end = _last_slot_set(self._actual_views[self._end_mask])
+        self._flags.copy_(torch.stack([differs, end]))
 
     # ------------------------------------------------------------------ learning
     def _learn(self, now: list[torch.Tensor]) -> None:
