@@ -9,8 +9,7 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
   yirage_all  the same with options={"cuda_kernels": "all"} (every yirage op on our kernels)
   yirage_run_ahead  the same with options={"run_ahead": True}: the next decode step
                  starts on a side stream before HF asks for it (runtime/run_ahead.py),
-                 kept if timed faster than in order; _always: no trial; _delay100 /
-                 _delay300: always, the step held back that many us on the GPU
+                 kept if timed faster than in order; _always: no trial
   yirage_gemv    yirage with the Triton decode GEMV forced on (YIRAGE_CUDA_GEMV=on) for
                  every eligible projection, whatever the cuBLAS comparison says
   yirage_nogemv  yirage with the GEMV off (YIRAGE_CUDA_GEMV=off): cuBLAS for every matmul
@@ -112,10 +111,6 @@ ENV_VARIANTS = {
     # HF's per-layer position add (arange + cumulative_length) as its own launch (the
     # default folds it into the fused rotary + KV-write kernel).
     "yirage_no_kv_pos": {"YIRAGE_CUDA_KV_POS": "off"},
-    # Run-ahead with the step held back on the GPU for 100 / 300 us after the prediction
-    # (an experiment for 1B: HF's small kernels before its sync go first).
-    "yirage_run_ahead_delay100": {"YIRAGE_RUN_AHEAD": "always", "YIRAGE_RUN_AHEAD_DELAY_US": "100"},
-    "yirage_run_ahead_delay300": {"YIRAGE_RUN_AHEAD": "always", "YIRAGE_RUN_AHEAD_DELAY_US": "300"},
     # The layers' cache-counter increments one launch each (default: one _foreach_add_).
     "yirage_no_counters": {"YIRAGE_CUDA_KV_COUNTERS": "off"},
 }

@@ -34,14 +34,15 @@ one input fed back from an output (the token). Otherwise the runner never runs a
     grow   a bool mask with one more slot set after its last set one (HF's padding mask)
     carry  the value after the previous step (the cache counters, which the step mutates)
 
-Whether it pays is measured, not assumed: a 7B step (3.8 ms on an H200) hides HF's host
-loop whole (1.23x the in-order runner), but where the host is the critical path (1B: a
-0.9 ms step, 0.75 ms of host time per token) every microsecond of this runner's own call
-counts, and forced on, 1B was slower (RESULTS.md, twenty-second session: the call then
-concatenated ~20 inputs twice and launched a dozen prediction kernels; now two per-dtype
-copies and one graph). So once the rules are known, blocks of calls run in order and
-ahead in turn, timed by the caller's period (call to call: its whole token), and the
-faster way is kept (`run_ahead=True`; "always" skips the trial).
+Whether it pays is measured, not assumed. A 7B step (5.1 ms on an H100) hides HF's host
+loop whole (1.45x the in-order runner). A 1B step (1.1 ms) is shorter than HF's own work
+between this call's return and its per-token sync (logits copy, argmax, stopping check),
+which in order already runs while the GPU works: where the host is slow, the in-order
+token is all host time and run-ahead only adds its own call (RESULTS.md, twenty-third
+session: 1.26x in order on one H100 host, slower on another). So once the rules are
+known, blocks of calls run in order and ahead in turn, timed by the caller's period (call
+to call: its whole token), and the faster way is kept (`run_ahead=True`; "always" skips
+the trial).
 
 What a step started ahead writes: its private input buffers (small mutated static inputs,
 the cache counters, are given private buffers here and committed only when handed out),
@@ -65,7 +66,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -95,12 +95,6 @@ FIRST_PAUSE, MAX_PAUSE = 2, 256
 # caller's period (call to call: its whole token). The first two calls of a block are
 # the switch and are not timed. Ahead must be this much faster to be kept.
 TRIAL_PLAN, TRIAL_BLOCK, TRIAL_GAIN = (False, True, False, True, False, True), 6, 0.97
-# An experiment for 1B: the side stream idles this many microseconds (a spin kernel of one
-# block) after the prediction and before the step, so that the caller's own small kernels
-# queued after the call (HF's argmax and stopping check, before its sync) are not
-# scheduled behind the step's.
-DELAY_ENV = "YIRAGE_RUN_AHEAD_DELAY_US"
-SM_CYCLES_PER_US = 1980  # H100/H200 boost clock: the spin kernel counts cycles
 
 
 @dataclasses.dataclass
@@ -141,11 +135,6 @@ class RunAheadRunner(CudaGraphRunner):
         self._started: _Started | None = None
         self._side: torch.cuda.Stream | None = None
         self._pause = self._pause_len = 0
-        delay = os.environ.get(DELAY_ENV, "").strip() or "0"
-        try:
-            self.delay_cycles = int(float(delay) * SM_CYCLES_PER_US)
-        except ValueError:
-            raise ValueError(f"{DELAY_ENV}={delay!r}: expected microseconds (a number)") from None
         self.launch_error: str | None = None
         self._predict_step: Callable[[], None] | None = None  # the prediction, as a graph
         self._check_step: Callable[[], None] | None = None  # the hand-out's check, as a graph
@@ -318,8 +307,6 @@ class RunAheadRunner(CudaGraphRunner):
         with torch.cuda.stream(side):
             self._predict_step()
             ready.record(side)
-            if self.delay_cycles > 0:
-                torch.cuda._sleep(self.delay_cycles)
             self.graph.replay()
             for f, o, c in zip(fresh, flat, self.clone_out):
                 if c:
