@@ -6,7 +6,9 @@
 
 `--trace`: instead of cProfile, one generate under torch.profiler per variant (any name of
 bench_cuda_llama.py's, environment variants included), its Chrome trace written to
-DIR/<variant>_trace.json.gz: both streams' kernels and the host's waits, token by token.
+DIR/<variant>_trace.json.gz: both streams' kernels and the host's waits, token by token;
+the token's split (our call, HF's work after it up to its sync, HF's work before the next
+call, GPU busy: benchmarks/trace_split.py) is printed.
 
 Per variant: after a warm-up generate (compiles), one generate of `--new` tokens runs
 under cProfile; the top functions by own time and by cumulative time are written to
@@ -39,6 +41,7 @@ from bench_cuda_llama import (  # noqa: E402
     build_model,
     variant_configs,
 )
+from trace_split import format_split, load, split_per_token  # noqa: E402
 
 
 def write_profile(prof: cProfile.Profile, path: Path, top: int = 60) -> None:
@@ -160,6 +163,7 @@ def trace(runner: Runner, cc: Any, new: int, stem: Path) -> float:
         runner.generate(new, cc)
         torch.cuda.synchronize()
     prof.export_chrome_trace(f"{stem}_trace.json.gz")
+    print(format_split(split_per_token(load(f"{stem}_trace.json.gz"))), flush=True)
     return plain
 
 

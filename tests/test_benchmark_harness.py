@@ -76,3 +76,40 @@ def test_cache_positions_are_put_back_after_steps_timed_over_and_over():
     reset, room = cache_positions_kept({})
     reset()
     assert room >= 10**9
+
+
+def _event(name: str, cat: str, ts: float, dur: float) -> dict:
+    return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "args": {}}
+
+
+def test_trace_split_divides_each_token_into_our_call_hf_work_and_gpu_time(tmp_path):
+    """Three decode calls 1000 µs apart: our call 100 µs, HF's sync 500 µs after it
+    returns (blocked 50 µs), two overlapping kernels per token, one inside our call."""
+    import gzip
+    import json
+
+    from trace_split import format_split, load, split_per_token
+
+    events = [_event("aten::add", "cpu_op", 5, 1)]  # before any call: ignored
+    for k in range(3):
+        t = 1000.0 * k
+        events += [
+            _event("Torch-Compiled Region: 0/0", "cpu_op", t, 100),
+            _event("cudaStreamSynchronize", "cuda_runtime", t + 20, 5),  # ours: inside
+            _event("cudaStreamSynchronize", "cuda_runtime", t + 600, 50),
+            _event("kernel_a", "kernel", t + 50, 300),
+            _event("kernel_b", "kernel", t + 250, 200),  # overlaps a: 100 µs counted once
+        ]
+    path = tmp_path / "t_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events + [{"ph": "M", "name": "meta"}]}, f)
+    split = split_per_token(load(path), skip=0)
+    assert split["tokens"] == 2
+    assert split["period"] == 1000 and split["our call"] == 100
+    assert split["after the call"] == 600 - 100
+    assert split["sync waits"] == 50
+    assert split["before the call"] == 1000 - 650
+    assert split["GPU busy"] == 400
+    assert "500  after the call" in format_split(split)
+    with pytest.raises(ValueError, match="need 2"):
+        split_per_token(events, skip=2)
