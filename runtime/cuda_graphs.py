@@ -19,6 +19,11 @@ are copied into buffers the graph owns, and copied back if the graph mutates the
 Outputs that are not views of a static input are cloned out of the graph's pool, so a
 caller may keep them across steps (the next replay overwrites the pool).
 
+A step whose KV-cache writes are staged (the compiled function has `kv_commit(args)`: it
+writes the new rows into buffers of its own, and the commit copies them into the cache)
+has its commit captured as a second graph, replayed after the step; runtime/run_ahead.py
+replays it only when it hands a step out, so a step it drops writes nothing shared.
+
 Anything the runner does not cover (a non-tensor input, a capture that fails, e.g. on a
 host sync inside the function) makes it run the function without graphs from then on,
 with a warning; results are the same, only slower.
@@ -59,15 +64,14 @@ def replay_ms(runner: CudaGraphRunner, reps: int = 50) -> float | None:
     counted. The replays rerun the last step on its own inputs; state the step mutates in
     place advances with each (HF's static cache writes at a counter the step increments:
     the caller keeps `reps` within the cache: benchmarks/cuda_step_timing.py)."""
-    graph = runner.graph
-    if graph is None:
+    if runner.graph is None:
         return None
     runner.drain()
-    graph.replay()  # warm: clocks, L2
+    runner.replay_graphs()  # warm: clocks, L2
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
-        graph.replay()
+        runner.replay_graphs()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
@@ -109,6 +113,9 @@ class CudaGraphRunner:
         self.captures = 0
         self.disabled: str | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        # A staged step's cache commit (see the module docstring), and its graph.
+        self.commit: Callable[[list[Any]], None] | None = getattr(fn, "kv_commit", None)
+        self.commit_graph: torch.cuda.CUDAGraph | None = None
         self.serial = next(_SERIAL)
         _LIVE.add(self)
 
@@ -135,7 +142,10 @@ class CudaGraphRunner:
         return self._replay(args)
 
     def _eager(self, args: list[Any]) -> Any:
-        return self.fn(args) if self._boxed else self.fn(*args)
+        out = self.fn(args) if self._boxed else self.fn(*args)
+        if self.commit is not None:
+            self.commit(args)
+        return out
 
     def drain(self) -> None:
         """Order the current stream after any work this runner started on its own (none
@@ -144,7 +154,7 @@ class CudaGraphRunner:
     def _disable(self, why: str) -> None:
         log.warning("yirage: CUDA graphs off for this graph (%s); running without", why)
         self.disabled = why
-        self.graph = None
+        self.graph = self.commit_graph = None
 
     # ------------------------------------------------------------------ capture
     def _capture(self, args: list[Any]) -> None:
@@ -170,15 +180,21 @@ class CudaGraphRunner:
                 args[i].shape, args[i].stride(), dtype=args[i].dtype, device=args[i].device
             )
             buffers[i].copy_(args[i])
-        self.graph = None  # the old graph and its pool go before the new one is recorded
+        # The old graphs and their pool go before the new ones are recorded.
+        self.graph = self.commit_graph = None
         graph = torch.cuda.CUDAGraph()
         pool = torch.cuda.graph_pool_handle()
         torch.cuda.synchronize()
         with torch.cuda.graph(graph, pool=pool):
             call_args = list(buffers)
             outs = self.fn(call_args) if self._boxed else self.fn(*call_args)
+        commit_graph = None
+        if self.commit is not None:
+            commit_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(commit_graph, pool=pool):
+                self.commit(list(buffers))
         self.captures += 1
-        self.graph = graph
+        self.graph, self.commit_graph = graph, commit_graph
         self.static_idx = statics
         # Static inputs' addresses by input position (0 elsewhere): the C++ check's layout.
         self.ptr_at = [a.data_ptr() if i in static_set else 0 for i, a in enumerate(args)]
@@ -212,11 +228,17 @@ class CudaGraphRunner:
         # One launch per dtype: a decode step's ids and positions are on the critical path
         # between HF's per-step sync and the graph launch (each copy_ is its own launch).
         _copy_in(self.copy_groups, args)
-        self.graph.replay()
+        self.replay_graphs()
         self._copy_back(args)
         return self._shaped(
             [o.clone() if c else o for o, c in zip(self._flat_outs(), self.clone_out)]
         )
+
+    def replay_graphs(self) -> None:
+        """One step on the current stream: the step's graph, then its cache commit."""
+        self.graph.replay()
+        if self.commit_graph is not None:
+            self.commit_graph.replay()
 
     def _flat_outs(self) -> list[Any]:
         """The captured outputs (in the graph's pool) as a list."""

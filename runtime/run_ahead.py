@@ -57,8 +57,12 @@ ordering itself after the pending step), so nothing else writes where that step 
 Not ordered: eager code that writes the same cache in the few milliseconds after the last
 step, such as a multi-turn chat that passes its cache back into `generate()`, whose
 eager prefill writes the slot after the previous turn's end. That is why this is opt-in
-(`options={"run_ahead": True}`); closing it needs the step to keep the new K/V apart
-from the cache until it is handed out.
+(`options={"run_ahead": True}`). A staged step closes it: where the compiled function
+writes its new K/V rows into buffers of its own and has a `kv_commit` (runtime/
+cuda_graphs.py), the commit's graph runs on the caller's stream only when the step is
+handed out, so a step started ahead writes nothing the caller shares until then. The
+runner supports that; no lowering stages its writes yet (the staged rotary + KV-write and
+decode-attention kernels are the next step).
 """
 
 from __future__ import annotations
@@ -268,6 +272,8 @@ class RunAheadRunner(CudaGraphRunner):
             return None
         self.hits += 1
         self._pause_len = 0
+        if self.commit_graph is not None:  # a staged step's cache rows, now the caller's
+            self.commit_graph.replay()
         self._copy_back(args)  # the step's counters, now the caller's
         if self._ahead_wanted() and not at_end:
             self._start_next()
