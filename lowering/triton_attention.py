@@ -31,6 +31,9 @@ def _decode_attn_split_kernel(
     MO,
     MLSE,
     OUT,
+    KS,
+    VS,
+    SPOS,
     n_cp,
     T,
     scale,
@@ -49,6 +52,10 @@ def _decode_attn_split_kernel(
     svn,
     smb,
     smn,
+    sksb,
+    sksh,
+    svsb,
+    svsh,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -62,6 +69,7 @@ def _decode_attn_split_kernel(
     SEM,
     BLOCK_S: tl.constexpr,
     MERGE_LAST: tl.constexpr,
+    STAGED: tl.constexpr,
 ):
     # DIRECT: one split covers the cache, so this program writes the final output and
     # no merge kernel runs. MERGE_LAST: the last of a (batch, kv head)'s split programs to
@@ -95,6 +103,10 @@ def _decode_attn_split_kernel(
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    if STAGED:  # the row at SPOS comes from the stage (triton_kv_write.rotary_kv_stage)
+        sp = tl.load(SPOS)
+        k_new = tl.load(KS + b * sksb + hk * sksh + d, mask=dm, other=0.0)
+        v_new = tl.load(VS + b * svsb + hk * svsh + d, mask=dm, other=0.0)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nm = n < end
@@ -112,6 +124,8 @@ def _decode_attn_split_kernel(
         if tl.max(live.to(tl.int32), 0) > 0:
             kv_mask = nm[:, None] & dm[None, :]
             k = tl.load(k_base + n[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
+            if STAGED:
+                k = tl.where((n == sp)[:, None], k_new[None, :], k)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -128,6 +142,8 @@ def _decode_attn_split_kernel(
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + n[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
+            if STAGED:
+                v = tl.where((n == sp)[:, None], v_new[None, :], v)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -235,10 +251,15 @@ def decode_attention(
     block_n: int,
     num_warps: int,
     merge_sem: torch.Tensor | None = None,
+    k_stage: torch.Tensor | None = None,
+    v_stage: torch.Tensor | None = None,
+    stage_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`merge_sem`: int32 zeros, one per (batch, kv head), owned by this call site. Given
     (and the cache in more than one split), the last split program of each (batch, kv
-    head) merges the partial results, instead of a second kernel; it leaves them zero."""
+    head) merges the partial results, instead of a second kernel; it leaves them zero.
+    `k_stage`, `v_stage` ([B, Hkv, 1, D]) and `stage_pos` ([1]): the cache's row at
+    stage_pos is read from them instead (a staged write, not yet committed)."""
     b, hq, _, d = q.shape
     hkv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -261,6 +282,10 @@ def decode_attention(
     if merge_last and (merge_sem.dtype != torch.int32 or merge_sem.numel() < b * hkv):
         raise ValueError(f"merge_sem: expected >= {b * hkv} int32 counters")
     block_s = max(2, triton.next_power_of_2(num_splits))
+    staged = stage_pos is not None
+    if staged and (k_stage is None or v_stage is None):
+        raise ValueError("decode_attention: stage_pos needs k_stage and v_stage")
+    ks, vs = (k_stage, v_stage) if staged else (q, q)
     launch(
         _decode_attn_split_kernel,
         (b * hkv, num_splits),
@@ -272,6 +297,9 @@ def decode_attention(
         mid_o,
         mid_lse,
         out,
+        ks,
+        vs,
+        stage_pos if staged else q,
         cache_position.shape[0] if cache_position is not None else 0,
         max_len,
         scale,
@@ -290,6 +318,10 @@ def decode_attention(
         v_cache.stride(2),
         smb,
         smn,
+        ks.stride(0) if staged else 0,
+        ks.stride(1) if staged else 0,
+        vs.stride(0) if staged else 0,
+        vs.stride(1) if staged else 0,
         D=d,
         BLOCK_D=block_d,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
@@ -303,6 +335,7 @@ def decode_attention(
         SEM=merge_sem if merge_last else q,
         BLOCK_S=block_s,
         MERGE_LAST=merge_last,
+        STAGED=staged,
         num_warps=num_warps,
     )
     if direct or merge_last:

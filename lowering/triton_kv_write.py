@@ -4,6 +4,12 @@
                   k_cache[B, Hkv, L, D], v_cache, pos[S], pos_base[1]?) -> q'
       q' = rotary(q); k_cache[:, :, p] = rotary(k); v_cache[:, :, p] = v (in place),
       p = pos + pos_base (HF's `arange + cumulative_length`, one launch fewer) or pos.
+  rotary_kv_stage(q, k, v, cos, sin, k_stage[B, Hkv, 1, D], v_stage, stage_pos[1],
+                  cache_len, pos[1], pos_base[1]?) -> q'
+      The same for one new position (S == 1), staged: the rotated key and the value go
+      to the stage buffers instead of the cache, and p to stage_pos; decode_attention
+      reads that row from the stage, and a commit copies it into the cache later
+      (runtime/cuda_graphs.py: a step started ahead then writes nothing shared).
 
 A decode step of HF's static cache is, per layer, rotary on q, rotary on k, and two
 `index_copy_`s into the caches: four launches, each moving a few KB. One program per
@@ -36,6 +42,7 @@ def _rotary_kv_write_kernel(
     VC,
     POS,
     BASE,
+    SPOS,
     HQ,
     HKV,
     S,
@@ -65,6 +72,7 @@ def _rotary_kv_write_kernel(
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     HAS_BASE: tl.constexpr,
+    STAGED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     s = pid % S
@@ -86,11 +94,16 @@ def _rotary_kv_write_kernel(
         # into whatever memory follows the cache. TRITON_DEBUG=1 turns it into an assert.
         tl.device_assert((p >= 0) & (p < T), "rotary_kv_write: position outside the cache")
         m = m & (p >= 0) & (p < T)
+        slot = p
+        if STAGED:  # the stage holds one row per (batch, kv head); one program says where
+            slot = p * 0
+            if (b == 0) & (j == 0):
+                tl.store(SPOS, p)
         x_ptr = K + b * skb + j * skh + s * sks
-        y_ptr = KC + b * skcb + j * skch + p * skcs
+        y_ptr = KC + b * skcb + j * skch + slot * skcs
         # The value row goes to the same slot unchanged.
         v_ptr = V + b * svb + j * svh + s * svs
-        w_ptr = VC + b * svcb + j * svch + p * svcs
+        w_ptr = VC + b * svcb + j * svch + slot * svcs
         tl.store(w_ptr + d, tl.load(v_ptr + d, mask=m), mask=m)
         tl.store(w_ptr + HALF + d, tl.load(v_ptr + HALF + d, mask=m), mask=m)
     _rotate_row(x_ptr, y_ptr, C + b * scb + s * scs, S_ + b * ssb + s * sss, d, m, HALF)
@@ -100,17 +113,18 @@ def _inner(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@triton_op("yirage_cuda::rotary_kv_write", mutates_args=("k_cache", "v_cache"))
-def rotary_kv_write(
+def _launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_dst: torch.Tensor,
+    v_dst: torch.Tensor,
     pos: torch.Tensor,
-    pos_base: torch.Tensor | None = None,
+    pos_base: torch.Tensor | None,
+    cache_len: int,
+    stage_pos: torch.Tensor | None,
 ) -> torch.Tensor:
     cos, sin = _seq_major(cos), _seq_major(sin)
     q, k, v = _inner(q), _inner(k), _inner(v)
@@ -124,14 +138,15 @@ def rotary_kv_write(
         cos,
         sin,
         out,
-        k_cache,
-        v_cache,
+        k_dst,
+        v_dst,
         pos,
         pos if pos_base is None else pos_base,
+        pos if stage_pos is None else stage_pos,
         hq,
         hkv,
         s,
-        k_cache.shape[2],
+        cache_len,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -148,15 +163,50 @@ def rotary_kv_write(
         out.stride(0),
         out.stride(1),
         out.stride(2),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        k_dst.stride(0),
+        k_dst.stride(1),
+        k_dst.stride(2),
+        v_dst.stride(0),
+        v_dst.stride(1),
+        v_dst.stride(2),
         HALF=d // 2,
         BLOCK_HALF=triton.next_power_of_2(d // 2),
         HAS_BASE=pos_base is not None,
+        STAGED=stage_pos is not None,
         num_warps=1,
     )
     return out
+
+
+@triton_op("yirage_cuda::rotary_kv_write", mutates_args=("k_cache", "v_cache"))
+def rotary_kv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    pos_base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return _launch(q, k, v, cos, sin, k_cache, v_cache, pos, pos_base, k_cache.shape[2], None)
+
+
+@triton_op("yirage_cuda::rotary_kv_stage", mutates_args=("k_stage", "v_stage", "stage_pos"))
+def rotary_kv_stage(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_stage: torch.Tensor,
+    v_stage: torch.Tensor,
+    stage_pos: torch.Tensor,
+    cache_len: int,
+    pos: torch.Tensor,
+    pos_base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if q.shape[2] != 1 or k_stage.shape[2] != 1 or v_stage.shape[2] != 1:
+        raise ValueError("rotary_kv_stage: one new position (S == 1) and one-row stages")
+    return _launch(q, k, v, cos, sin, k_stage, v_stage, pos, pos_base, cache_len, stage_pos)

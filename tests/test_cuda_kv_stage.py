@@ -1,0 +1,123 @@
+"""Staged KV writes (lowering/triton_kv_write.py `rotary_kv_stage`, the `k_stage`/`v_stage`/
+`stage_pos` of lowering/triton_attention.py's decode attention): a decode step that keeps
+its new cache row apart until a commit copies it in, so a step started ahead writes
+nothing shared (runtime/cuda_graphs.py). Checked on a GPU against the unstaged kernels:
+the staged row is the one `rotary_kv_write` would write, and attention reading it from the
+stage equals attention over a cache holding it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import cuda_tol, needs_triton
+from test_cuda_kv_write import _clones, _inputs
+from yirage_dynamo.lowering.cuda_kv_write import rotary_kv_write_reference
+
+import yirage_dynamo.ops  # noqa: F401 - registers yirage::rotary
+
+pytestmark = pytest.mark.cuda
+
+
+def _kernels():
+    from yirage_dynamo.lowering.cuda_ops import _kernels as load
+
+    return load()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,hq,hkv,d", [(1, 32, 8, 128), (2, 12, 4, 80)])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_triton_rotary_kv_stage_stages_the_row_rotary_kv_write_writes(
+    dtype, b, hq, hkv, d, with_base
+):
+    _kernels()
+    cache = 64
+    args = _inputs(b, hq, hkv, 1, d, cache, dtype, device="cuda", start=0 if with_base else 41)
+    if with_base:  # the position as offsets + a counter (YIRAGE_CUDA_KV_POS)
+        args.append(torch.tensor([41], device="cuda"))
+    q, k, v, cos, sin, kc, vc, pos, *base = args
+    ref_args = _clones(args)
+    ref = rotary_kv_write_reference(*ref_args)
+    k_stage = torch.zeros(b, hkv, 1, d, dtype=dtype, device="cuda")
+    v_stage = torch.zeros_like(k_stage)
+    stage_pos = torch.full((1,), -1, dtype=torch.int64, device="cuda")
+    before_k, before_v = kc.clone(), vc.clone()
+    got = torch.ops.yirage_cuda.rotary_kv_stage(
+        q, k, v, cos, sin, k_stage, v_stage, stage_pos, cache, pos, *base
+    )
+    tol = cuda_tol(dtype)
+    torch.testing.assert_close(got, ref, **tol)
+    assert stage_pos.item() == 41
+    torch.testing.assert_close(k_stage[:, :, 0], ref_args[5][:, :, 41], **tol)
+    torch.testing.assert_close(v_stage[:, :, 0], ref_args[6][:, :, 41], rtol=0, atol=0)
+    # The caches themselves are not written.
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+
+
+@needs_triton
+def test_triton_rotary_kv_stage_takes_one_new_position_only():
+    _kernels()
+    q, k, v, cos, sin, kc, vc, pos = _inputs(1, 4, 2, 3, 64, 16, torch.bfloat16, "cuda", 0)
+    stage = torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16, device="cuda")
+    spos = torch.zeros(1, dtype=torch.int64, device="cuda")
+    with pytest.raises(ValueError, match="one new position"):
+        torch.ops.yirage_cuda.rotary_kv_stage(
+            q, k, v, cos, sin, stage, stage.clone(), spos, 16, pos
+        )
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (12, 4, 80)])
+@pytest.mark.parametrize("pos", [0, 200, 511])
+@pytest.mark.parametrize("mask", [None, torch.bool, torch.float32])
+def test_triton_decode_attention_reads_the_staged_row_in_place_of_the_caches(
+    dtype, hq, hkv, d, pos, mask
+):
+    """The cache holds a stale row at `pos` (as a cache does where a step started ahead
+    was dropped); attention with the stage equals attention over the committed cache, in
+    every split layout and with either merge."""
+    kk = _kernels()
+    b, max_len = 2, 512
+    q = torch.randn(b, hq, 1, d, device="cuda", dtype=dtype)
+    kc = torch.randn(b, hkv, max_len, d, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    k_stage = torch.randn(b, hkv, 1, d, device="cuda", dtype=dtype)
+    v_stage = torch.randn_like(k_stage)
+    stage_pos = torch.tensor([pos], device="cuda")
+    committed_k, committed_v = kc.clone(), vc.clone()
+    committed_k[:, :, pos] = k_stage[:, :, 0]
+    committed_v[:, :, pos] = v_stage[:, :, 0]
+    attn_mask, cp = None, stage_pos
+    if mask is not None:  # bounded by HF's decode mask instead of cache_position
+        keep = (torch.arange(max_len, device="cuda") <= pos).view(1, 1, 1, max_len)
+        keep = keep.expand(b, 1, 1, max_len)
+        attn_mask = keep if mask is torch.bool else torch.zeros(keep.shape, device="cuda").masked_fill(~keep, float("-inf"))  # fmt: skip
+        cp = None
+    scale = 1 / math.sqrt(d)
+    counters = torch.zeros(b * hkv, dtype=torch.int32, device="cuda")
+    for split, block_n, nw in [(64, 32, 2), (1024, 128, 4)]:
+        ref = kk.decode_attention(q, committed_k, committed_v, attn_mask, cp, scale, split, block_n, nw)  # fmt: skip
+        for sem in (None, counters):
+            got = kk.decode_attention(
+                q,
+                kc,
+                vc,
+                attn_mask,
+                cp,
+                scale,
+                split,
+                block_n,
+                nw,
+                sem,
+                k_stage,
+                v_stage,
+                stage_pos,
+            )
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert not counters.any()
+    stale = kk.decode_attention(q, kc, vc, attn_mask, cp, scale, 64, 32, 2)
+    assert not torch.allclose(stale, ref)  # the stale row would have changed the result
