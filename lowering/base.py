@@ -12,6 +12,7 @@ A lowering turns the post-pass ATen graph into a callable:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 from collections.abc import Callable
@@ -147,6 +148,13 @@ class Lowering:
     def regional_options(self, options: Any, shared: bool) -> Any:
         """Options for one piece of a regionally compiled graph (`shared`: a repeated block)."""
         return options
+
+    def regional_scope(
+        self, example_inputs: list[Any], options: Any
+    ) -> contextlib.AbstractContextManager:
+        """Entered around compiling a graph's pieces and `finish_regional`: state the
+        pieces share with the stitched step (CUDA: the staged KV writes' table)."""
+        return contextlib.nullcontext()
 
     def finish_regional(
         self, fn: Callable, example_inputs: list[Any], options: Any, mutated: frozenset[int]

@@ -69,13 +69,14 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
 import torch
 from torch.fx import GraphModule
 
+from . import cuda_kv_stage
 from .base import Capabilities, Lowering
 from .cuda_pdl import pdl_mode
 
@@ -166,6 +167,7 @@ class TritonLowering(Lowering):
         envs = (CODEGEN_ENV, CUDA_GRAPHS_ENV, INDUCTOR_CONFIG_ENV, cuda_pdl.PDL_ENV)
         envs += (cuda_gemv.GEMV_ENV, cuda_gemv_fusion.FUSE_ENV, cuda_kv_write.KV_WRITE_ENV)
         envs += (cuda_kv_write.KV_POS_ENV, cuda_kv_write.KV_COUNTERS_ENV)
+        envs += (cuda_kv_stage.STAGE_ENV,)
         envs += (cuda_ops.ATTN_MERGE_ENV,)
         return ",".join(f"{e}={os.environ.get(e, '')}" for e in envs)
 
@@ -183,11 +185,20 @@ class TritonLowering(Lowering):
         ctx.report.notes.append("cuda codegen: the post-pass graph runs as is (no Inductor)")
         fn = make_boxed_func(gm.forward)
         on, _ = wants_cudagraphs(ctx.options, ctx.example_inputs)
-        if on and ctx.inference and _own_cuda_graphs(ctx.example_inputs):
+        runner = on and ctx.inference and _own_cuda_graphs(ctx.example_inputs)
+        # A regional piece stages into its step's table; a whole graph into its own.
+        table = cuda_kv_stage.CURRENT.get()
+        if table is None and runner and ctx.inference and cuda_kv_stage.enabled(ctx.options):
+            table = cuda_kv_stage.StageTable()
+        if table is not None:
+            fn = _staged(gm, ctx, fn, table)
+            table = table if isinstance(fn, cuda_kv_stage.StagedProgram) else None
+        if runner:
             ctx.report.notes.append(
                 "cuda graphs: yirage runner" + (", run-ahead" if ctx.options.run_ahead else "")
             )
-            return _runner(fn, ctx.mutated_inputs, ctx.options)
+            commit = table.commit if table is not None else None
+            return _runner(fn, ctx.mutated_inputs, ctx.options, commit=commit)
         return fn
 
     # Regional compilation: one Inductor compile of a repeated block serves every layer,
@@ -216,14 +227,26 @@ class TritonLowering(Lowering):
             cuda_codegen=codegen(options, []),
         )
 
+    @contextlib.contextmanager
+    def regional_scope(self, example_inputs: list[Any], options: Any) -> Iterator[None]:
+        on, _ = wants_cudagraphs(options, example_inputs)
+        staged = on and _own_cuda_graphs(example_inputs) and cuda_kv_stage.enabled(options)
+        token = cuda_kv_stage.CURRENT.set(cuda_kv_stage.StageTable() if staged else None)
+        try:
+            yield
+        finally:
+            cuda_kv_stage.CURRENT.reset(token)
+
     def finish_regional(
         self, fn: Callable, example_inputs: list[Any], options: Any, mutated: frozenset[int]
     ) -> Callable:
         on, _ = wants_cudagraphs(options, example_inputs)
         if not (on and _own_cuda_graphs(example_inputs)):
             return fn
+        table = cuda_kv_stage.CURRENT.get()
+        commit = table.commit if table is not None and table.programs else None
         # The shared pieces read weights through their parameter inputs: check them.
-        return _runner(fn, mutated, options, check_parameters=True)
+        return _runner(fn, mutated, options, check_parameters=True, commit=commit)
 
 
 def _swap_in_kernels(gm: GraphModule, ctx: Any, for_inductor: bool) -> None:
@@ -262,8 +285,31 @@ def _swap_in_kernels(gm: GraphModule, ctx: Any, for_inductor: bool) -> None:
         dump_lowered(gm, ctx, "lowered_cuda_for_inductor" if for_inductor else "lowered_cuda")
 
 
+def _staged(gm: GraphModule, ctx: Any, fn: Callable, table: Any) -> Callable:
+    """`fn` as a StagedProgram where every KV write of `gm` could be staged (see
+    lowering/cuda_kv_stage.py), else `fn`; the report says which and why."""
+    ops = torch.ops.yirage_cuda
+    caches = cuda_kv_stage.stage_kv_writes(
+        gm, ops.rotary_kv_write.default, ops.rotary_kv_stage.default, ops.decode_attention.default
+    )
+    if isinstance(caches, str):
+        ctx.report.notes.append(f"kv stage: none ({caches})")
+        return fn
+    ctx.report.notes.append(f"kv stage: {len(caches)} KV writes staged, committed by the runner")
+    ctx.report.count_pattern("staged_kv_writes", len(caches))
+    if ctx.options.debug:
+        from .cuda_debug import dump_lowered
+
+        dump_lowered(gm, ctx, "lowered_cuda_staged")
+    return cuda_kv_stage.StagedProgram(fn, caches, table)
+
+
 def _runner(
-    fn: Callable, mutated: frozenset[int], options: Any, check_parameters: bool | None = None
+    fn: Callable,
+    mutated: frozenset[int],
+    options: Any,
+    check_parameters: bool | None = None,
+    commit: Callable[[list[Any]], None] | None = None,
 ) -> Callable:
     from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
     from yirage_dynamo.runtime.run_ahead import RunAheadRunner
@@ -271,10 +317,10 @@ def _runner(
     # Frozen weights are constants: their parameter inputs need no address check.
     check = not options.freeze if check_parameters is None else check_parameters
     if not options.run_ahead:
-        return CudaGraphRunner(fn, mutated, check_parameters=check)
+        return CudaGraphRunner(fn, mutated, check_parameters=check, commit=commit)
     # True: timed against running in order, the faster kept; "always": no trial.
     trial = options.run_ahead != "always"
-    return RunAheadRunner(fn, mutated, trial=trial, check_parameters=check)
+    return RunAheadRunner(fn, mutated, trial=trial, check_parameters=check, commit=commit)
 
 
 CUDA_GRAPHS_ENV = "YIRAGE_CUDA_GRAPHS"

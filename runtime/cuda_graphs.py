@@ -99,6 +99,7 @@ class CudaGraphRunner:
         fn: Callable,
         mutated_inputs: frozenset[int] = frozenset(),
         check_parameters: bool = True,
+        commit: Callable[[list[Any]], None] | None = None,
     ) -> None:
         self.fn = fn
         # `fn` is called the way the runner itself was: Dynamo calls with *args (a wrapped
@@ -114,7 +115,7 @@ class CudaGraphRunner:
         self.disabled: str | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         # A staged step's cache commit (see the module docstring), and its graph.
-        self.commit: Callable[[list[Any]], None] | None = getattr(fn, "kv_commit", None)
+        self.commit = commit if commit is not None else getattr(fn, "kv_commit", None)
         self.commit_graph: torch.cuda.CUDAGraph | None = None
         self.serial = next(_SERIAL)
         _LIVE.add(self)

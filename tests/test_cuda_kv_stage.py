@@ -121,3 +121,34 @@ def test_triton_decode_attention_reads_the_staged_row_in_place_of_the_caches(
     assert not counters.any()
     stale = kk.decode_attention(q, kc, vc, attn_mask, cp, scale, 64, 32, 2)
     assert not torch.allclose(stale, ref)  # the stale row would have changed the result
+
+
+@needs_triton
+@pytest.mark.parametrize("regional", ["1", "0"])
+def test_llama_generate_with_staged_kv_writes_and_run_ahead_matches_eager(monkeypatch, regional):
+    """YIRAGE_CUDA_KV_STAGE=on with run-ahead: every layer's write staged (regional pieces
+    and whole graph), committed by the runner: eager's tokens and logits, most steps
+    handed out from a step started ahead."""
+    from test_cuda_generate import _assert_matches_eager, _tiny_llama
+    from test_run_ahead import _generate
+    from yirage_dynamo.lowering.cuda_kv_stage import STAGE_ENV
+    from yirage_dynamo.runtime.cuda_graphs import live_runners
+
+    import yirage_dynamo
+
+    monkeypatch.setenv(STAGE_ENV, "on")
+    monkeypatch.setenv("YIRAGE_REGIONAL", regional)
+    torch._dynamo.reset()
+    model = _tiny_llama(torch.bfloat16)
+    ids = torch.randint(3, 512, (1, 12), device="cuda")
+    yirage_dynamo.clear_reports()
+    before = set(map(id, live_runners()))
+    with torch.no_grad():
+        ref = _generate(model, ids, None, 20)
+        out = _generate(model, ids, {"fallback": "error", "run_ahead": "always"}, 20)
+    _assert_matches_eager(out, ref, ids.shape[1], torch.bfloat16)
+    notes = [n for r in yirage_dynamo.reports() for n in r.notes]
+    staged = [n for n in notes if n.startswith("kv stage:") and "staged" in n]
+    assert staged, notes
+    mine = [r for r in live_runners() if id(r) not in before and r.commit_graph is not None]
+    assert mine and sum(getattr(r, "hits", 0) for r in mine) >= 20 - 7, notes

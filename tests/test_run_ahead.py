@@ -346,6 +346,12 @@ def fake_cuda(monkeypatch):
     ]:
         monkeypatch.setattr(torch.cuda, name, fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    yield
+    # A runner left with a step pending (kept alive by a reference cycle until the
+    # collector runs) must not be drained by a later test's runner on real torch.cuda.
+    from yirage_dynamo.runtime import cuda_graphs
+
+    cuda_graphs._PENDING.clear()
 
 
 def _cpu_loop(step, table, steps: int, choose=None, slots: int = SLOTS, grow: bool = True):

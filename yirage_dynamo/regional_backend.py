@@ -88,11 +88,12 @@ def compile_by_blocks(
         return compile_whole_graph(sub, inputs, piece_options, programs), rearm
 
     try:
-        fn, mutated, stats = regional.compile_regions(
-            gm, example_inputs, partition, compile_piece, signature
-        )
-        stitched = fn
-        fn = lowering.finish_regional(fn, example_inputs, options, mutated)
+        with lowering.regional_scope(example_inputs, options):
+            fn, mutated, stats = regional.compile_regions(
+                gm, example_inputs, partition, compile_piece, signature
+            )
+            stitched = fn
+            fn = lowering.finish_regional(fn, example_inputs, options, mutated)
     except torch._dynamo.exc.RestartAnalysis:
         raise
     except Exception as exc:  # noqa: BLE001 - the whole graph is the fallback

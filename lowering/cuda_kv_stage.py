@@ -1,0 +1,206 @@
+"""Staged KV-cache writes, so that a decode step started ahead writes nothing shared
+(runtime/run_ahead.py; no-Inductor CUDA path, after lowering/cuda_kv_write.py).
+
+A step run-ahead starts before it is asked for writes its new K/V row into the cache on a
+side stream; if the caller stops there and eager code writes the same cache slot (a
+multi-turn prefill), the two writes are unordered. Staged, the step keeps its row apart
+and the runner commits it on the caller's stream only when the step is handed out:
+
+before (per layer):                                after:
+    q2 = rotary_kv_write(q, k, v, cos, sin,            q2 = rotary_kv_stage(q, k, v, cos, sin,
+                         kc, vc, offsets, counter)              ks, vs, spos, T, offsets, counter)
+    (kc, vc written in place)                          (ks, vs: [B, Hkv, 1, D]; spos: [1])
+    o = decode_attention(q2, kc, vc, ...)              o = decode_attention(q2, kc, vc, ...,
+                                                               k_stage=ks, v_stage=vs, stage_pos=spos)
+                                                   commit, after the step (runner):
+                                                       kc[:, :, spos] = ks; vc[:, :, spos] = vs
+
+`ks, vs, spos` are new graph inputs, appended after the others. A `StagedProgram` fills
+them on every call with the stage buffers of the caches it is given, from the step's
+`StageTable`: regional layers share one program, so the buffers go by the caches they
+stand in for. The table's `commit` is the runner's (runtime/cuda_graphs.py `commit`).
+
+All of a graph's cache writes are staged or none: a graph with a cache written or read any
+other way (the cache returned, a write `rotary_kv_write` does not do, S > 1) is left as is.
+Off unless YIRAGE_CUDA_KV_STAGE=on and run-ahead is on: the kernels are checked in
+Triton's interpreter and compiled, not yet run on a GPU (RESULTS.md, twenty-third session).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import os
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from yirage_dynamo.passes.context import node_val, set_fake_val
+
+STAGE_ENV = "YIRAGE_CUDA_KV_STAGE"
+# The table of the step being compiled, for its regional pieces (lowering/cuda.py).
+CURRENT: contextvars.ContextVar[StageTable | None] = contextvars.ContextVar(
+    "yirage_kv_stage_table", default=None
+)
+
+
+def enabled(options: Any) -> bool:
+    """YIRAGE_CUDA_KV_STAGE "on" with run-ahead on; "off" (default) or unset: no staging;
+    another value raises ValueError."""
+    value = os.environ.get(STAGE_ENV, "").strip().lower() or "off"
+    if value not in ("on", "off"):
+        raise ValueError(f"{STAGE_ENV}={value!r}: expected 'on' or 'off'")
+    return value == "on" and bool(options.run_ahead)
+
+
+@dataclasses.dataclass
+class Stage:
+    """One layer's staged row: keys and values [B, Hkv, 1, D], and its cache position."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    cache: weakref.ref  # the key cache it stands in for: dead, the stage can go
+
+
+class StageTable:
+    """The stage buffers of one compiled step, by the caches they stand in for, and the
+    ones the last call used: what its commit writes."""
+
+    def __init__(self) -> None:
+        self.stages: dict[tuple[int, int], Stage] = {}
+        self.used: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, Stage]] = {}
+        self.programs = 0  # staged programs reading from this table
+
+    def use(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Stage:
+        """The caches' stage for this call (made on first sight: a captured graph keeps
+        its address, so a stage lives as long as its cache)."""
+        key = (k_cache.data_ptr(), v_cache.data_ptr())
+        if key in self.used:
+            raise RuntimeError(
+                "yirage: a staged KV write ran twice without a commit between (a staged "
+                "program called outside the CUDA-graph runner that commits it)"
+            )
+        stage = self.stages.get(key)
+        if stage is None or stage.cache() is None:
+            self.stages = {k: s for k, s in self.stages.items() if s.cache() is not None}
+            stage = Stage(
+                torch.zeros_like(k_cache[:, :, :1], memory_format=torch.contiguous_format),
+                torch.zeros_like(v_cache[:, :, :1], memory_format=torch.contiguous_format),
+                torch.zeros(1, dtype=torch.int64, device=k_cache.device),
+                weakref.ref(k_cache),
+            )
+            self.stages[key] = stage
+        self.used[key] = (k_cache, v_cache, stage)
+        return stage
+
+    def commit(self, args: list[Any] | None = None) -> None:
+        """Every row the last call staged, into its cache (on the current stream)."""
+        for k_cache, v_cache, stage in self.used.values():
+            k_cache.index_copy_(2, stage.pos, stage.k)
+            v_cache.index_copy_(2, stage.pos, stage.v)
+        self.used.clear()
+
+
+class StagedProgram:
+    """A staged graph's program, called as the unstaged one was: the stage buffers of the
+    caches at `caches` ((key, value) input positions, one pair per staged write) are
+    appended to the inputs."""
+
+    def __init__(self, fn: Callable, caches: list[tuple[int, int]], table: StageTable) -> None:
+        self.fn = fn  # boxed: called with one list
+        self.caches = caches
+        self.table = table
+        table.programs += 1
+
+    def __call__(self, *args: Any) -> Any:
+        flat = list(args[0]) if len(args) == 1 and type(args[0]) is list else list(args)
+        for k_at, v_at in self.caches:
+            stage = self.table.use(flat[k_at], flat[v_at])
+            flat += [stage.k, stage.v, stage.pos]
+        return self.fn(flat)
+
+
+def stage_kv_writes(
+    gm: GraphModule, write_op: Any, stage_op: Any, attention_op: Any
+) -> list[tuple[int, int]] | str:
+    """Stage every KV write of `gm` (see module); the (key, value) cache input positions
+    per write, or why nothing was staged. The ops are parameters so the CPU tests can run
+    the rewrite with reference ops."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    index = {p: i for i, p in enumerate(placeholders)}
+    writes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is write_op]
+    if not writes:
+        return "no fused rotary + KV write"
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for w in writes:
+        why = _why_not(w, index, order, attention_op)
+        if why:
+            return f"{w.name}: {why}"
+    caches = []
+    last = placeholders[-1]
+    for j, w in enumerate(writes):
+        q, k, v, cos, sin, kc, vc, pos, *base = w.args
+        kv, vv = node_val(kc), node_val(vc)
+        stage_inputs = []
+        for name, like in (("k", kv), ("v", vv), ("pos", None)):
+            with gm.graph.inserting_after(last):
+                last = gm.graph.placeholder(f"_yirage_stage_{name}_{j}")
+            last.meta["val"] = _fake_like(kv, like)
+            stage_inputs.append(last)
+        ks, vs, spos = stage_inputs
+        with gm.graph.inserting_before(w):
+            new = gm.graph.call_function(
+                stage_op, (q, k, v, cos, sin, ks, vs, spos, kv.shape[2], pos, *base)
+            )
+        set_fake_val(gm, new)
+        new.meta["yirage_origin"] = w.meta.get("yirage_origin", w.name) + "+staged"
+        w.replace_all_uses_with(new)
+        gm.graph.erase_node(w)
+        for a in [u for u in kc.users if u.target is attention_op]:
+            a.kwargs = {**a.kwargs, "k_stage": ks, "v_stage": vs, "stage_pos": spos}
+        caches.append((index[kc], index[vc]))
+    gm.graph.lint()
+    gm.recompile()
+    return caches
+
+
+def _why_not(
+    write: Node, index: dict[Node, int], order: dict[Node, int], attention_op: Any
+) -> str | None:
+    q, _, _, _, _, kc, vc = write.args[:7]
+    if kc not in index or vc not in index:
+        return "a cache that is not a graph input"
+    vals = [node_val(n) for n in (q, kc, vc)]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in vals):
+        return "a value without metadata, or not [B, H, S, D]"
+    if not all(type(d) is int for t in vals for d in t.shape):
+        return "symbolic sizes (comparing them would specialise them)"
+    if vals[0].shape[2] != 1:
+        return "not one new position (S == 1)"
+    for cache, arg in ((kc, 1), (vc, 2)):
+        for u in cache.users:
+            if u is write:
+                continue
+            if u.target is not attention_op or u.args[arg] is not cache:
+                return f"the cache is used by {u.name} ({u.target})"
+            if order[u] < order[write]:
+                return f"{u.name} reads the cache before the write"
+            if any(k in u.kwargs for k in ("k_stage", "v_stage", "stage_pos")):
+                return f"{u.name} is staged already"
+    return None
+
+
+def _fake_like(cache_val: Any, like: Any) -> Any:
+    """A fake value for a stage input: one row of `like`'s cache, or the int64 position."""
+    fake_mode = torch._guards.detect_fake_mode([cache_val])
+    shape, dtype = (1,), torch.int64
+    if like is not None:
+        shape, dtype = (*like.shape[:2], 1, like.shape[3]), like.dtype
+    make = lambda: torch.empty(shape, dtype=dtype, device=cache_val.device)  # noqa: E731
+    if fake_mode is None:
+        return make()
+    with fake_mode:
+        return make()

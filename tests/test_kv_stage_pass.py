@@ -1,0 +1,184 @@
+"""The staging rewrite of lowering/cuda_kv_stage.py on any machine: reference ops stand in
+for the Triton ones (`yirage_cuda::rotary_kv_write`, `rotary_kv_stage`, `decode_attention`),
+as tests/test_cuda_kv_write.py does for the fused write."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cuda_kv_write import _attend, _clones, _inputs
+from torch._functorch.aot_autograd import make_boxed_func
+from torch.fx.experimental.proxy_tensor import make_fx
+from yirage_dynamo.lowering.cuda_kv_stage import (
+    STAGE_ENV,
+    StagedProgram,
+    StageTable,
+    enabled,
+    stage_kv_writes,
+)
+from yirage_dynamo.lowering.cuda_kv_write import rotary_kv_write_reference
+
+import yirage_dynamo.ops  # noqa: F401 - registers yirage::rotary
+from yirage_dynamo.options import parse_options
+
+
+@torch.library.custom_op("yirage_stage_test::kv_write", mutates_args=("k_cache", "v_cache"))
+def _kv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+) -> torch.Tensor:
+    return rotary_kv_write_reference(q, k, v, cos, sin, k_cache, v_cache, pos)
+
+
+@_kv_write.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, pos):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op(
+    "yirage_stage_test::kv_stage", mutates_args=("k_stage", "v_stage", "stage_pos")
+)
+def _kv_stage(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_stage: torch.Tensor,
+    v_stage: torch.Tensor,
+    stage_pos: torch.Tensor,
+    cache_len: int,
+    pos: torch.Tensor,
+) -> torch.Tensor:
+    q2, k2 = torch.ops.yirage.rotary(q, k, cos, sin, False)
+    k_stage.copy_(k2)
+    v_stage.copy_(v)
+    stage_pos.copy_(pos)
+    return q2
+
+
+@_kv_stage.register_fake
+def _(q, k, v, cos, sin, k_stage, v_stage, stage_pos, cache_len, pos):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("yirage_stage_test::attend", mutates_args=())
+def _attend_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_stage: torch.Tensor | None = None,
+    v_stage: torch.Tensor | None = None,
+    stage_pos: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if stage_pos is not None:
+        k_cache = k_cache.index_copy(2, stage_pos, k_stage)
+        v_cache = v_cache.index_copy(2, stage_pos, v_stage)
+    return _attend(q, k_cache, v_cache)
+
+
+@_attend_op.register_fake
+def _(q, k_cache, v_cache, k_stage=None, v_stage=None, stage_pos=None):
+    return torch.empty_like(q)
+
+
+OPS = (
+    torch.ops.yirage_stage_test.kv_write.default,
+    torch.ops.yirage_stage_test.kv_stage.default,
+    torch.ops.yirage_stage_test.attend.default,
+)
+
+
+def _layer(q, k, v, cos, sin, kc, vc, pos):
+    q2 = torch.ops.yirage_stage_test.kv_write(q, k, v, cos, sin, kc, vc, pos)
+    return torch.ops.yirage_stage_test.attend(q2, kc, vc)
+
+
+def _cache_also_summed(q, k, v, cos, sin, kc, vc, pos):
+    q2 = torch.ops.yirage_stage_test.kv_write(q, k, v, cos, sin, kc, vc, pos)
+    return torch.ops.yirage_stage_test.attend(q2, kc, vc) + kc.sum()
+
+
+def _read_before_write(q, k, v, cos, sin, kc, vc, pos):
+    before = torch.ops.yirage_stage_test.attend(q, kc, vc)
+    q2 = torch.ops.yirage_stage_test.kv_write(q, k, v, cos, sin, kc, vc, pos)
+    return torch.ops.yirage_stage_test.attend(q2, kc, vc) + before
+
+
+def _staged(fn, s=1):
+    args = _inputs(1, 4, 2, s, 16, 12, torch.float32, start=5)
+    gm = make_fx(fn)(*_clones(args))
+    return gm, stage_kv_writes(gm, *OPS), args
+
+
+def test_a_decode_layer_is_staged_and_its_commit_writes_what_the_write_wrote():
+    gm, caches, args = _staged(_layer)
+    assert caches == [(5, 6)]
+    targets = [n.target for n in gm.graph.nodes]
+    assert OPS[0] not in targets and targets.count(OPS[1]) == 1
+    (att,) = [n for n in gm.graph.nodes if n.target is OPS[2]]
+    assert set(att.kwargs) == {"k_stage", "v_stage", "stage_pos"}
+    assert len(gm.graph.find_nodes(op="placeholder")) == 8 + 3
+
+    table = StageTable()
+    program = StagedProgram(make_boxed_func(gm.forward), caches, table)
+    ref_args, got_args = _clones(args), _clones(args)
+    ref = _layer(*ref_args)
+    got = program(got_args)
+    torch.testing.assert_close(got, ref)
+    # The caches are untouched until the commit, which writes exactly the eager write.
+    assert torch.equal(got_args[5], args[5]) and torch.equal(got_args[6], args[6])
+    table.commit()
+    torch.testing.assert_close(got_args[5], ref_args[5])
+    torch.testing.assert_close(got_args[6], ref_args[6])
+    assert not table.used
+
+
+def test_layers_sharing_one_staged_program_stage_into_their_own_buffers():
+    """A regional step calls one program for every layer, each with its own caches."""
+    gm, caches, args = _staged(_layer)
+    table = StageTable()
+    program = StagedProgram(make_boxed_func(gm.forward), caches, table)
+    other = _inputs(1, 4, 2, 1, 16, 12, torch.float32, start=7)
+    refs, gots = [_clones(args), _clones(other)], [_clones(args), _clones(other)]
+    outs = [program(g) for g in gots]
+    assert len(table.stages) == 2 and len(table.used) == 2
+    table.commit()
+    for out, ref, got in zip(outs, refs, gots, strict=True):
+        torch.testing.assert_close(out, _layer(*ref))
+        torch.testing.assert_close(got[5], ref[5])
+        torch.testing.assert_close(got[6], ref[6])
+    with pytest.raises(RuntimeError, match="twice without a commit"):
+        program(gots[0])
+        program(gots[0])
+
+
+@pytest.mark.parametrize(
+    "fn,s,why",
+    [
+        (_cache_also_summed, 1, "the cache is used by"),
+        (_read_before_write, 1, "reads the cache before the write"),
+        (_layer, 3, "S == 1"),
+    ],
+)
+def test_graphs_staging_would_change_are_left_as_they_are(fn, s, why):
+    gm, caches, _ = _staged(fn, s)
+    assert isinstance(caches, str) and why in caches
+    assert OPS[1] not in [n.target for n in gm.graph.nodes]
+
+
+def test_staging_is_off_by_default_and_needs_run_ahead(monkeypatch):
+    monkeypatch.delenv(STAGE_ENV, raising=False)
+    assert not enabled(parse_options({"run_ahead": True}))
+    monkeypatch.setenv(STAGE_ENV, "on")
+    assert enabled(parse_options({"run_ahead": True}))
+    assert not enabled(parse_options({}))
+    monkeypatch.setenv(STAGE_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{STAGE_ENV}='yes'.*'on' or 'off'"):
+        enabled(parse_options({"run_ahead": True}))
