@@ -9,7 +9,8 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
   yirage_all  the same with options={"cuda_kernels": "all"} (every yirage op on our kernels)
   yirage_run_ahead  the same with options={"run_ahead": True}: the next decode step
                  starts on a side stream before HF asks for it (runtime/run_ahead.py),
-                 kept if timed faster than in order; _always: no trial
+                 kept if timed faster than in order; _always: no trial; _staged: with
+                 the KV writes staged (YIRAGE_CUDA_KV_STAGE=on)
   yirage_gemv    yirage with the Triton decode GEMV forced on (YIRAGE_CUDA_GEMV=on) for
                  every eligible projection, whatever the cuBLAS comparison says
   yirage_nogemv  yirage with the GEMV off (YIRAGE_CUDA_GEMV=off): cuBLAS for every matmul
@@ -113,6 +114,9 @@ ENV_VARIANTS = {
     "yirage_no_kv_pos": {"YIRAGE_CUDA_KV_POS": "off"},
     # The layers' cache-counter increments one launch each (default: one _foreach_add_).
     "yirage_no_counters": {"YIRAGE_CUDA_KV_COUNTERS": "off"},
+    # Run-ahead with staged KV writes (lowering/cuda_kv_stage.py): a step started ahead
+    # writes nothing shared until handed out; the runner commits each step's rows.
+    "yirage_run_ahead_staged": {"YIRAGE_RUN_AHEAD": "1", "YIRAGE_CUDA_KV_STAGE": "on"},
 }
 
 

@@ -14,6 +14,12 @@
 #   TESTS_S=0 BENCH_S=0 REST_S=500 bash benchmarks/cuda_device_pass.sh   (stage 5)
 #   VARIANTS=yirage,inductor ROUNDS=5 bash benchmarks/cuda_device_pass.sh
 #   PROFILE=1 ...: the bench also lists each compiled variant's kernels (torch.profiler)
+#   The staged KV writes' first GPU run (RESULTS.md, 23rd session: kernels changed on the
+#   default path too, so test_cuda.py and test_cuda_kv_write.py first):
+#   TEST_FILES="tests/test_cuda_kv_stage.py tests/test_run_ahead_staged.py \
+#     tests/test_cuda_kv_write.py tests/test_cuda.py tests/test_run_ahead.py" TESTS_S=330 \
+#     SHAPES=1b,7b VARIANTS=yirage,yirage_run_ahead,yirage_run_ahead_staged,inductor \
+#     ROUNDS=3 BENCH_S=250 bash benchmarks/cuda_device_pass.sh
 #   Run-ahead against in order and Inductor (RESULTS.md, 22nd session):
 #   TEST_FILES=tests/test_run_ahead.py SHAPES=1b,7b \
 #     VARIANTS=yirage,yirage_run_ahead,yirage_run_ahead_always,inductor ROUNDS=3 \

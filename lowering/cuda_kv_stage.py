@@ -40,6 +40,8 @@ from torch.fx import GraphModule, Node
 from yirage_dynamo.passes.context import node_val, set_fake_val
 
 STAGE_ENV = "YIRAGE_CUDA_KV_STAGE"
+# Cache writes left unfused (YIRAGE_CUDA_KV_WRITE=off, or a layer the fusion refused).
+_OTHER_CACHE_WRITES = (torch.ops.aten.index_copy_.default, torch.ops.aten.index_put_.default)
 # The table of the step being compiled, for its regional pieces (lowering/cuda.py).
 CURRENT: contextvars.ContextVar[StageTable | None] = contextvars.ContextVar(
     "yirage_kv_stage_table", default=None
@@ -134,6 +136,9 @@ def stage_kv_writes(
     writes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is write_op]
     if not writes:
         return "no fused rotary + KV write"
+    other = next((n for n in gm.graph.nodes if n.target in _OTHER_CACHE_WRITES), None)
+    if other is not None:
+        return f"{other.name} writes a cache the fused kernel does not (all or none are staged)"
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for w in writes:
         why = _why_not(w, index, order, attention_op)

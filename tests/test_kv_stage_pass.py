@@ -111,6 +111,13 @@ def _read_before_write(q, k, v, cos, sin, kc, vc, pos):
     return torch.ops.yirage_stage_test.attend(q2, kc, vc) + before
 
 
+def _second_cache_written_apart(q, k, v, cos, sin, kc, vc, pos):
+    out = _layer(q, k, v, cos, sin, kc, vc, pos)
+    kc2, vc2 = kc.clone(), vc.clone()  # another layer's caches, their writes not fused
+    kc2.index_copy_(2, pos, k)
+    return out + torch.ops.yirage_stage_test.attend(q, kc2, vc2)
+
+
 def _staged(fn, s=1):
     args = _inputs(1, 4, 2, s, 16, 12, torch.float32, start=5)
     gm = make_fx(fn)(*_clones(args))
@@ -165,6 +172,7 @@ def test_layers_sharing_one_staged_program_stage_into_their_own_buffers():
         (_cache_also_summed, 1, "the cache is used by"),
         (_read_before_write, 1, "reads the cache before the write"),
         (_layer, 3, "S == 1"),
+        (_second_cache_written_apart, 1, "all or none are staged"),
     ],
 )
 def test_graphs_staging_would_change_are_left_as_they_are(fn, s, why):
