@@ -3,8 +3,9 @@ the ATen references: a numerics check of kernel code on a machine without a GPU.
 tests/test_triton_interpreter.py in a process of its own (the interpreter is chosen when
 Triton is imported); exits non-zero on the first mismatch.
 
-Covered: `rotary_kv_write`, its staged form `rotary_kv_stage`, and `decode_attention` with
-and without a staged row (cache_position or mask bounds, both merges)."""
+Covered: `rotary_kv_write`, its staged form `rotary_kv_stage`, `decode_attention` with and
+without a staged row (cache_position or mask bounds, both merges), and the staging rewrite
+(lowering/cuda_kv_stage.py) on a graph of these ops."""
 
 from __future__ import annotations
 
@@ -84,10 +85,50 @@ def check_decode_attention_with_and_without_a_stage() -> None:
             torch.testing.assert_close(staged, plain)
 
 
+def check_staging_rewrite_with_the_real_ops() -> None:
+    """lowering/cuda_kv_stage.py on a graph of the real ops: the staged program's output
+    and, after the commit, its caches equal the unstaged graph's."""
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from yirage_dynamo.lowering import cuda_kv_stage
+
+    ops = torch.ops.yirage_cuda
+
+    def layer(q, k, v, cos, sin, kc, vc, pos, cp):
+        q2 = ops.rotary_kv_write(q, k, v, cos, sin, kc, vc, pos)
+        return ops.decode_attention(q2, kc, vc, None, cp, 0.25, 8, 8, 4)
+
+    torch.manual_seed(0)
+    b, hq, hkv, d, t = 1, 4, 2, 16, 24
+    args = [torch.randn(b, h, 1, d) for h in (hq, hkv, hkv)]
+    args += [torch.randn(1, 1, d), torch.randn(1, 1, d)]
+    args += [torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)]
+    args += [torch.tensor([9]), torch.tensor([9])]
+    gm = make_fx(layer)(*[a.clone() for a in args])
+    # The interpreter runs kernels even under fake tensors: the staged call's value (its
+    # output is q's shape) is set here; on a GPU the op's own fake runs (tests/test_cuda_*).
+    cuda_kv_stage.set_fake_val = lambda gm, node: node.meta.update(val=node.args[0].meta["val"])
+    caches = cuda_kv_stage.stage_kv_writes(
+        gm, ops.rotary_kv_write.default, ops.rotary_kv_stage.default, ops.decode_attention.default
+    )
+    assert caches == [(5, 6)], caches
+    table = cuda_kv_stage.StageTable()
+    program = cuda_kv_stage.StagedProgram(make_boxed_func(gm.forward), caches, table)
+    ref_args, got_args = [a.clone() for a in args], [a.clone() for a in args]
+    ref = layer(*ref_args)
+    got = program(got_args)
+    torch.testing.assert_close(got, ref)
+    assert torch.equal(got_args[5], args[5]), "the cache was written before the commit"
+    table.commit()
+    torch.testing.assert_close(got_args[5], ref_args[5])
+    torch.testing.assert_close(got_args[6], ref_args[6])
+
+
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1 (set before Triton is imported)")
     _numpy2_safe_index()
     check_rotary_kv_write_and_stage()
     check_decode_attention_with_and_without_a_stage()
+    check_staging_rewrite_with_the_real_ops()
     print("interpreter checks passed", file=sys.stderr)
