@@ -81,10 +81,9 @@ class StageTable:
         its address, so a stage lives as long as its cache)."""
         key = (k_cache.data_ptr(), v_cache.data_ptr())
         if key in self.used:
-            raise RuntimeError(
-                "yirage: a staged KV write ran twice without a commit between (a staged "
-                "program called outside the CUDA-graph runner that commits it)"
-            )
+            # A step that never reached its commit: a CUDA-graph capture that failed (the
+            # runner then runs the step eagerly, and commits that). Nothing of it ran.
+            self.used.clear()
         stage = self.stages.get(key)
         if stage is None or stage.cache() is None:
             self.stages = {k: s for k, s in self.stages.items() if s.cache() is not None}
