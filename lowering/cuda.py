@@ -188,11 +188,12 @@ class TritonLowering(Lowering):
         runner = on and ctx.inference and _own_cuda_graphs(ctx.example_inputs)
         # A regional piece stages into its step's table; a whole graph into its own.
         table = cuda_kv_stage.CURRENT.get()
-        if table is None and runner and ctx.inference and cuda_kv_stage.enabled(ctx.options):
+        if table is None and runner and cuda_kv_stage.enabled(ctx.options):
             table = cuda_kv_stage.StageTable()
-        if table is not None:
+        if table is not None and ctx.inference:
             fn = _staged(gm, ctx, fn, table)
-            table = table if isinstance(fn, cuda_kv_stage.StagedProgram) else None
+        if not isinstance(fn, cuda_kv_stage.StagedProgram):
+            table = None
         if runner:
             ctx.report.notes.append(
                 "cuda graphs: yirage runner" + (", run-ahead" if ctx.options.run_ahead else "")
