@@ -19,10 +19,11 @@ are copied into buffers the graph owns, and copied back if the graph mutates the
 Outputs that are not views of a static input are cloned out of the graph's pool, so a
 caller may keep them across steps (the next replay overwrites the pool).
 
-A step whose KV-cache writes are staged (the compiled function has `kv_commit(args)`: it
-writes the new rows into buffers of its own, and the commit copies them into the cache)
-has its commit captured as a second graph, replayed after the step; runtime/run_ahead.py
-replays it only when it hands a step out, so a step it drops writes nothing shared.
+A step whose KV-cache writes are staged (it writes the new rows into buffers of its own,
+and a commit, `commit(args)` given to the runner or the function's `kv_commit`, copies them
+into the cache: lowering/cuda_kv_stage.py) has its commit captured as a second graph,
+replayed after the step; runtime/run_ahead.py replays it only when it hands a step out, so
+a step it drops writes nothing shared.
 
 Anything the runner does not cover (a non-tensor input, a capture that fails, e.g. on a
 host sync inside the function) makes it run the function without graphs from then on,

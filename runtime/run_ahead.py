@@ -58,11 +58,11 @@ Not ordered: eager code that writes the same cache in the few milliseconds after
 step, such as a multi-turn chat that passes its cache back into `generate()`, whose
 eager prefill writes the slot after the previous turn's end. That is why this is opt-in
 (`options={"run_ahead": True}`). A staged step closes it: where the compiled function
-writes its new K/V rows into buffers of its own and has a `kv_commit` (runtime/
-cuda_graphs.py), the commit's graph runs on the caller's stream only when the step is
-handed out, so a step started ahead writes nothing the caller shares until then. The
-runner supports that; no lowering stages its writes yet (the staged rotary + KV-write and
-decode-attention kernels are the next step).
+writes its new K/V rows into buffers of its own and has a commit (runtime/cuda_graphs.py),
+the commit's graph runs on the caller's stream only when the step is handed out, so a
+step started ahead writes nothing the caller shares until then. The CUDA lowering stages
+its writes with YIRAGE_CUDA_KV_STAGE=on (lowering/cuda_kv_stage.py; off by default until
+its kernels have run on a GPU).
 """
 
 from __future__ import annotations
