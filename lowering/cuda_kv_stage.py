@@ -20,8 +20,9 @@ them on every call with the stage buffers of the caches it is given, from the st
 `StageTable`: regional layers share one program, so the buffers go by the caches they
 stand in for. The table's `commit` is the runner's (runtime/cuda_graphs.py `commit`).
 
-All of a graph's cache writes are staged or none: a graph with a cache written or read any
-other way (the cache returned, a write `rotary_kv_write` does not do, S > 1) is left as is.
+All of a graph's cache writes are staged or none: a graph with a cache written any other
+way, or used after its write by anything but decode attention (the cache returned, S > 1),
+is left as is.
 Off unless YIRAGE_CUDA_KV_STAGE=on and run-ahead is on: the kernels are checked in
 Triton's interpreter and compiled, not yet run on a GPU (RESULTS.md, twenty-third session).
 """
@@ -160,10 +161,11 @@ def stage_kv_writes(
                 stage_op, (q, k, v, cos, sin, ks, vs, spos, kv.shape[2], pos, *base)
             )
         set_fake_val(gm, new)
+        order[new] = order[w]
         new.meta["yirage_origin"] = w.meta.get("yirage_origin", w.name) + "+staged"
         w.replace_all_uses_with(new)
         gm.graph.erase_node(w)
-        for a in [u for u in kc.users if u.target is attention_op]:
+        for a in _after(kc, new, order):
             a.kwargs = {**a.kwargs, "k_stage": ks, "v_stage": vs, "stage_pos": spos}
         caches.append((index[kc], index[vc]))
     gm.graph.lint()
@@ -185,16 +187,18 @@ def _why_not(
     if vals[0].shape[2] != 1:
         return "not one new position (S == 1)"
     for cache, arg in ((kc, 1), (vc, 2)):
-        for u in cache.users:
-            if u is write:
-                continue
+        # Before the write a use sees the cache as it was, staged or not; after it, only
+        # decode attention can be given the staged row.
+        for u in _after(cache, write, order):
             if u.target is not attention_op or u.args[arg] is not cache:
-                return f"the cache is used by {u.name} ({u.target})"
-            if order[u] < order[write]:
-                return f"{u.name} reads the cache before the write"
+                return f"the cache is used by {u.name} ({u.target}) after the write"
             if any(k in u.kwargs for k in ("k_stage", "v_stage", "stage_pos")):
                 return f"{u.name} is staged already"
     return None
+
+
+def _after(cache: Node, write: Node, order: dict[Node, int]) -> list[Node]:
+    return [u for u in cache.users if order[u] > order[write]]
 
 
 def _fake_like(cache_val: Any, like: Any) -> Any:
