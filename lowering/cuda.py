@@ -189,7 +189,7 @@ class TritonLowering(Lowering):
         # A regional piece stages into its step's table; a whole graph into its own.
         table = cuda_kv_stage.CURRENT.get()
         if table is None and runner and cuda_kv_stage.enabled(ctx.options):
-            table = cuda_kv_stage.StageTable()
+            table = _stage_table()
         if table is not None and ctx.inference:
             fn = _staged(gm, ctx, fn, table)
         if not isinstance(fn, cuda_kv_stage.StagedProgram):
@@ -232,7 +232,7 @@ class TritonLowering(Lowering):
     def regional_scope(self, example_inputs: list[Any], options: Any) -> Iterator[None]:
         on, _ = wants_cudagraphs(options, example_inputs)
         staged = on and _own_cuda_graphs(example_inputs) and cuda_kv_stage.enabled(options)
-        token = cuda_kv_stage.CURRENT.set(cuda_kv_stage.StageTable() if staged else None)
+        token = cuda_kv_stage.CURRENT.set(_stage_table() if staged else None)
         try:
             yield
         finally:
@@ -284,6 +284,13 @@ def _swap_in_kernels(gm: GraphModule, ctx: Any, for_inductor: bool) -> None:
         from .cuda_debug import dump_lowered
 
         dump_lowered(gm, ctx, "lowered_cuda_for_inductor" if for_inductor else "lowered_cuda")
+
+
+def _stage_table() -> Any:
+    """A staged step's table, committing each row with our one-launch kernel."""
+    from .cuda_ops import _kernels
+
+    return cuda_kv_stage.StageTable(_kernels().kv_commit)
 
 
 def _staged(gm: GraphModule, ctx: Any, fn: Callable, table: Any) -> Callable:

@@ -13,7 +13,8 @@ before (per layer):                                after:
     o = decode_attention(q2, kc, vc, ...)              o = decode_attention(q2, kc, vc, ...,
                                                                k_stage=ks, v_stage=vs, stage_pos=spos)
                                                    commit, after the step (runner):
-                                                       kc[:, :, spos] = ks; vc[:, :, spos] = vs
+                                                       kv_commit(kc, vc, ks, vs, spos)
+                                                       (kc[:, :, spos] = ks, the same for v)
 
 `ks, vs, spos` are new graph inputs, appended after the others. A `StagedProgram` fills
 them on every call with the stage buffers of the caches it is given, from the step's
@@ -72,7 +73,10 @@ class StageTable:
     """The stage buffers of one compiled step, by the caches they stand in for, and the
     ones the last call used: what its commit writes."""
 
-    def __init__(self) -> None:
+    def __init__(self, commit_row: Callable[..., None] | None = None) -> None:
+        # (k_cache, v_cache, k_stage, v_stage, stage_pos): the CUDA lowering's one-launch
+        # `yirage_cuda::kv_commit`; two `index_copy_`s without it.
+        self.commit_row = commit_row or _index_copy_row
         self.stages: dict[tuple[int, int], Stage] = {}
         self.used: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, Stage]] = {}
         self.programs = 0  # staged programs reading from this table
@@ -101,9 +105,19 @@ class StageTable:
     def commit(self, args: list[Any] | None = None) -> None:
         """Every row the last call staged, into its cache (on the current stream)."""
         for k_cache, v_cache, stage in self.used.values():
-            k_cache.index_copy_(2, stage.pos, stage.k)
-            v_cache.index_copy_(2, stage.pos, stage.v)
+            self.commit_row(k_cache, v_cache, stage.k, stage.v, stage.pos)
         self.used.clear()
+
+
+def _index_copy_row(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_stage: torch.Tensor,
+    v_stage: torch.Tensor,
+    stage_pos: torch.Tensor,
+) -> None:
+    k_cache.index_copy_(2, stage_pos, k_stage)
+    v_cache.index_copy_(2, stage_pos, v_stage)
 
 
 class StagedProgram:

@@ -287,7 +287,7 @@ def rotary(
 # so that importing this module registers every yirage_cuda op.
 from .triton_attention import decode_attention  # noqa: E402
 from .triton_gemv import gemv, gemv3, gemv3_pdl, gemv_gated, gemv_gated_pdl, gemv_pdl  # noqa: E402
-from .triton_kv_write import rotary_kv_write  # noqa: E402
+from .triton_kv_write import kv_commit, rotary_kv_stage, rotary_kv_write  # noqa: E402
 
 __all__ = [
     "decode_attention",
@@ -298,8 +298,10 @@ __all__ = [
     "gemv_gated",
     "gemv_gated_pdl",
     "gemv_pdl",
+    "kv_commit",
     "rms_norm",
     "rms_norm_residual",
     "rotary",
+    "rotary_kv_stage",
     "rotary_kv_write",
 ]

@@ -10,6 +10,8 @@
       to the stage buffers instead of the cache, and p to stage_pos; decode_attention
       reads that row from the stage, and a commit copies it into the cache later
       (runtime/cuda_graphs.py: a step started ahead then writes nothing shared).
+  kv_commit(k_cache, v_cache, k_stage, v_stage, stage_pos) -> None
+      That copy, k_cache[:, :, stage_pos] = k_stage and v's, in one launch.
 
 A decode step of HF's static cache is, per layer, rotary on q, rotary on k, and two
 `index_copy_`s into the caches: four launches, each moving a few KB. One program per
@@ -210,3 +212,75 @@ def rotary_kv_stage(
     if q.shape[2] != 1 or k_stage.shape[2] != 1 or v_stage.shape[2] != 1:
         raise ValueError("rotary_kv_stage: one new position (S == 1) and one-row stages")
     return _launch(q, k, v, cos, sin, k_stage, v_stage, pos, pos_base, cache_len, stage_pos)
+
+
+@triton.jit
+def _kv_commit_kernel(
+    KC,
+    VC,
+    KS,
+    VS,
+    SPOS,
+    HKV,
+    T,
+    skcb,
+    skch,
+    skcs,
+    svcb,
+    svch,
+    svcs,
+    sksb,
+    sksh,
+    svsb,
+    svsh,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // HKV
+    h = pid % HKV
+    p = tl.load(SPOS).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    m = (d < D) & (p >= 0) & (p < T)  # as rotary_kv_write: nothing past the cache
+    k = tl.load(KS + b * sksb + h * sksh + d, mask=m)
+    tl.store(KC + b * skcb + h * skch + p * skcs + d, k, mask=m)
+    v = tl.load(VS + b * svsb + h * svsh + d, mask=m)
+    tl.store(VC + b * svcb + h * svch + p * svcs + d, v, mask=m)
+
+
+@triton_op("yirage_cuda::kv_commit", mutates_args=("k_cache", "v_cache"))
+def kv_commit(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_stage: torch.Tensor,
+    v_stage: torch.Tensor,
+    stage_pos: torch.Tensor,
+) -> None:
+    """k_cache[:, :, stage_pos] = k_stage and the same for v, one launch (two
+    `index_copy_`s would be two): a staged step's commit (lowering/cuda_kv_stage.py)."""
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("kv_commit: caches with unit inner stride")
+    k_stage, v_stage = _inner(k_stage), _inner(v_stage)
+    b, hkv, t, d = k_cache.shape
+    wrap_triton(_kv_commit_kernel)[(b * hkv,)](
+        k_cache,
+        v_cache,
+        k_stage,
+        v_stage,
+        stage_pos,
+        hkv,
+        t,
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        k_stage.stride(0),
+        k_stage.stride(1),
+        v_stage.stride(0),
+        v_stage.stride(1),
+        D=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        num_warps=1,
+    )

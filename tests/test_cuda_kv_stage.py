@@ -30,7 +30,7 @@ def _kernels():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,hq,hkv,d", [(1, 32, 8, 128), (2, 12, 4, 80)])
 @pytest.mark.parametrize("with_base", [False, True])
-def test_triton_rotary_kv_stage_stages_the_row_rotary_kv_write_writes(
+def test_triton_rotary_kv_stage_and_kv_commit_write_the_row_rotary_kv_write_writes(
     dtype, b, hq, hkv, d, with_base
 ):
     _kernels()
@@ -53,8 +53,11 @@ def test_triton_rotary_kv_stage_stages_the_row_rotary_kv_write_writes(
     assert stage_pos.item() == 41
     torch.testing.assert_close(k_stage[:, :, 0], ref_args[5][:, :, 41], **tol)
     torch.testing.assert_close(v_stage[:, :, 0], ref_args[6][:, :, 41], rtol=0, atol=0)
-    # The caches themselves are not written.
+    # The caches themselves are not written, until the commit writes that row.
     assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+    torch.ops.yirage_cuda.kv_commit(kc, vc, k_stage, v_stage, stage_pos)
+    torch.testing.assert_close(kc, ref_args[5], **tol)
+    torch.testing.assert_close(vc, ref_args[6], rtol=0, atol=0)
 
 
 @needs_triton

@@ -3,7 +3,7 @@ the ATen references: a numerics check of kernel code on a machine without a GPU.
 tests/test_triton_interpreter.py in a process of its own (the interpreter is chosen when
 Triton is imported); exits non-zero on the first mismatch.
 
-Covered: `rotary_kv_write`, its staged form `rotary_kv_stage`, `decode_attention` with and
+Covered: `rotary_kv_write`, its staged form `rotary_kv_stage` and `kv_commit`, `decode_attention` with and
 without a staged row (cache_position or mask bounds, both merges), and the staging rewrite
 (lowering/cuda_kv_stage.py) on a graph of these ops."""
 
@@ -56,6 +56,10 @@ def check_rotary_kv_write_and_stage() -> None:
         torch.testing.assert_close(ks[:, :, 0], ref_k[:, :, 5])
         torch.testing.assert_close(vs[:, :, 0], ref_v[:, :, 5])
         assert torch.equal(kc, before)
+        committed_k, committed_v = kc.clone(), vc.clone()
+        torch.ops.yirage_cuda.kv_commit(committed_k, committed_v, ks, vs, sp)
+        torch.testing.assert_close(committed_k, ref_k)
+        torch.testing.assert_close(committed_v, ref_v)
 
 
 def check_decode_attention_with_and_without_a_stage() -> None:
@@ -112,7 +116,7 @@ def check_staging_rewrite_with_the_real_ops() -> None:
         gm, ops.rotary_kv_write.default, ops.rotary_kv_stage.default, ops.decode_attention.default
     )
     assert caches == [(5, 6)], caches
-    table = cuda_kv_stage.StageTable()
+    table = cuda_kv_stage.StageTable(ops.kv_commit)
     program = cuda_kv_stage.StagedProgram(make_boxed_func(gm.forward), caches, table)
     ref_args, got_args = [a.clone() for a in args], [a.clone() for a in args]
     ref = layer(*ref_args)
