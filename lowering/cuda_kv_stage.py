@@ -153,6 +153,9 @@ def stage_kv_writes(
     other = next((n for n in gm.graph.nodes if n.target in _OTHER_CACHE_WRITES), None)
     if other is not None:
         return f"{other.name} writes a cache the fused kernel does not (all or none are staged)"
+    if len({w.args[5] for w in writes}) < len(writes):
+        # One stage per cache: a second row would need the first in the cache already.
+        return "two writes into one cache (more than one new position per cache)"
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for w in writes:
         why = _why_not(w, index, order, attention_op)

@@ -111,6 +111,11 @@ def _read_before_write(q, k, v, cos, sin, kc, vc, pos):
     return torch.ops.yirage_stage_test.attend(q2, kc, vc) + before
 
 
+def _two_positions_one_cache(q, k, v, cos, sin, kc, vc, pos):
+    first = _layer(q, k, v, cos, sin, kc, vc, pos)
+    return _layer(q, k, v, cos, sin, kc, vc, pos + 1) + first
+
+
 def _second_cache_written_apart(q, k, v, cos, sin, kc, vc, pos):
     out = _layer(q, k, v, cos, sin, kc, vc, pos)
     kc2, vc2 = kc.clone(), vc.clone()  # another layer's caches, their writes not fused
@@ -190,6 +195,7 @@ def test_layers_sharing_one_staged_program_stage_into_their_own_buffers():
         (_cache_also_summed, 1, "the cache is used by"),
         (_layer, 3, "S == 1"),
         (_second_cache_written_apart, 1, "all or none are staged"),
+        (_two_positions_one_cache, 1, "two writes into one cache"),
     ],
 )
 def test_graphs_staging_would_change_are_left_as_they_are(fn, s, why):
