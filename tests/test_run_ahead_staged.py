@@ -79,6 +79,9 @@ def test_in_order_runner_commits_a_staged_step_after_every_replay(fake_cuda):  #
     # graph): every row is in the cache, and nothing past the counter.
     assert step.commits == 12
     assert _unwritten_after_counter(got[1], got[2])
+    from yirage_dynamo.profiling import cuda_graph_stats
+
+    assert any(r["staged_kv_commit"] and r["calls"] == 12 for r in cuda_graph_stats())
 
 
 def test_run_ahead_with_a_staged_step_writes_the_cache_only_for_steps_handed_out(

@@ -119,6 +119,8 @@ def cuda_graph_stats() -> list[dict[str, Any]]:
     for r in live_runners():
         row = {"runner": type(r).__name__, "calls": r.calls, "captures": r.captures}
         row["graphs_off"] = r.disabled
+        # A staged step's cache commit (lowering/cuda_kv_stage.py): its own graph.
+        row["staged_kv_commit"] = r.commit is not None
         if hasattr(r, "hits"):  # run-ahead (runtime/run_ahead.py)
             row.update(rules=r.rules, learn_failed=r.learn_failed, handed_out=r.hits)
             row.update(dropped=r.misses, run_ahead_kept=r.choice, trial_ms=dict(r.trial_ms))
