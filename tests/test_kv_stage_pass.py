@@ -213,3 +213,29 @@ def test_staging_is_off_by_default_and_needs_run_ahead(monkeypatch):
     monkeypatch.setenv(STAGE_ENV, "yes")
     with pytest.raises(ValueError, match=f"{STAGE_ENV}='yes'.*'on' or 'off'"):
         enabled(parse_options({"run_ahead": True}))
+
+
+def test_a_regional_steps_runner_commits_what_its_pieces_staged(monkeypatch):
+    """lowering/cuda.py: the pieces of one regional compile stage into the table its
+    scope opens, and the stitched step's runner gets that table's commit."""
+    from yirage_dynamo.lowering import cuda as cuda_lowering
+    from yirage_dynamo.lowering import cuda_kv_stage
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    monkeypatch.setenv(STAGE_ENV, "on")
+    monkeypatch.delenv("YIRAGE_CUDA_GRAPHS", raising=False)
+    monkeypatch.setattr(cuda_lowering, "_stage_table", StageTable)  # no Triton here
+    lowering = cuda_lowering.TritonLowering()
+    options, inputs = parse_options({"run_ahead": True}), [torch.randn(2)]
+    with lowering.regional_scope(inputs, options):
+        table = cuda_kv_stage.CURRENT.get()
+        assert isinstance(table, StageTable)
+        StagedProgram(lambda args: None, [], table)  # a piece staged into it
+        runner = lowering.finish_regional(lambda *a: None, inputs, options, frozenset())
+    assert cuda_kv_stage.CURRENT.get() is None
+    assert isinstance(runner, RunAheadRunner) and runner.commit == table.commit
+    # Without run-ahead nothing is staged, and no piece staged: no commit.
+    with lowering.regional_scope(inputs, parse_options({})):
+        assert cuda_kv_stage.CURRENT.get() is None
+        plain = lowering.finish_regional(lambda *a: None, inputs, parse_options({}), frozenset())
+    assert plain.commit is None
