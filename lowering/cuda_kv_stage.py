@@ -92,10 +92,12 @@ class StageTable:
         stage = self.stages.get(key)
         if stage is None or stage.cache() is None:
             self.stages = {k: s for k, s in self.stages.items() if s.cache() is not None}
+            # Empty, not zeroed: the step writes a stage before anything reads it, and a
+            # fill made here during a capture (a new cache) would be replayed every step.
             stage = Stage(
-                torch.zeros_like(k_cache[:, :, :1], memory_format=torch.contiguous_format),
-                torch.zeros_like(v_cache[:, :, :1], memory_format=torch.contiguous_format),
-                torch.zeros(1, dtype=torch.int64, device=k_cache.device),
+                torch.empty_like(k_cache[:, :, :1], memory_format=torch.contiguous_format),
+                torch.empty_like(v_cache[:, :, :1], memory_format=torch.contiguous_format),
+                torch.empty(1, dtype=torch.int64, device=k_cache.device),
                 weakref.ref(k_cache),
             )
             self.stages[key] = stage
