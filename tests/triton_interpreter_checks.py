@@ -5,7 +5,9 @@ Triton is imported); exits non-zero on the first mismatch.
 
 Covered: `rotary_kv_write`, its staged form `rotary_kv_stage` and `kv_commit`, `decode_attention` with and
 without a staged row (cache_position or mask bounds, both merges), and the staging rewrite
-(lowering/cuda_kv_stage.py) on a graph of these ops."""
+(lowering/cuda_kv_stage.py) on a graph of these ops. Float32 only: Triton 3.6's
+interpreter does not do bfloat16 faithfully (decode attention in bf16 comes out wrong
+there, unstaged too, where it is right on a GPU)."""
 
 from __future__ import annotations
 
