@@ -190,15 +190,14 @@ class TritonLowering(Lowering):
         table = cuda_kv_stage.CURRENT.get()
         if table is None and runner and cuda_kv_stage.enabled(ctx.options):
             table = _stage_table()
+        commit = None
         if table is not None and ctx.inference:
             fn = _staged(gm, ctx, fn, table)
-        if not isinstance(fn, cuda_kv_stage.StagedProgram):
-            table = None
+            commit = table.commit if isinstance(fn, cuda_kv_stage.StagedProgram) else None
         if runner:
             ctx.report.notes.append(
                 "cuda graphs: yirage runner" + (", run-ahead" if ctx.options.run_ahead else "")
             )
-            commit = table.commit if table is not None else None
             return _runner(fn, ctx.mutated_inputs, ctx.options, commit=commit)
         return fn
 

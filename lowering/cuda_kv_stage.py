@@ -105,7 +105,8 @@ class StageTable:
         return stage
 
     def commit(self, args: list[Any] | None = None) -> None:
-        """Every row the last call staged, into its cache (on the current stream)."""
+        """Every row the last call staged, into its cache (on the current stream). The
+        runner passes the step's inputs; the table already holds the caches it staged for."""
         for k_cache, v_cache, stage in self.used.values():
             self.commit_row(k_cache, v_cache, stage.k, stage.v, stage.pos)
         self.used.clear()

@@ -20,8 +20,8 @@ Outputs that are not views of a static input are cloned out of the graph's pool,
 caller may keep them across steps (the next replay overwrites the pool).
 
 A step whose KV-cache writes are staged (it writes the new rows into buffers of its own,
-and a commit, `commit(args)` given to the runner or the function's `kv_commit`, copies them
-into the cache: lowering/cuda_kv_stage.py) has its commit captured as a second graph,
+and the `commit(args)` given to the runner copies them into the cache:
+lowering/cuda_kv_stage.py) has its commit captured as a second graph,
 replayed after the step; runtime/run_ahead.py replays it only when it hands a step out, so
 a step it drops writes nothing shared.
 
@@ -116,7 +116,7 @@ class CudaGraphRunner:
         self.disabled: str | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         # A staged step's cache commit (see the module docstring), and its graph.
-        self.commit = commit if commit is not None else getattr(fn, "kv_commit", None)
+        self.commit = commit
         self.commit_graph: torch.cuda.CUDAGraph | None = None
         self.serial = next(_SERIAL)
         _LIVE.add(self)

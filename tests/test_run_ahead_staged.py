@@ -1,6 +1,6 @@
 """A decode step whose KV-cache write is staged (runtime/cuda_graphs.py: the compiled
-function writes the new row into a buffer of its own and has a `kv_commit`): the runners
-commit it after every step they hand out, and a step run-ahead drops or leaves pending
+function writes the new row into a buffer of its own, and the runner is given its commit):
+the runners commit it after every step they hand out, and a step run-ahead drops or leaves pending
 writes nothing into the cache. That is what makes run-ahead safe where eager code writes
 the same cache after the last call (a multi-turn prefill).
 
@@ -20,6 +20,7 @@ from test_run_ahead import (
     _decode_loop,
     _decode_step,
     _FakeGraph,
+    _recorded_step,
     _table,
     fake_cuda,  # noqa: F401 - a fixture
 )
@@ -71,7 +72,7 @@ def test_in_order_runner_commits_a_staged_step_after_every_replay(fake_cuda):  #
     from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
 
     table, step = _cpu_table(), _StagedStep()
-    runner = CudaGraphRunner(step, mutated_inputs=frozenset({4}))
+    runner = CudaGraphRunner(step, mutated_inputs=frozenset({4}), commit=step.kv_commit)
     got = _cpu_loop(runner, table, 12)
     _assert_same_run(got, _cpu_loop(_decode_step, table, 12))
     assert runner.commit_graph is not None
@@ -97,7 +98,7 @@ def test_run_ahead_with_a_staged_step_writes_the_cache_only_for_steps_handed_out
         return (best + 1) % VOCAB if k == 8 else best
 
     table, step = _cpu_table(), _StagedStep()
-    runner = RunAheadRunner(step, mutated_inputs=frozenset({4}), trial=False)
+    runner = RunAheadRunner(step, mutated_inputs=frozenset({4}), trial=False, commit=step.kv_commit)
     got = _cpu_loop(runner, table, 20, once_not_argmax)
     ref = _cpu_loop(_decode_step, table, 20, once_not_argmax)
     _assert_same_run(got, ref)
@@ -108,24 +109,9 @@ def test_run_ahead_with_a_staged_step_writes_the_cache_only_for_steps_handed_out
     # dropped step or the pending one).
     assert step.commits == 20
 
-    unstaged = RunAheadRunner(
-        _FakeRecorded(_decode_step), mutated_inputs=frozenset({3, 4}), trial=False
-    )
+    unstaged = RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}), trial=False)
     plain = _cpu_loop(unstaged, table, 20, once_not_argmax)
     assert not _unwritten_after_counter(plain[1], plain[2])
-
-
-class _FakeRecorded:
-    """An unstaged step that records itself under a fake capture."""
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def __call__(self, *args):
-        out = self.fn(*args)
-        if _FakeGraph.capturing is not None:
-            _FakeGraph.capturing.recorded = (self.fn, args, out)
-        return out
 
 
 @needs_cuda
@@ -136,7 +122,7 @@ def test_run_ahead_with_a_staged_step_on_a_gpu_leaves_the_cache_past_the_counter
     from yirage_dynamo.runtime.run_ahead import RunAheadRunner
 
     table, step = _table(), _StagedStep("cuda")
-    runner = RunAheadRunner(step, mutated_inputs=frozenset({4}), trial=False)
+    runner = RunAheadRunner(step, mutated_inputs=frozenset({4}), trial=False, commit=step.kv_commit)
     got = _decode_loop(runner, table, steps=14)
     pending = runner._started is not None
     runner.drain()
