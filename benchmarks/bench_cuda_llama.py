@@ -11,6 +11,8 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
                  starts on a side stream before HF asks for it (runtime/run_ahead.py),
                  kept if timed faster than in order; _always: no trial; _staged: with
                  the KV writes staged (YIRAGE_CUDA_KV_STAGE=on)
+  yirage_auto    the same with options={"run_ahead": "auto"}: the KV writes staged, and
+                 run-ahead (with its trial) only where every one of them is
   yirage_gemv    yirage with the Triton decode GEMV forced on (YIRAGE_CUDA_GEMV=on) for
                  every eligible projection, whatever the cuBLAS comparison says
   yirage_nogemv  yirage with the GEMV off (YIRAGE_CUDA_GEMV=off): cuBLAS for every matmul
@@ -316,6 +318,9 @@ def variant_configs(options: dict) -> dict[str, Any]:
         ),
         "yirage_run_ahead_always": transformers.CompileConfig(
             backend=yirage, mode=None, options={**options, "run_ahead": "always"}
+        ),
+        "yirage_auto": transformers.CompileConfig(
+            backend=yirage, mode=None, options={**options, "run_ahead": "auto"}
         ),
     }
     for name in ENV_VARIANTS:

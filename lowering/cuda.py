@@ -323,7 +323,9 @@ def _runner(
 
     # Frozen weights are constants: their parameter inputs need no address check.
     check = not options.freeze if check_parameters is None else check_parameters
-    if not options.run_ahead:
+    # "auto" runs ahead only a step that writes nothing the caller shares before it is
+    # handed out: one whose KV writes are staged (it has a commit).
+    if not options.run_ahead or (options.run_ahead == "auto" and commit is None):
         return CudaGraphRunner(fn, mutated, check_parameters=check, commit=commit)
     # True: timed against running in order, the faster kept; "always": no trial.
     trial = options.run_ahead != "always"

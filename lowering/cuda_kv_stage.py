@@ -24,8 +24,8 @@ stand in for. The table's `commit` is the runner's (runtime/cuda_graphs.py `comm
 All of a graph's cache writes are staged or none: a graph with a cache written any other
 way, or used after its write by anything but decode attention (the cache returned, S > 1),
 is left as is.
-Off unless YIRAGE_CUDA_KV_STAGE=on and run-ahead is on: the kernels are checked in
-Triton's interpreter and compiled, not yet run on a GPU (RESULTS.md, twenty-third session).
+On with run_ahead="auto" (which runs ahead only a staged step), or with any run-ahead
+and YIRAGE_CUDA_KV_STAGE=on; off otherwise (see `enabled`).
 """
 
 from __future__ import annotations
@@ -51,11 +51,14 @@ CURRENT: contextvars.ContextVar[StageTable | None] = contextvars.ContextVar(
 
 
 def enabled(options: Any) -> bool:
-    """YIRAGE_CUDA_KV_STAGE "on" with run-ahead on; "off" (default) or unset: no staging;
-    another value raises ValueError."""
-    value = os.environ.get(STAGE_ENV, "").strip().lower() or "off"
-    if value not in ("on", "off"):
+    """Whether to stage: only with run-ahead on. YIRAGE_CUDA_KV_STAGE "on": with any
+    run-ahead; "off": never; unset: with run_ahead="auto", which runs ahead only a staged
+    step. Another value raises ValueError."""
+    value = os.environ.get(STAGE_ENV, "").strip().lower()
+    if value not in ("on", "off", ""):
         raise ValueError(f"{STAGE_ENV}={value!r}: expected 'on' or 'off'")
+    if value == "":
+        return options.run_ahead == "auto"
     return value == "on" and bool(options.run_ahead)
 
 

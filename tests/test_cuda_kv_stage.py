@@ -155,3 +155,65 @@ def test_llama_generate_with_staged_kv_writes_and_run_ahead_matches_eager(monkey
     assert staged, notes
     mine = [r for r in live_runners() if id(r) not in before and r.commit_graph is not None]
     assert mine and sum(getattr(r, "hits", 0) for r in mine) >= 20 - 7, notes
+
+
+def _two_turns(model, ids, options: dict | None, new: int = 30):
+    """A chat's two turns through one StaticCache passed back into generate(): the second
+    turn's eager prefill continues the cache where the first turn's decoding ended, right
+    where a step started ahead after the first turn's last token would write."""
+    import transformers
+
+    from yirage_dynamo.backend import yirage
+
+    cache = transformers.StaticCache(config=model.config, max_cache_len=96)
+    gen = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    gen.update(past_key_values=cache, max_new_tokens=new)
+    if options is None:
+        gen["disable_compile"] = True
+    else:
+        gen["compile_config"] = transformers.CompileConfig(
+            backend=yirage, mode=None, options=options
+        )
+    first = model.generate(ids, **gen)
+    more = torch.randint(3, 512, (1, 5), device=ids.device, generator=_seeded(ids.device))
+    second = model.generate(torch.cat([first.sequences, more], 1), **gen)
+    return first, second
+
+
+def _seeded(device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(1)
+
+
+@needs_triton
+@pytest.mark.parametrize("run_ahead,stage", [("auto", None), ("always", "on")])
+def test_a_chat_passing_its_cache_back_with_run_ahead_matches_eager(monkeypatch, run_ahead, stage):
+    """The case unstaged run-ahead leaves unordered (runtime/run_ahead.py): the second
+    turn's eager prefill writes the slot a step started ahead would write. Staged, that
+    step writes only its stage, so both turns give eager's tokens and logits; "auto"
+    stages and runs ahead without YIRAGE_CUDA_KV_STAGE."""
+    from test_cuda_generate import _assert_matches_eager, _tiny_llama
+    from yirage_dynamo.lowering.cuda_kv_stage import STAGE_ENV
+    from yirage_dynamo.runtime.cuda_graphs import live_runners
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    import yirage_dynamo
+
+    if stage is None:
+        monkeypatch.delenv(STAGE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(STAGE_ENV, stage)
+    torch._dynamo.reset()
+    model = _tiny_llama(torch.float32)
+    ids = torch.randint(3, 512, (1, 12), device="cuda")
+    yirage_dynamo.clear_reports()
+    before = set(map(id, live_runners()))
+    with torch.no_grad():
+        ref = _two_turns(model, ids, None)
+        out = _two_turns(model, ids, {"fallback": "error", "run_ahead": run_ahead})
+    _assert_matches_eager(out[0], ref[0], ids.shape[1], torch.float32)
+    _assert_matches_eager(out[1], ref[1], ref[0].sequences.shape[1] + 5, torch.float32)
+    mine = [r for r in live_runners() if id(r) not in before]
+    ahead = [r for r in mine if isinstance(r, RunAheadRunner)]
+    notes = [n for r in yirage_dynamo.reports() for n in r.notes]
+    assert ahead and all(r.commit_graph is not None for r in ahead), notes
+    assert sum(r.hits for r in ahead) > 0, notes

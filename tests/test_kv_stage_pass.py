@@ -207,6 +207,10 @@ def test_graphs_staging_would_change_are_left_as_they_are(fn, s, why):
 def test_staging_is_off_by_default_and_needs_run_ahead(monkeypatch):
     monkeypatch.delenv(STAGE_ENV, raising=False)
     assert not enabled(parse_options({"run_ahead": True}))
+    assert not enabled(parse_options({}))
+    assert enabled(parse_options({"run_ahead": "auto"}))  # auto runs ahead only staged
+    monkeypatch.setenv(STAGE_ENV, "off")
+    assert not enabled(parse_options({"run_ahead": "auto"}))
     monkeypatch.setenv(STAGE_ENV, "on")
     assert enabled(parse_options({"run_ahead": True}))
     assert not enabled(parse_options({}))
@@ -239,3 +243,24 @@ def test_a_regional_steps_runner_commits_what_its_pieces_staged(monkeypatch):
         assert cuda_kv_stage.CURRENT.get() is None
         plain = lowering.finish_regional(lambda *a: None, inputs, parse_options({}), frozenset())
     assert plain.commit is None
+
+
+def test_auto_run_ahead_runs_ahead_only_a_step_with_a_commit(monkeypatch):
+    """run_ahead="auto": a staged step (the lowering hands its runner a commit) gets the
+    run-ahead runner; a step it could not stage runs in order."""
+    from yirage_dynamo.lowering import cuda as cuda_lowering
+    from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    auto = parse_options({"run_ahead": "auto"})
+    staged = cuda_lowering._runner(lambda *a: None, frozenset(), auto, commit=lambda a: None)
+    plain = cuda_lowering._runner(lambda *a: None, frozenset(), auto, commit=None)
+    assert isinstance(staged, RunAheadRunner) and staged.choice is None  # with the trial
+    assert type(plain) is CudaGraphRunner
+    # True keeps running an unstaged step ahead (opt-in, see runtime/run_ahead.py).
+    assert isinstance(
+        cuda_lowering._runner(
+            lambda *a: None, frozenset(), parse_options({"run_ahead": True}), commit=None
+        ),
+        RunAheadRunner,
+    )

@@ -102,8 +102,18 @@ def test_run_ahead_option_is_validated():
     assert parse_options({"run_ahead": True}).run_ahead is True
     assert parse_options({}).run_ahead is False
     assert parse_options({"run_ahead": "always"}).run_ahead == "always"
-    with pytest.raises(ValueError, match="run_ahead.*'always'"):
+    assert parse_options({"run_ahead": "auto"}).run_ahead == "auto"
+    with pytest.raises(ValueError, match="run_ahead.*'always' or 'auto'"):
         parse_options({"run_ahead": "yes"})
+
+
+def test_run_ahead_env_takes_the_named_values(monkeypatch):
+    from yirage_dynamo.options import parse_options
+
+    for env, want in (("auto", "auto"), ("always", "always"), ("1", True), ("off", False)):
+        monkeypatch.setenv("YIRAGE_RUN_AHEAD", env)
+        assert parse_options({}).run_ahead == want
+    assert parse_options({"run_ahead": True}).run_ahead is True  # the option wins
 
 
 # --------------------------------------------------------------------------- runner (CUDA)

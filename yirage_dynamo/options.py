@@ -17,6 +17,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps", "neuron")
 FALLBACKS = ("inductor", "eager", "error")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_KERNELS = ("auto", "all", "none")
+# run_ahead values besides True and False (see Options.run_ahead).
+RUN_AHEAD_WORDS = ("always", "auto")
 CUDA_CODEGENS = ("auto", "inductor", "direct")
 
 
@@ -41,8 +43,11 @@ class Options:
     # CUDA graphs: start the next decode step on a side stream before it is asked for
     # (runtime/run_ahead.py), hiding HF's per-token host time behind the GPU. Outputs are
     # handed out only for inputs equal to the prediction. True: timed against running in
-    # order over the first calls, the faster kept; "always": no trial. Opt-in: see the
-    # module on the one case it does not order (eager cache writes right after the end).
+    # order over the first calls, the faster kept; "always": no trial. "auto": as True, but
+    # only for a step whose every KV-cache write is staged (lowering/cuda_kv_stage.py), so
+    # that a step started ahead writes nothing the caller shares before it is handed out;
+    # other steps run in order. True and "always" also run unstaged steps ahead: see the
+    # module on the one case those do not order (eager cache writes right after the end).
     run_ahead: bool | str = False
     # CUDA lowering: which yirage ops run as our Triton kernels. "auto": decode attention,
     # and decode GEMVs where measured faster than cuBLAS on this GPU; the pointwise/norm ops
@@ -140,13 +145,14 @@ def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = N
         raw["regional"] = _env_flag("YIRAGE_REGIONAL")
     if "run_ahead" not in raw and _env_flag("YIRAGE_RUN_AHEAD") is not None:
         env = os.environ["YIRAGE_RUN_AHEAD"].strip().lower()
-        raw["run_ahead"] = "always" if env == "always" else _env_flag("YIRAGE_RUN_AHEAD")
+        named = env in RUN_AHEAD_WORDS
+        raw["run_ahead"] = env if named else _env_flag("YIRAGE_RUN_AHEAD")
     if "run_ahead" in raw and not (
-        isinstance(raw["run_ahead"], bool) or raw["run_ahead"] == "always"
+        isinstance(raw["run_ahead"], bool) or raw["run_ahead"] in RUN_AHEAD_WORDS
     ):
         raise ValueError(
             f"yirage option 'run_ahead'={raw['run_ahead']!r} is invalid; "
-            "expected True, False or 'always'"
+            "expected True, False, 'always' or 'auto'"
         )
     for key in ("debug", "freeze", "memory_planning", "verify", "graph_cache", "regional"):
         if key in raw:
