@@ -153,11 +153,9 @@ class TritonLowering(Lowering):
             # What a regional piece tells the runner around the stitched graph.
             fn.mutated_inputs = mutated
             return fn
-        report.notes.append(
-            f"cuda graphs: yirage runner{', run-ahead' if options.run_ahead else ''}"
-            f" (mutated inputs {sorted(mutated)})"
-        )
-        return _runner(fn, mutated, options)
+        runner = _runner(fn, mutated, options)
+        report.notes.append(f"{_runner_note(runner)} (mutated inputs {sorted(mutated)})")
+        return runner
 
     def cache_salt(self) -> str:
         # Benchmarks flip these switches between variants in one process; without them in
@@ -195,10 +193,9 @@ class TritonLowering(Lowering):
             fn = _staged(gm, ctx, fn, table)
             commit = table.commit if isinstance(fn, cuda_kv_stage.StagedProgram) else None
         if runner:
-            ctx.report.notes.append(
-                "cuda graphs: yirage runner" + (", run-ahead" if ctx.options.run_ahead else "")
-            )
-            return _runner(fn, ctx.mutated_inputs, ctx.options, commit=commit)
+            runner = _runner(fn, ctx.mutated_inputs, ctx.options, commit=commit)
+            ctx.report.notes.append(_runner_note(runner))
+            return runner
         return fn
 
     # Regional compilation: one Inductor compile of a repeated block serves every layer,
@@ -309,6 +306,18 @@ def _staged(gm: GraphModule, ctx: Any, fn: Callable, table: Any) -> Callable:
 
         dump_lowered(gm, ctx, "lowered_cuda_staged")
     return cuda_kv_stage.StagedProgram(fn, caches, table)
+
+
+def _runner_note(runner: Any) -> str:
+    from yirage_dynamo.runtime.run_ahead import RunAheadRunner
+
+    ahead = isinstance(runner, RunAheadRunner)
+    staged = getattr(runner, "commit", None) is not None
+    return (
+        "cuda graphs: yirage runner"
+        + (", run-ahead" if ahead else "")
+        + (", staged KV writes" if staged else "")
+    )
 
 
 def _runner(

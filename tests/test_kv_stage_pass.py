@@ -257,6 +257,9 @@ def test_auto_run_ahead_runs_ahead_only_a_step_with_a_commit(monkeypatch):
     plain = cuda_lowering._runner(lambda *a: None, frozenset(), auto, commit=None)
     assert isinstance(staged, RunAheadRunner) and staged.choice is None  # with the trial
     assert type(plain) is CudaGraphRunner
+    note = cuda_lowering._runner_note
+    assert note(staged) == "cuda graphs: yirage runner, run-ahead, staged KV writes"
+    assert note(plain) == "cuda graphs: yirage runner"
     # True keeps running an unstaged step ahead (opt-in, see runtime/run_ahead.py).
     assert isinstance(
         cuda_lowering._runner(
