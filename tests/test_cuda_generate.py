@@ -165,6 +165,12 @@ def _eager_then_compiled(dtype, kernels: str, repeats: int, layers: int = 2, new
     return ids.shape[1], ref, out, mems, last, reports
 
 
+def _in_our_runner(notes: list[str]) -> bool:
+    """The stitched step runs in one of our CUDA-graph runners (in order, or run-ahead
+    where YIRAGE_RUN_AHEAD asks for it)."""
+    return any(f"runs in a {r}" in n for n in notes for r in ("CudaGraphRunner", "RunAheadRunner"))
+
+
 def _assert_matches_eager(out, ref, prompt: int, dtype: torch.dtype) -> None:
     """Logits match eager at every step whose prefix tokens agree (bf16 greedy decoding
     may flip a near-tie, after which the sequences legitimately differ); fp32 agrees on
@@ -267,14 +273,14 @@ def test_llama_generate_by_repeated_layers_matches_eager(dtype, kernels):
     prompt, ref, out, mems, _, reports = _eager_then_compiled(
         dtype, kernels, repeats=3, layers=4, new=12
     )
+    _assert_matches_eager(out, ref, prompt, dtype)
     notes = [n for r in reports for n in r.notes]
     assert any("regional: 6 pieces, 3 compiled, 3 reusing" in n for n in notes), notes
-    assert any("CudaGraphRunner" in n for n in notes), notes
+    assert _in_our_runner(notes), notes
     if kernels == "all":
         # The shared layer program (weights as inputs) runs q/k/v as one GEMV launch.
         gemv3 = [r.patterns.get("triton_gemv3", 0) for r in reports]
         assert gemv3.count(1) == 1, [(r.patterns, r.rejected) for r in reports]
-    _assert_matches_eager(out, ref, prompt, dtype)
     assert mems[-1] <= mems[-2], mems
 
 
@@ -324,6 +330,5 @@ def test_hf_decoder_families_generate_with_static_cache_like_eager(name, dtype, 
             n = r.patterns["triton_rotary_kv_write"]
             assert r.patterns.get("gemv_norm_prologue", 0) >= n, (r.patterns, r.rejected)
             assert r.patterns.get("gemv_residual_epilogue", 0) >= n, (r.patterns, r.rejected)
-    notes = [n for r in reports for n in r.notes]
-    assert any("CudaGraphRunner" in n for n in notes), notes
     _assert_matches_eager(out, ref, ids.shape[1], dtype)
+    assert _in_our_runner([n for r in reports for n in r.notes])

@@ -206,6 +206,7 @@ def test_graphs_staging_would_change_are_left_as_they_are(fn, s, why):
 
 def test_staging_is_off_by_default_and_needs_run_ahead(monkeypatch):
     monkeypatch.delenv(STAGE_ENV, raising=False)
+    monkeypatch.delenv("YIRAGE_RUN_AHEAD", raising=False)
     assert not enabled(parse_options({"run_ahead": True}))
     assert not enabled(parse_options({}))
     assert enabled(parse_options({"run_ahead": "auto"}))  # auto runs ahead only staged
@@ -228,6 +229,7 @@ def test_a_regional_steps_runner_commits_what_its_pieces_staged(monkeypatch):
 
     monkeypatch.setenv(STAGE_ENV, "on")
     monkeypatch.delenv("YIRAGE_CUDA_GRAPHS", raising=False)
+    monkeypatch.delenv("YIRAGE_RUN_AHEAD", raising=False)
     monkeypatch.setattr(cuda_lowering, "_stage_table", StageTable)  # no Triton here
     lowering = cuda_lowering.TritonLowering()
     options, inputs = parse_options({"run_ahead": True}), [torch.randn(2)]

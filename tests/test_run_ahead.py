@@ -96,8 +96,10 @@ def test_predict_applies_each_rule_in_place():
     assert mask.tolist() == [[True, True, True]] and counter.item() == 7
 
 
-def test_run_ahead_option_is_validated():
+def test_run_ahead_option_is_validated(monkeypatch):
     from yirage_dynamo.options import parse_options
+
+    monkeypatch.delenv("YIRAGE_RUN_AHEAD", raising=False)  # the default is the option's
 
     assert parse_options({"run_ahead": True}).run_ahead is True
     assert parse_options({}).run_ahead is False
