@@ -312,7 +312,7 @@ def _runner_note(runner: Any) -> str:
     from yirage_dynamo.runtime.run_ahead import RunAheadRunner
 
     ahead = isinstance(runner, RunAheadRunner)
-    staged = getattr(runner, "commit", None) is not None
+    staged = runner.commit is not None
     return (
         "cuda graphs: yirage runner"
         + (", run-ahead" if ahead else "")

@@ -134,7 +134,7 @@ def test_llama_generate_with_staged_kv_writes_and_run_ahead_matches_eager(monkey
     """YIRAGE_CUDA_KV_STAGE=on with run-ahead: every layer's write staged (regional pieces
     and whole graph), committed by the runner: eager's tokens and logits, most steps
     handed out from a step started ahead."""
-    from test_cuda_generate import _assert_matches_eager, _tiny_llama
+    from test_cuda_generate import _assert_matches_eager
     from test_run_ahead import _generate
     from yirage_dynamo.lowering.cuda_kv_stage import STAGE_ENV
     from yirage_dynamo.runtime.cuda_graphs import live_runners
@@ -143,11 +143,7 @@ def test_llama_generate_with_staged_kv_writes_and_run_ahead_matches_eager(monkey
 
     monkeypatch.setenv(STAGE_ENV, "on")
     monkeypatch.setenv("YIRAGE_REGIONAL", regional)
-    torch._dynamo.reset()
-    model = _tiny_llama(torch.bfloat16)
-    ids = torch.randint(3, 512, (1, 12), device="cuda")
-    yirage_dynamo.clear_reports()
-    before = set(map(id, live_runners()))
+    model, ids, before = _fresh_llama(torch.bfloat16)
     with torch.no_grad():
         ref = _generate(model, ids, None, 20)
         out = _generate(model, ids, {"fallback": "error", "run_ahead": "always"}, 20)
@@ -164,26 +160,29 @@ def _two_turns(model, ids, options: dict | None, new: int = 30):
     turn's eager prefill continues the cache where the first turn's decoding ended, right
     where a step started ahead after the first turn's last token would write."""
     import transformers
-
-    from yirage_dynamo.backend import yirage
+    from test_run_ahead import _generate
 
     cache = transformers.StaticCache(config=model.config, max_cache_len=96)
-    gen = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
-    gen.update(past_key_values=cache, max_new_tokens=new)
-    if options is None:
-        gen["disable_compile"] = True
-    else:
-        gen["compile_config"] = transformers.CompileConfig(
-            backend=yirage, mode=None, options=options
-        )
-    first = model.generate(ids, **gen)
-    more = torch.randint(3, 512, (1, 5), device=ids.device, generator=_seeded(ids.device))
-    second = model.generate(torch.cat([first.sequences, more], 1), **gen)
+    first = _generate(model, ids, options, new, cache)
+    seeded = torch.Generator(device=ids.device).manual_seed(1)
+    more = torch.randint(3, 512, (1, 5), device=ids.device, generator=seeded)
+    second = _generate(model, torch.cat([first.sequences, more], 1), options, new, cache)
     return first, second
 
 
-def _seeded(device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(1)
+def _fresh_llama(dtype):
+    """A tiny Llama after a Dynamo reset, a prompt, and the runners alive before it (so a
+    test finds its own)."""
+    from test_cuda_generate import _tiny_llama
+    from yirage_dynamo.runtime.cuda_graphs import live_runners
+
+    import yirage_dynamo
+
+    torch._dynamo.reset()
+    model = _tiny_llama(dtype)
+    ids = torch.randint(3, 512, (1, 12), device="cuda")
+    yirage_dynamo.clear_reports()
+    return model, ids, set(map(id, live_runners()))
 
 
 @needs_triton
@@ -193,7 +192,7 @@ def test_a_chat_passing_its_cache_back_with_run_ahead_matches_eager(monkeypatch,
     turn's eager prefill writes the slot a step started ahead would write. Staged, that
     step writes only its stage, so both turns give eager's tokens and logits; "auto"
     stages and runs ahead without YIRAGE_CUDA_KV_STAGE."""
-    from test_cuda_generate import _assert_matches_eager, _tiny_llama
+    from test_cuda_generate import _assert_matches_eager
     from yirage_dynamo.lowering.cuda_kv_stage import STAGE_ENV
     from yirage_dynamo.runtime.cuda_graphs import live_runners
     from yirage_dynamo.runtime.run_ahead import RunAheadRunner
@@ -204,11 +203,7 @@ def test_a_chat_passing_its_cache_back_with_run_ahead_matches_eager(monkeypatch,
         monkeypatch.delenv(STAGE_ENV, raising=False)
     else:
         monkeypatch.setenv(STAGE_ENV, stage)
-    torch._dynamo.reset()
-    model = _tiny_llama(torch.float32)
-    ids = torch.randint(3, 512, (1, 12), device="cuda")
-    yirage_dynamo.clear_reports()
-    before = set(map(id, live_runners()))
+    model, ids, before = _fresh_llama(torch.float32)
     with torch.no_grad():
         ref = _two_turns(model, ids, None)
         out = _two_turns(model, ids, {"fallback": "error", "run_ahead": run_ahead})

@@ -238,14 +238,19 @@ def test_run_ahead_stays_off_when_no_input_is_predictable():
 # --------------------------------------------------------------------------- HF generate
 
 
-def _generate(model, ids, options: dict | None, new: int):
-    """generate() compiled with these yirage options (None: eager)."""
+def _generate(model, ids, options: dict | None, new: int, cache=None):
+    """generate() compiled with these yirage options (None: eager), into a new static
+    cache, or into `cache` (a StaticCache passed back, as a chat's next turn does)."""
     import transformers
 
     from yirage_dynamo.backend import yirage
 
-    gen = dict(max_new_tokens=new, do_sample=False, cache_implementation="static")
-    gen.update(output_logits=True, return_dict_in_generate=True)
+    gen = dict(max_new_tokens=new, do_sample=False, output_logits=True)
+    gen.update(return_dict_in_generate=True)
+    if cache is None:
+        gen["cache_implementation"] = "static"
+    else:
+        gen["past_key_values"] = cache
     if options is None:
         return model.generate(ids, disable_compile=True, **gen)
     cc = transformers.CompileConfig(backend=yirage, mode=None, options=options)
