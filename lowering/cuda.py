@@ -191,7 +191,7 @@ class TritonLowering(Lowering):
         commit = None
         if table is not None and ctx.inference:
             fn = _staged(gm, ctx, fn, table)
-            commit = table.commit if isinstance(fn, cuda_kv_stage.StagedProgram) else None
+            commit = table if isinstance(fn, cuda_kv_stage.StagedProgram) else None
         if runner:
             runner = _runner(fn, ctx.mutated_inputs, ctx.options, commit=commit)
             ctx.report.notes.append(_runner_note(runner))
@@ -241,7 +241,7 @@ class TritonLowering(Lowering):
         if not (on and _own_cuda_graphs(example_inputs)):
             return fn
         table = cuda_kv_stage.CURRENT.get()
-        commit = table.commit if table is not None and table.programs else None
+        commit = table if table is not None and table.programs else None
         # The shared pieces read weights through their parameter inputs: check them.
         return _runner(fn, mutated, options, check_parameters=True, commit=commit)
 
@@ -283,10 +283,11 @@ def _swap_in_kernels(gm: GraphModule, ctx: Any, for_inductor: bool) -> None:
 
 
 def _stage_table() -> Any:
-    """A staged step's table, committing each row with our one-launch kernel."""
+    """A staged step's table: all its rows in one launch, else one launch per row."""
     from .cuda_ops import _kernels
 
-    return cuda_kv_stage.StageTable(_kernels().kv_commit)
+    kernels = _kernels()
+    return cuda_kv_stage.StageTable(kernels.kv_commit, kernels.KvCommitTable())
 
 
 def _staged(gm: GraphModule, ctx: Any, fn: Callable, table: Any) -> Callable:

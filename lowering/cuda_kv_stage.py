@@ -19,7 +19,7 @@ before (per layer):                                after:
 `ks, vs, spos` are new graph inputs, appended after the others. A `StagedProgram` fills
 them on every call with the stage buffers of the caches it is given, from the step's
 `StageTable`: regional layers share one program, so the buffers go by the caches they
-stand in for. The table's `commit` is the runner's (runtime/cuda_graphs.py `commit`).
+stand in for. The table is the runner's `commit` (runtime/cuda_graphs.py).
 
 All of a graph's cache writes are staged or none: a graph with a cache written any other
 way, or used after its write by anything but decode attention (the cache returned, S > 1),
@@ -76,10 +76,17 @@ class StageTable:
     """The stage buffers of one compiled step, by the caches they stand in for, and the
     ones the last call used: what its commit writes."""
 
-    def __init__(self, commit_row: Callable[..., None] | None = None) -> None:
+    def __init__(
+        self,
+        commit_row: Callable[..., None] | None = None,
+        commit_rows: Callable[[list[tuple]], bool] | None = None,
+    ) -> None:
         # (k_cache, v_cache, k_stage, v_stage, stage_pos): the CUDA lowering's one-launch
         # `yirage_cuda::kv_commit`; two `index_copy_`s without it.
         self.commit_row = commit_row or _index_copy_row
+        # All rows at once (lowering/triton_kv_write.py `KvCommitTable`), True where it
+        # did; else a commit_row per row.
+        self.commit_rows = commit_rows
         self.stages: dict[tuple[int, int], Stage] = {}
         self.used: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, Stage]] = {}
         self.programs = 0  # staged programs reading from this table
@@ -107,12 +114,25 @@ class StageTable:
         self.used[key] = (k_cache, v_cache, stage)
         return stage
 
+    def prepare_capture(self) -> None:
+        """Before the commit is captured (the runner, after capturing the step): what the
+        one-launch commit must build on the host."""
+        prepare = getattr(self.commit_rows, "prepare", None)
+        if prepare is not None and len(self.used) > 1:
+            prepare([(kc, vc, s.k, s.v, s.pos) for kc, vc, s in self.used.values()])
+
+    def __call__(self, args: list[Any] | None = None) -> None:
+        self.commit(args)
+
     def commit(self, args: list[Any] | None = None) -> None:
         """Every row the last call staged, into its cache (on the current stream). The
         runner passes the step's inputs; the table already holds the caches it staged for."""
-        for k_cache, v_cache, stage in self.used.values():
-            self.commit_row(k_cache, v_cache, stage.k, stage.v, stage.pos)
+        rows = [(kc, vc, stage.k, stage.v, stage.pos) for kc, vc, stage in self.used.values()]
         self.used.clear()
+        if len(rows) > 1 and self.commit_rows is not None and self.commit_rows(rows):
+            return
+        for row in rows:
+            self.commit_row(*row)
 
 
 def _index_copy_row(

@@ -287,9 +287,10 @@ def rotary(
 # so that importing this module registers every yirage_cuda op.
 from .triton_attention import decode_attention  # noqa: E402
 from .triton_gemv import gemv, gemv3, gemv3_pdl, gemv_gated, gemv_gated_pdl, gemv_pdl  # noqa: E402
-from .triton_kv_write import kv_commit, rotary_kv_stage, rotary_kv_write  # noqa: E402
+from .triton_kv_write import KvCommitTable, kv_commit, rotary_kv_stage, rotary_kv_write  # noqa: E402
 
 __all__ = [
+    "KvCommitTable",
     "decode_attention",
     "gated_act",
     "gemv",

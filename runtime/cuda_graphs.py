@@ -192,6 +192,10 @@ class CudaGraphRunner:
             outs = self.fn(call_args) if self._boxed else self.fn(*call_args)
         commit_graph = None
         if self.commit is not None:
+            # Host-side set-up the commit cannot capture (lowering/cuda_kv_stage.py).
+            prepare = getattr(self.commit, "prepare_capture", None)
+            if prepare is not None:
+                prepare()
             commit_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(commit_graph, pool=pool):
                 self.commit(list(buffers))

@@ -129,6 +129,63 @@ def test_triton_decode_attention_reads_the_staged_row_in_place_of_the_caches(
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_layers_commit_in_one_captured_launch_that_writes_each_layers_row(dtype):
+    """A StageTable with `KvCommitTable`: an eager commit builds the address table; for a
+    captured one the runner's `prepare_capture` builds it first (the host copy cannot be
+    captured). Either way one launch writes every layer's staged row where `kv_commit`
+    would, and each replay of the captured one does again."""
+    from yirage_dynamo.lowering.cuda_kv_stage import StageTable
+
+    kk = _kernels()
+    table = StageTable(kk.kv_commit, kk.KvCommitTable())
+    b, hkv, t, d = 1, 8, 64, 128
+
+    def new_caches() -> list:
+        return [
+            tuple(torch.randn(b, hkv, t, d, device="cuda", dtype=dtype) for _ in "kv")
+            for _ in range(4)
+        ]
+
+    def stage_every_layer(caches: list, pos: int) -> list:
+        refs = []
+        for kc, vc in caches:
+            stage = table.use(kc, vc)
+            stage.k.copy_(torch.randn_like(stage.k))
+            stage.v.copy_(torch.randn_like(stage.v))
+            stage.pos.fill_(pos)
+            ref_k, ref_v = kc.clone(), vc.clone()
+            kk.kv_commit(ref_k, ref_v, stage.k, stage.v, stage.pos)
+            refs.append((ref_k, ref_v))
+        return refs
+
+    def assert_committed(caches: list, refs: list) -> None:
+        for (kc, vc), (ref_k, ref_v) in zip(caches, refs, strict=True):
+            assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+
+    eager = new_caches()
+    refs = stage_every_layer(eager, 3)
+    table.commit()
+    assert_committed(eager, refs)
+    assert table.commit_rows.launches == 1
+
+    captured = new_caches()
+    for kc, vc in captured:  # what a captured step leaves: its stages, by its caches
+        table.use(kc, vc)
+    table.prepare_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        table.commit()
+    assert table.commit_rows.launches == 2 and len(table.commit_rows.tables) == 2
+    for pos in (10, 63):
+        refs = stage_every_layer(captured, pos)
+        table.used.clear()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_committed(captured, refs)
+
+
+@needs_triton
 @pytest.mark.parametrize("regional", ["1", "0"])
 def test_llama_generate_with_staged_kv_writes_and_run_ahead_matches_eager(monkeypatch, regional):
     """YIRAGE_CUDA_KV_STAGE=on with run-ahead: every layer's write staged (regional pieces
@@ -153,6 +210,8 @@ def test_llama_generate_with_staged_kv_writes_and_run_ahead_matches_eager(monkey
     assert staged, notes
     mine = [r for r in live_runners() if id(r) not in before and r.commit_graph is not None]
     assert mine and sum(getattr(r, "hits", 0) for r in mine) >= 20 - 7, notes
+    # Every layer's row in one launch, captured in the commit graph.
+    assert all(r.commit.commit_rows.launches > 0 for r in mine), notes
 
 
 def _two_turns(model, ids, options: dict | None, new: int = 30):

@@ -13,6 +13,7 @@ from yirage_dynamo.lowering.cuda_kv_stage import (
     STAGE_ENV,
     StagedProgram,
     StageTable,
+    _index_copy_row,
     enabled,
     stage_kv_writes,
 )
@@ -189,6 +190,54 @@ def test_layers_sharing_one_staged_program_stage_into_their_own_buffers():
     torch.testing.assert_close(uncommitted[5], refs[0][5])
 
 
+class _AllRows:
+    """A stand-in for the CUDA lowering's one-launch commit (lowering/triton_kv_write.py
+    `KvCommitTable`): commits every row with `index_copy_`, or refuses (returns False)."""
+
+    def __init__(self, accept: bool) -> None:
+        self.accept, self.prepared, self.calls = accept, [], 0
+
+    def prepare(self, rows: list) -> None:
+        self.prepared.append(len(rows))
+
+    def __call__(self, rows: list) -> bool:
+        self.calls += 1
+        if self.accept:
+            for kc, vc, ks, vs, pos in rows:
+                kc.index_copy_(2, pos, ks)
+                vc.index_copy_(2, pos, vs)
+        return self.accept
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_a_table_commits_all_layers_at_once_where_it_can_and_row_by_row_where_not(accept):
+    gm, caches, args = _staged(_layer)
+    all_rows, by_row = _AllRows(accept), []
+
+    def one_row(*row):
+        by_row.append(row)
+        _index_copy_row(*row)
+
+    table = StageTable(one_row, all_rows)
+    program = StagedProgram(make_boxed_func(gm.forward), caches, table)
+    other = _inputs(1, 4, 2, 1, 16, 12, torch.float32, start=7)
+    refs, gots = [_clones(args), _clones(other)], [_clones(args), _clones(other)]
+    for g in gots:
+        program(g)
+    table.prepare_capture()  # what the runner calls before it captures the commit
+    assert all_rows.prepared == [2]
+    table(None)  # the runner's call
+    assert all_rows.calls == 1 and len(by_row) == (0 if accept else 2)
+    for ref, got in zip(refs, gots, strict=True):
+        _layer(*ref)
+        torch.testing.assert_close(got[5], ref[5])
+        torch.testing.assert_close(got[6], ref[6])
+    # One layer's row goes by itself: nothing to gain from a table.
+    program(_clones(args))
+    table.commit()
+    assert all_rows.calls == 1 and len(by_row) == (1 if accept else 3)
+
+
 @pytest.mark.parametrize(
     "fn,s,why",
     [
@@ -222,7 +271,7 @@ def test_staging_is_off_by_default_and_needs_run_ahead(monkeypatch):
 
 def test_a_regional_steps_runner_commits_what_its_pieces_staged(monkeypatch):
     """lowering/cuda.py: the pieces of one regional compile stage into the table its
-    scope opens, and the stitched step's runner gets that table's commit."""
+    scope opens, and the stitched step's runner gets that table as its commit."""
     from yirage_dynamo.lowering import cuda as cuda_lowering
     from yirage_dynamo.lowering import cuda_kv_stage
     from yirage_dynamo.runtime.run_ahead import RunAheadRunner
@@ -239,7 +288,7 @@ def test_a_regional_steps_runner_commits_what_its_pieces_staged(monkeypatch):
         StagedProgram(lambda args: None, [], table)  # a piece staged into it
         runner = lowering.finish_regional(lambda *a: None, inputs, options, frozenset())
     assert cuda_kv_stage.CURRENT.get() is None
-    assert isinstance(runner, RunAheadRunner) and runner.commit == table.commit
+    assert isinstance(runner, RunAheadRunner) and runner.commit is table
     # Without run-ahead nothing is staged, and no piece staged: no commit.
     with lowering.regional_scope(inputs, parse_options({})):
         assert cuda_kv_stage.CURRENT.get() is None

@@ -3,7 +3,8 @@ the ATen references: a numerics check of kernel code on a machine without a GPU.
 tests/test_triton_interpreter.py in a process of its own (the interpreter is chosen when
 Triton is imported); exits non-zero on the first mismatch.
 
-Covered: `rotary_kv_write`, its staged form `rotary_kv_stage` and `kv_commit`, `decode_attention` with and
+Covered: `rotary_kv_write`, its staged form `rotary_kv_stage`, `kv_commit` and its
+all-rows form `KvCommitTable`, `decode_attention` with and
 without a staged row (cache_position or mask bounds, both merges), and the staging rewrite
 (lowering/cuda_kv_stage.py) on a graph of these ops. Float32 only: Triton 3.6's
 interpreter does not do bfloat16 faithfully (decode attention in bf16 comes out wrong
@@ -64,6 +65,31 @@ def check_rotary_kv_write_and_stage() -> None:
         torch.testing.assert_close(committed_v, ref_v)
 
 
+def check_kv_commit_table_commits_every_row_as_kv_commit_does() -> None:
+    """All layers' rows in one launch (a table of their addresses) write what `kv_commit`
+    writes row by row, a position past the cache included; rows of another layout are
+    refused (the caller commits them row by row)."""
+    torch.manual_seed(0)
+    b, hkv, d, t = 2, 2, 16, 8
+    rows = []
+    for p in (5, 0, t, 7):  # t: past the cache, nothing written
+        kc, vc = torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+        rows.append(
+            (kc, vc, torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d), torch.tensor([p]))
+        )
+    ref = [(kc.clone(), vc.clone()) for kc, vc, *_ in rows]
+    for (rk, rv), (_, _, ks, vs, sp) in zip(ref, rows):
+        torch.ops.yirage_cuda.kv_commit(rk, rv, ks, vs, sp)
+    commit = kernels.KvCommitTable()
+    for _ in range(2):  # the second call finds its table
+        assert commit(rows)
+    assert len(commit.tables) == 1 and commit.launches == 2
+    for (rk, rv), (kc, vc, *_) in zip(ref, rows):
+        assert torch.equal(kc, rk) and torch.equal(vc, rv)
+    other = (torch.randn(b, hkv, t, 2 * d), torch.randn(b, hkv, t, 2 * d), *rows[0][2:])
+    assert not commit([rows[0], other])
+
+
 def check_decode_attention_with_and_without_a_stage() -> None:
     torch.manual_seed(0)
     attention = kernels.decode_attention
@@ -118,7 +144,7 @@ def check_staging_rewrite_with_the_real_ops() -> None:
         gm, ops.rotary_kv_write.default, ops.rotary_kv_stage.default, ops.decode_attention.default
     )
     assert caches == [(5, 6)], caches
-    table = cuda_kv_stage.StageTable(ops.kv_commit)
+    table = cuda_kv_stage.StageTable(ops.kv_commit, kernels.KvCommitTable())
     program = cuda_kv_stage.StagedProgram(make_boxed_func(gm.forward), caches, table)
     ref_args, got_args = [a.clone() for a in args], [a.clone() for a in args]
     ref = layer(*ref_args)
@@ -135,6 +161,7 @@ if __name__ == "__main__":
         sys.exit("run with TRITON_INTERPRET=1 (set before Triton is imported)")
     _numpy2_safe_index()
     check_rotary_kv_write_and_stage()
+    check_kv_commit_table_commits_every_row_as_kv_commit_does()
     check_decode_attention_with_and_without_a_stage()
     check_staging_rewrite_with_the_real_ops()
     print("interpreter checks passed", file=sys.stderr)
