@@ -5,14 +5,17 @@ One process, one model per shape (random bf16 weights, batch 1, static KV cache 
 
   eager     model.generate(..., disable_compile=True)
   inductor  HF's default CompileConfig (backend="inductor", mode="reduce-overhead")
-  yirage    CompileConfig(backend=yirage) (CUDA graphs on by default for inference)
+  yirage    CompileConfig(backend=yirage) (CUDA graphs on by default for inference; the
+            default run_ahead="auto": KV writes staged, run-ahead kept if timed faster)
+  yirage_in_order  the same with options={"run_ahead": False}: every step in order
   yirage_all  the same with options={"cuda_kernels": "all"} (every yirage op on our kernels)
   yirage_run_ahead  the same with options={"run_ahead": True}: the next decode step
                  starts on a side stream before HF asks for it (runtime/run_ahead.py),
                  kept if timed faster than in order; _always: no trial; _staged: with
                  the KV writes staged (YIRAGE_CUDA_KV_STAGE=on)
-  yirage_auto    the same with options={"run_ahead": "auto"}: the KV writes staged, and
-                 run-ahead (with its trial) only where every one of them is
+  yirage_auto    the same with options={"run_ahead": "auto"} (the default since the 25th
+                 session): the KV writes staged, run-ahead (with its trial) only where
+                 every one of them is
   yirage_gemv    yirage with the Triton decode GEMV forced on (YIRAGE_CUDA_GEMV=on) for
                  every eligible projection, whatever the cuBLAS comparison says
   yirage_nogemv  yirage with the GEMV off (YIRAGE_CUDA_GEMV=off): cuBLAS for every matmul
@@ -312,6 +315,9 @@ def variant_configs(options: dict) -> dict[str, Any]:
         # Every yirage op on our Triton kernels (no inlining for Inductor to fuse).
         "yirage_all": transformers.CompileConfig(
             backend=yirage, mode=None, options={**options, "cuda_kernels": "all"}
+        ),
+        "yirage_in_order": transformers.CompileConfig(
+            backend=yirage, mode=None, options={**options, "run_ahead": False}
         ),
         "yirage_run_ahead": transformers.CompileConfig(
             backend=yirage, mode=None, options={**options, "run_ahead": True}

@@ -253,17 +253,18 @@ def test_graphs_staging_would_change_are_left_as_they_are(fn, s, why):
     assert OPS[1] not in [n.target for n in gm.graph.nodes]
 
 
-def test_staging_is_off_by_default_and_needs_run_ahead(monkeypatch):
+def test_staging_is_on_by_default_with_auto_run_ahead_and_needs_run_ahead(monkeypatch):
     monkeypatch.delenv(STAGE_ENV, raising=False)
     monkeypatch.delenv("YIRAGE_RUN_AHEAD", raising=False)
     assert not enabled(parse_options({"run_ahead": True}))
-    assert not enabled(parse_options({}))
-    assert enabled(parse_options({"run_ahead": "auto"}))  # auto runs ahead only staged
+    assert not enabled(parse_options({"run_ahead": False}))
+    assert enabled(parse_options({}))  # the default, "auto", runs ahead only staged steps
+    assert enabled(parse_options({"run_ahead": "auto"}))
     monkeypatch.setenv(STAGE_ENV, "off")
     assert not enabled(parse_options({"run_ahead": "auto"}))
     monkeypatch.setenv(STAGE_ENV, "on")
     assert enabled(parse_options({"run_ahead": True}))
-    assert not enabled(parse_options({}))
+    assert not enabled(parse_options({"run_ahead": False}))
     monkeypatch.setenv(STAGE_ENV, "yes")
     with pytest.raises(ValueError, match=f"{STAGE_ENV}='yes'.*'on' or 'off'"):
         enabled(parse_options({"run_ahead": True}))
@@ -290,9 +291,10 @@ def test_a_regional_steps_runner_commits_what_its_pieces_staged(monkeypatch):
     assert cuda_kv_stage.CURRENT.get() is None
     assert isinstance(runner, RunAheadRunner) and runner.commit is table
     # Without run-ahead nothing is staged, and no piece staged: no commit.
-    with lowering.regional_scope(inputs, parse_options({})):
+    in_order = parse_options({"run_ahead": False})
+    with lowering.regional_scope(inputs, in_order):
         assert cuda_kv_stage.CURRENT.get() is None
-        plain = lowering.finish_regional(lambda *a: None, inputs, parse_options({}), frozenset())
+        plain = lowering.finish_regional(lambda *a: None, inputs, in_order, frozenset())
     assert plain.commit is None
 
 

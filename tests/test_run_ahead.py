@@ -102,7 +102,8 @@ def test_run_ahead_option_is_validated(monkeypatch):
     monkeypatch.delenv("YIRAGE_RUN_AHEAD", raising=False)  # the default is the option's
 
     assert parse_options({"run_ahead": True}).run_ahead is True
-    assert parse_options({}).run_ahead is False
+    assert parse_options({}).run_ahead == "auto"
+    assert parse_options({"run_ahead": False}).run_ahead is False
     assert parse_options({"run_ahead": "always"}).run_ahead == "always"
     assert parse_options({"run_ahead": "auto"}).run_ahead == "auto"
     with pytest.raises(ValueError, match="run_ahead.*'always' or 'auto'"):

@@ -42,13 +42,14 @@ class Options:
     cudagraphs: bool | None = None
     # CUDA graphs: start the next decode step on a side stream before it is asked for
     # (runtime/run_ahead.py), hiding HF's per-token host time behind the GPU. Outputs are
-    # handed out only for inputs equal to the prediction. True: timed against running in
-    # order over the first calls, the faster kept; "always": no trial. "auto": as True, but
-    # only for a step whose every KV-cache write is staged (lowering/cuda_kv_stage.py), so
-    # that a step started ahead writes nothing the caller shares before it is handed out;
-    # other steps run in order. True and "always" also run unstaged steps ahead: see the
-    # module on the one case those do not order (eager cache writes right after the end).
-    run_ahead: bool | str = False
+    # handed out only for inputs equal to the prediction. "auto" (the default): timed
+    # against running in order over the first calls, the faster kept, only for a step
+    # whose every KV-cache write is staged (lowering/cuda_kv_stage.py), so that a step
+    # started ahead writes nothing the caller shares before it is handed out; other steps
+    # run in order. False: every step in order. True: as "auto" for unstaged steps too;
+    # "always": True without the trial. True and "always" leave one case unordered (eager
+    # cache writes right after the end: see the module).
+    run_ahead: bool | str = "auto"
     # CUDA lowering: which yirage ops run as our Triton kernels. "auto": decode attention,
     # and decode GEMVs where measured faster than cuBLAS on this GPU; the pointwise/norm ops
     # go back to ATen for Inductor to fuse. "all": every op with a kernel. "none": no Triton
