@@ -17,11 +17,12 @@
 #   PROFILE=1 ...: the bench also lists each compiled variant's kernels (torch.profiler)
 #   AUTO_S=N: before the bench, tests/test_cuda_generate.py with YIRAGE_RUN_AHEAD=auto
 #   (every generate() test under staged run-ahead: what making "auto" the default needs).
-#   Next (RESULTS.md, 24th session: "auto" passed the staged kernels' and Llama's tests on
-#   an H100; the other families under "auto", and 1B, are still due):
-#   AUTO_S=200 TEST_FILES="tests/test_cuda_kv_stage.py tests/test_run_ahead.py" TESTS_S=120 \
-#     SHAPES=1b,7b VARIANTS=yirage,yirage_auto,yirage_run_ahead,inductor ROUNDS=3 \
-#     BENCH_S=250 bash benchmarks/cuda_device_pass.sh
+#   Next (RESULTS.md, 25th session: run_ahead="auto" is the default, every layer's commit
+#   one launch): the default's generate() tests and bench, then the rest of the set:
+#   TEST_FILES="tests/test_cuda_kv_stage.py tests/test_run_ahead.py tests/test_cuda_generate.py \
+#     tests/test_triton_interpreter.py" TESTS_S=290 SHAPES=1b,7b \
+#     VARIANTS=yirage,yirage_in_order,inductor ROUNDS=3 BENCH_S=270 bash benchmarks/cuda_device_pass.sh
+#   TESTS_S=0 BENCH_S=0 REST_S=500 bash benchmarks/cuda_device_pass.sh
 #   Run-ahead against in order and Inductor (RESULTS.md, 22nd session):
 #   TEST_FILES=tests/test_run_ahead.py SHAPES=1b,7b \
 #     VARIANTS=yirage,yirage_run_ahead,yirage_run_ahead_always,inductor ROUNDS=3 \

@@ -56,14 +56,14 @@ a new cache per call, and the runner holds the old one until it re-captures (aft
 ordering itself after the pending step), so nothing else writes where that step writes.
 Not ordered: eager code that writes the same cache in the few milliseconds after the last
 step, such as a multi-turn chat that passes its cache back into `generate()`, whose
-eager prefill writes the slot after the previous turn's end. That is why this is opt-in
-(`options={"run_ahead": True}`). A staged step closes it: where the compiled function
-writes its new K/V rows into buffers of its own and has a commit (runtime/cuda_graphs.py),
-the commit's graph runs on the caller's stream only when the step is handed out, so a
-step started ahead writes nothing the caller shares until then. `run_ahead="auto"` stages
-the CUDA lowering's KV writes (lowering/cuda_kv_stage.py) and runs ahead only a step
-whose writes were all staged (lowering/cuda.py `_runner`); the commit costs ~0.1 ms of a
-7B H100 step (32 small launches), paid in order too.
+eager prefill writes the slot after the previous turn's end. That is why running an
+unstaged step ahead is opt-in (`options={"run_ahead": True}`). A staged step closes it:
+where the compiled function writes its new K/V rows into buffers of its own and has a
+commit (runtime/cuda_graphs.py), the commit's graph runs on the caller's stream only when
+the step is handed out, so a step started ahead writes nothing the caller shares until
+then. `run_ahead="auto"`, the default, stages the CUDA lowering's KV writes
+(lowering/cuda_kv_stage.py) and runs ahead only a step whose writes were all staged
+(lowering/cuda.py `_runner`); the commit is one launch for all layers, paid in order too.
 """
 
 from __future__ import annotations
