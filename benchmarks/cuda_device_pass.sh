@@ -63,6 +63,8 @@ fi
 if [ "${REST_S:-0}" -gt 0 ]; then
   timeout "$REST_S" python3 -m pytest -q -p no:cacheprovider tests/test_triton_pool.py \
     tests/test_cuda.py tests/test_cuda_choices.py tests/test_cuda_kv_write.py \
-    tests/test_cuda_debug.py tests/test_regional.py tests/test_llm_patterns.py 2>&1 |
+    tests/test_cuda_debug.py tests/test_regional.py tests/test_llm_patterns.py \
+    tests/test_cuda_pdl.py tests/test_frozen_weights.py tests/test_memory_plan.py \
+    tests/test_run_ahead_staged.py 2>&1 |
     tee "$OUT/tests_rest_full.log" | tail -n 25 | tee "$OUT/tests_rest.log"
 fi
