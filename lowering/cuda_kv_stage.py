@@ -135,6 +135,50 @@ class StageTable:
             self.commit_row(*row)
 
 
+class AddressTables:
+    """Device tables of the rows' addresses (k cache, v cache, k stage, v stage, stage
+    position per row) for the CUDA lowering's one-launch commit (lowering/
+    triton_kv_write.py `KvCommitTable`). A table is built on the host, which a CUDA-graph
+    capture cannot record: the runner's `prepare_capture` (or an eager commit) builds it,
+    and the captured commit finds it by the rows' addresses. Each is kept while its
+    caches live: a captured commit graph reads it at every replay."""
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple, tuple[torch.Tensor, list[weakref.ref]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    def get(self, rows: list[tuple[torch.Tensor, ...]], build: bool) -> torch.Tensor | None:
+        """The rows' table; None where there is none and `build` is False, or where the
+        rows differ in layout (one kernel launch takes the first row's for all)."""
+        layout = _row_layout(rows[0])
+        if layout is None or any(_row_layout(r) != layout for r in rows[1:]):
+            return None
+        addresses = [t.data_ptr() for r in rows for t in r]
+        key = (layout, *addresses)
+        found = self.tables.get(key)
+        if found is None and build:
+            self.tables = {
+                k: v for k, v in self.tables.items() if all(c() is not None for c in v[1])
+            }
+            table = torch.tensor(addresses, dtype=torch.int64, device=rows[0][0].device)
+            found = self.tables[key] = (table, [weakref.ref(r[0]) for r in rows])
+        return None if found is None else found[0]
+
+
+def _row_layout(row: tuple[torch.Tensor, ...]) -> tuple | None:
+    """What one launch takes from the first row for all: shapes, strides and one element
+    type (None: a row it cannot commit)."""
+    k_cache, v_cache, k_stage, v_stage, pos = row
+    tensors = (k_cache, v_cache, k_stage, v_stage)
+    if any(t.stride(-1) != 1 or t.dtype != k_cache.dtype for t in tensors):
+        return None
+    if pos.dtype != torch.int64 or k_cache.shape != v_cache.shape:
+        return None
+    return (k_cache.shape, k_stage.shape, k_cache.dtype, *(t.stride() for t in tensors))
+
+
 def _index_copy_row(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

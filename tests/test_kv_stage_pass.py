@@ -11,6 +11,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch.fx.experimental.proxy_tensor import make_fx
 from yirage_dynamo.lowering.cuda_kv_stage import (
     STAGE_ENV,
+    AddressTables,
     StagedProgram,
     StageTable,
     _index_copy_row,
@@ -236,6 +237,39 @@ def test_a_table_commits_all_layers_at_once_where_it_can_and_row_by_row_where_no
     program(_clones(args))
     table.commit()
     assert all_rows.calls == 1 and len(by_row) == (1 if accept else 3)
+
+
+def _rows(layers: int, d: int = 16) -> list[tuple[torch.Tensor, ...]]:
+    """Stand-ins for a step's staged rows: caches [1, 2, 12, d], stages, positions."""
+    return [
+        (
+            torch.zeros(1, 2, 12, d),
+            torch.zeros(1, 2, 12, d),
+            torch.zeros(1, 2, 1, d),
+            torch.zeros(1, 2, 1, d),
+            torch.tensor([3]),
+        )
+        for _ in range(layers)
+    ]
+
+
+def test_address_tables_are_found_by_the_rows_addresses_and_kept_while_their_caches_live():
+    """The one-launch commit's tables (lowering/triton_kv_write.py `KvCommitTable`): built
+    where allowed, found again for the same rows (as a capture must), none for rows of
+    two layouts, and a table dropped only once its caches are gone."""
+    tables = AddressTables()
+    first = _rows(3)
+    assert tables.get(first, build=False) is None  # a capture meeting unseen rows
+    built = tables.get(first, build=True)
+    assert built.tolist() == [t.data_ptr() for row in first for t in row]
+    assert tables.get(first, build=False) is built
+    second = _rows(3)
+    assert tables.get(second, build=True) is not None and len(tables) == 2
+    assert tables.get(first, build=False) is built  # still live: kept
+    assert tables.get([first[0], _rows(1, d=32)[0]], build=True) is None
+    del first, built
+    tables.get(_rows(2), build=True)
+    assert len(tables) == 2 and tables.get(second, build=False) is not None
 
 
 @pytest.mark.parametrize(
