@@ -8,21 +8,24 @@
 #   4. 7B decode, the variants interleaved in one process     (BENCH_S, default 300 s);
 #      by default the A/Bs still due: our CUDA-graph runner against Inductor's trees,
 #      regional against whole-graph (RESULTS.md, 18th session)
-#   5. the rest of the CUDA test set                          (REST_S,  default 0: skipped)
+#   5. the 7B cold compile, yirage and Inductor               (COMPILE_S, default 0)
+#   6. the rest of the CUDA test set                          (REST_S,  default 0: skipped)
 #   (3b. tests/test_cuda_generate.py under YIRAGE_RUN_AHEAD=auto  (AUTO_S,  default 0))
 # A stage whose limit is 0 is skipped. The device tool allows 600 s a command, so:
 #   bash benchmarks/cuda_device_pass.sh                       (stages 1, 3, 4: ~9 min)
-#   TESTS_S=0 BENCH_S=0 REST_S=500 bash benchmarks/cuda_device_pass.sh   (stage 5)
+#   TESTS_S=0 BENCH_S=0 REST_S=500 bash benchmarks/cuda_device_pass.sh   (stage 6)
 #   VARIANTS=yirage,inductor ROUNDS=5 bash benchmarks/cuda_device_pass.sh
 #   PROFILE=1 ...: the bench also lists each compiled variant's kernels (torch.profiler)
 #   AUTO_S=N: before the bench, tests/test_cuda_generate.py with YIRAGE_RUN_AHEAD=auto
 #   (every generate() test under staged run-ahead: what making "auto" the default needs).
-#   Next (RESULTS.md, 25th session: run_ahead="auto" is the default, every layer's commit
-#   one launch): the default's generate() tests and bench, then the rest of the set:
-#   TEST_FILES="tests/test_cuda_kv_stage.py tests/test_run_ahead.py tests/test_cuda_generate.py \
-#     tests/test_triton_interpreter.py" TESTS_S=290 SHAPES=1b,7b \
-#     VARIANTS=yirage,yirage_in_order,inductor ROUNDS=3 BENCH_S=270 bash benchmarks/cuda_device_pass.sh
-#   TESTS_S=0 BENCH_S=0 REST_S=500 bash benchmarks/cuda_device_pass.sh
+#   COMPILE_S=N: after the bench, the 7B cold compile of yirage and of Inductor, each in a
+#   fresh process with empty caches (each limited to N s).
+#   Next (RESULTS.md, 25th session: run_ahead="auto" is the default and passed the
+#   generate() tests on an H100; 1B, the cold compile and the rest of the set are due):
+#   TESTS_S=0 SHAPES=1b,7b VARIANTS=yirage,yirage_in_order,inductor ROUNDS=3 BENCH_S=300 \
+#     COMPILE_S=120 bash benchmarks/cuda_device_pass.sh       (~9 min)
+#   TEST_FILES=tests/test_cuda_kv_stage.py TESTS_S=120 BENCH_S=0 REST_S=450 \
+#     bash benchmarks/cuda_device_pass.sh
 #   Run-ahead against in order and Inductor (RESULTS.md, 22nd session):
 #   TEST_FILES=tests/test_run_ahead.py SHAPES=1b,7b \
 #     VARIANTS=yirage,yirage_run_ahead,yirage_run_ahead_always,inductor ROUNDS=3 \
@@ -58,6 +61,15 @@ if [ "${BENCH_S:-300}" -gt 0 ]; then
   timeout "${BENCH_S:-300}" python3 benchmarks/bench_cuda_llama.py --shapes "${SHAPES:-7b}" \
     --variants "${VARIANTS:-yirage,yirage_trees,yirage_whole,inductor}" \
     --interleaved "${ROUNDS:-3}" ${PROFILE:+--profile} 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
+fi
+
+if [ "${COMPILE_S:-0}" -gt 0 ]; then
+  # Cold compile, each backend alone in a fresh process with empty caches (7B).
+  for variant in yirage inductor; do
+    timeout "$COMPILE_S" python3 benchmarks/profile_compile_cuda.py --shape 7b \
+      --variant "$variant" --out "$OUT" 2>&1 | grep -v -i warn | tail -n 12 |
+      tee -a "$OUT/compile.log"
+  done
 fi
 
 if [ "${REST_S:-0}" -gt 0 ]; then
