@@ -119,20 +119,23 @@ class StageTable:
         one-launch commit must build on the host."""
         prepare = getattr(self.commit_rows, "prepare", None)
         if prepare is not None and len(self.used) > 1:
-            prepare([(kc, vc, s.k, s.v, s.pos) for kc, vc, s in self.used.values()])
+            prepare(self._used_rows())
 
-    def __call__(self, args: list[Any] | None = None) -> None:
-        self.commit(args)
+    def _used_rows(self) -> list[tuple[torch.Tensor, ...]]:
+        """(k_cache, v_cache, k_stage, v_stage, stage_pos) of every cache the last call used."""
+        return [(kc, vc, s.k, s.v, s.pos) for kc, vc, s in self.used.values()]
 
     def commit(self, args: list[Any] | None = None) -> None:
         """Every row the last call staged, into its cache (on the current stream). The
         runner passes the step's inputs; the table already holds the caches it staged for."""
-        rows = [(kc, vc, stage.k, stage.v, stage.pos) for kc, vc, stage in self.used.values()]
+        rows = self._used_rows()
         self.used.clear()
         if len(rows) > 1 and self.commit_rows is not None and self.commit_rows(rows):
             return
         for row in rows:
             self.commit_row(*row)
+
+    __call__ = commit  # the runner's `commit(args)`
 
 
 class AddressTables:
