@@ -67,7 +67,8 @@ if [ "${COMPILE_S:-0}" -gt 0 ]; then
   # Cold compile, each backend alone in a fresh process with empty caches (7B).
   for variant in yirage inductor; do
     timeout "$COMPILE_S" python3 benchmarks/profile_compile_cuda.py --shape 7b \
-      --variant "$variant" --out "$OUT" 2>&1 | grep -v -i warn | tail -n 12 |
+      --variant "$variant" --out "$OUT" 2>&1 | grep -v -i warn |
+      tee "$OUT/compile_$variant.log" | grep -E "cold compile|Dynamo compile|runner _" |
       tee -a "$OUT/compile.log"
   done
 fi

@@ -181,17 +181,16 @@ class TritonLowering(Lowering):
 
         _swap_in_kernels(gm, ctx, for_inductor=False)
         ctx.report.notes.append("cuda codegen: the post-pass graph runs as is (no Inductor)")
-        fn = make_boxed_func(gm.forward)
         on, _ = wants_cudagraphs(ctx.options, ctx.example_inputs)
         runner = on and ctx.inference and _own_cuda_graphs(ctx.example_inputs)
         # A regional piece stages into its step's table; a whole graph into its own.
         table = cuda_kv_stage.CURRENT.get()
         if table is None and runner and cuda_kv_stage.enabled(ctx.options):
             table = _stage_table()
-        commit = None
-        if table is not None and ctx.inference:
-            fn = _staged(gm, ctx, fn, table)
-            commit = table if isinstance(fn, cuda_kv_stage.StagedProgram) else None
+        fn = _staged(gm, ctx, table) if table is not None and ctx.inference else None
+        commit = None if fn is None else table
+        if fn is None:
+            fn = make_boxed_func(gm.forward)
         if runner:
             runner = _runner(fn, ctx.mutated_inputs, ctx.options, commit=commit)
             ctx.report.notes.append(_runner_note(runner))
@@ -290,23 +289,28 @@ def _stage_table() -> Any:
     return cuda_kv_stage.StageTable(kernels.kv_commit, kernels.KvCommitTable())
 
 
-def _staged(gm: GraphModule, ctx: Any, fn: Callable, table: Any) -> Callable:
-    """`fn` as a StagedProgram where every KV write of `gm` could be staged (see
-    lowering/cuda_kv_stage.py), else `fn`; the report says which and why."""
+def _staged(gm: GraphModule, ctx: Any, table: Any) -> Callable | None:
+    """`gm` as a StagedProgram where every KV write of it could be staged (see
+    lowering/cuda_kv_stage.py), else None; the report says which and why."""
     ops = torch.ops.yirage_cuda
-    caches = cuda_kv_stage.stage_kv_writes(
-        gm, ops.rotary_kv_write.default, ops.rotary_kv_stage.default, ops.decode_attention.default
+    program = cuda_kv_stage.staged_program(
+        gm,
+        table,
+        ops.rotary_kv_write.default,
+        ops.rotary_kv_stage.default,
+        ops.decode_attention.default,
     )
-    if isinstance(caches, str):
-        ctx.report.notes.append(f"kv stage: none ({caches})")
-        return fn
-    ctx.report.notes.append(f"kv stage: {len(caches)} KV writes staged, committed by the runner")
-    ctx.report.count_pattern("staged_kv_writes", len(caches))
+    if isinstance(program, str):
+        ctx.report.notes.append(f"kv stage: none ({program})")
+        return None
+    n = len(program.caches)
+    ctx.report.notes.append(f"kv stage: {n} KV writes staged, committed by the runner")
+    ctx.report.count_pattern("staged_kv_writes", n)
     if ctx.options.debug:
         from .cuda_debug import dump_lowered
 
         dump_lowered(gm, ctx, "lowered_cuda_staged")
-    return cuda_kv_stage.StagedProgram(fn, caches, table)
+    return program
 
 
 def _runner_note(runner: Any) -> str:

@@ -212,6 +212,22 @@ class StagedProgram:
         return self.fn(flat)
 
 
+def staged_program(
+    gm: GraphModule, table: StageTable, write_op: Any, stage_op: Any, attention_op: Any
+) -> StagedProgram | str:
+    """`gm` with every KV write staged (`stage_kv_writes`), called through a
+    StagedProgram; or why nothing was staged. The program calls the rewritten forward: a
+    plain GraphModule's `forward`, bound before the rewrite, keeps the old signature (a
+    lazy one re-dispatches, which hid this until a graph compiled outside Dynamo's
+    compile context, for a second model's weights, frozen_weights.py, was not lazy)."""
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    caches = stage_kv_writes(gm, write_op, stage_op, attention_op)
+    if isinstance(caches, str):
+        return caches
+    return StagedProgram(make_boxed_func(gm.forward), caches, table)
+
+
 def stage_kv_writes(
     gm: GraphModule, write_op: Any, stage_op: Any, attention_op: Any
 ) -> list[tuple[int, int]] | str:

@@ -17,6 +17,7 @@ from yirage_dynamo.lowering.cuda_kv_stage import (
     _index_copy_row,
     enabled,
     stage_kv_writes,
+    staged_program,
 )
 from yirage_dynamo.lowering.cuda_kv_write import rotary_kv_write_reference
 
@@ -136,6 +137,27 @@ def test_a_cache_read_before_its_write_sees_it_unwritten_staged_or_not():
     torch.testing.assert_close(program(got_args), _read_before_write(*ref_args))
     table.commit()
     torch.testing.assert_close(got_args[5], ref_args[5])
+
+
+def test_a_staged_program_of_a_plain_graph_module_calls_its_staged_forward():
+    """A graph compiled outside Dynamo's compile context (a second model's weights,
+    frozen_weights.py) is a plain GraphModule, not a lazy one: a `forward` bound before
+    the rewrite kept the unstaged signature and every call failed (found on an H100)."""
+    args = _inputs(1, 4, 2, 1, 16, 12, torch.float32, start=5)
+    lazy = make_fx(_layer)(*_clones(args))
+    gm = torch.fx.GraphModule(lazy, lazy.graph)
+    assert not isinstance(gm, torch.fx._lazy_graph_module._LazyGraphModule)
+    table = StageTable()
+    program = staged_program(gm, table, *OPS)
+    assert isinstance(program, StagedProgram) and program.caches == [(5, 6)]
+    ref_args, got_args = _clones(args), _clones(args)
+    torch.testing.assert_close(program(got_args), _layer(*ref_args))
+    table.commit()
+    torch.testing.assert_close(got_args[5], ref_args[5])
+    torch.testing.assert_close(got_args[6], ref_args[6])
+    assert staged_program(make_fx(_cache_also_summed)(*_clones(args)), table, *OPS) == (
+        stage_kv_writes(make_fx(_cache_also_summed)(*_clones(args)), *OPS)
+    )
 
 
 def _staged(fn, s=1):
