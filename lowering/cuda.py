@@ -75,6 +75,7 @@ from unittest import mock
 
 import torch
 from torch.fx import GraphModule
+from yirage_dynamo.passes.context import node_val
 
 from . import cuda_kv_stage
 from .base import Capabilities, Lowering
@@ -189,6 +190,8 @@ class TritonLowering(Lowering):
             table = _stage_table()
         fn = _staged(gm, ctx, table) if table is not None and ctx.inference else None
         commit = None if fn is None else table
+        with ctx.report.stage("precompile_rest"):
+            _precompile_rest(gm, fn)
         if fn is None:
             fn = make_boxed_func(gm.forward)
         if runner:
@@ -311,6 +314,29 @@ def _staged(gm: GraphModule, ctx: Any, table: Any) -> Callable | None:
 
         dump_lowered(gm, ctx, "lowered_cuda_staged")
     return program
+
+
+def _precompile_rest(gm: GraphModule, staged: Any) -> None:
+    """The graph's other kernels (norms, rotary and KV writes, activations, and a staged
+    step's commit) compiled at once in forked children before the first call, which
+    compiled them one by one (lowering/triton_pool.py); GEMVs and decode attention were
+    compiled for their config search."""
+    from . import triton_pool
+    from .cuda_ops import _kernels
+
+    extra = []
+    if staged is not None:
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        first_stage = len(placeholders) - 3 * len(staged.caches)
+        k_cache, v_cache = (node_val(placeholders[i]) for i in staged.caches[0])
+        k_stage, v_stage = placeholders[first_stage : first_stage + 2]
+        extra.append(
+            lambda: _kernels().KvCommitTable.record_launch(
+                k_cache, v_cache, triton_pool.stand_in(k_stage), triton_pool.stand_in(v_stage)
+            )
+        )
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        triton_pool.precompile_graph_ops(gm, "yirage_cuda", ("gemv", "decode_attention"), extra)
 
 
 def _runner_note(runner: Any) -> str:

@@ -31,7 +31,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from .triton_pool import launch
 
 # ---------------------------------------------------------------------------------------
 # RMSNorm (optionally with the residual add fused in front)
@@ -96,7 +98,9 @@ def _launch_rms(x, residual, weight, eps, weight_fp32, num_warps):
     y = torch.empty(x.shape, dtype=_norm_out_dtype(x, weight, weight_fp32), device=x.device)
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else y
     y2, h2 = y.view(-1, n), h.view(-1, n)
-    wrap_triton(_rms_norm_kernel)[(x2.shape[0],)](
+    launch(
+        _rms_norm_kernel,
+        (x2.shape[0],),
         x2,
         r2,
         weight if weight is not None else x2,
@@ -168,7 +172,9 @@ def gated_act(
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     y2 = y.view(-1, n)
     grid = (g2.shape[0], triton.cdiv(n, block))
-    wrap_triton(_gated_act_kernel)[grid](
+    launch(
+        _gated_act_kernel,
+        grid,
         g2,
         u2,
         y2,
@@ -245,7 +251,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x = x if x.stride(-1) == 1 else x.contiguous()
     b, h, s, d = x.shape
     y = torch.empty((b, h, s, d), dtype=x.dtype, device=x.device)
-    wrap_triton(_rotary_kernel)[(b * h * s,)](
+    launch(
+        _rotary_kernel,
+        (b * h * s,),
         x,
         cos,
         sin,

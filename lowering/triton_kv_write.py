@@ -27,10 +27,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .cuda_kv_stage import AddressTables
 from .triton_kernels import _bcast_stride, _rotate_row, _seq_major
+from .triton_pool import launch
 
 
 @triton.jit
@@ -134,7 +135,9 @@ def _launch(
     b, hq, s, d = q.shape
     hkv = k.shape[1]
     out = torch.empty((b, hq, s, d), dtype=q.dtype, device=q.device)
-    wrap_triton(_rotary_kv_write_kernel)[(b * (hq + hkv) * s,)](
+    launch(
+        _rotary_kv_write_kernel,
+        (b * (hq + hkv) * s,),
         q,
         k,
         v,
@@ -357,7 +360,9 @@ def kv_commit(
         raise ValueError("kv_commit: caches with unit inner stride")
     k_stage, v_stage = _inner(k_stage), _inner(v_stage)
     b, hkv, t, d = k_cache.shape
-    wrap_triton(_kv_commit_kernel)[(b * hkv,)](
+    launch(
+        _kv_commit_kernel,
+        (b * hkv,),
         k_cache,
         v_cache,
         k_stage,
@@ -401,20 +406,42 @@ class KvCommitTable:
         table = self.tables.get(rows, build=not capturing)
         if table is None:
             return False
-        k_cache, v_cache, k_stage, v_stage, _ = rows[0]
-        b, hkv, t, d = k_cache.shape
-        _kv_commit_table_kernel[(len(rows), b * hkv)](
-            table,
-            k_stage,
-            hkv,
-            t,
-            *k_cache.stride()[:3],
-            *v_cache.stride()[:3],
-            *k_stage.stride()[:2],
-            *v_stage.stride()[:2],
-            D=d,
-            BLOCK_D=triton.next_power_of_2(d),
-            num_warps=1,
-        )
+        _launch_table(table, len(rows), *rows[0][:4])
         self.launches += 1
         return True
+
+    @staticmethod
+    def record_launch(
+        k_cache: torch.Tensor, v_cache: torch.Tensor, k_stage: torch.Tensor, v_stage: torch.Tensor
+    ) -> None:
+        """The commit's launch for rows of this layout, inside `triton_pool.recording()`
+        (precompiling; the caches may be fake: only their layout is read)."""
+        table = torch.empty(5, dtype=torch.int64, device=k_stage.device)
+        _launch_table(table, 1, k_cache, v_cache, k_stage, v_stage)
+
+
+def _launch_table(
+    table: torch.Tensor,
+    n_rows: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_stage: torch.Tensor,
+    v_stage: torch.Tensor,
+) -> None:
+    b, hkv, t, d = k_cache.shape
+    launch(
+        _kv_commit_table_kernel,
+        (n_rows, b * hkv),
+        table,
+        k_stage,
+        hkv,
+        t,
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        *k_stage.stride()[:2],
+        *v_stage.stride()[:2],
+        D=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        num_warps=1,
+        traced=False,
+    )

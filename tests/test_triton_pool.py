@@ -153,3 +153,90 @@ def test_gemv_precompile_round_also_compiles_the_attention_candidates(monkeypatc
     cached = SimpleNamespace(cached=lambda *_: True, precompiled=set(), stats={})
     cuda_gemv._precompile(cached, "all", [site], report, attention)
     assert rounds == [] and cached.precompiled == set()
+
+
+_SCALE_CALLS: list[tuple] = []
+
+
+@torch.library.custom_op("yirage_pool_test::scale", mutates_args=())
+def _scale_op(x: torch.Tensor, block: int) -> torch.Tensor:
+    """A stand-in for a yirage_cuda op: its kernel launch goes through the pool."""
+    _SCALE_CALLS.append((type(x), x.shape, x.storage_offset(), block))
+    out = torch.empty_like(x)
+    triton_pool.launch(FAKE, (1,), x, out, x.shape[-1], BLOCK=block)
+    return out
+
+
+@_scale_op.register_fake
+def _(x, block):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("yirage_pool_test::searched", mutates_args=())
+def _searched_op(x: torch.Tensor) -> torch.Tensor:
+    triton_pool.launch(FAKE, (1,), x, 99, BLOCK=1)
+    return x.clone()
+
+
+@_searched_op.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_graph_ops_are_recorded_once_per_layout_on_stand_ins_and_precompiled_together(
+    monkeypatch,
+):
+    """The kernels left to a graph's first call (norms, rotary, KV writes) compile in one
+    round of children: each op of the namespace runs once per distinct input layout and
+    scalars, the skipped (config-searched) ops and other namespaces not at all."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, y, z):
+        a = torch.ops.yirage_pool_test.scale(x, 16)
+        b = torch.ops.yirage_pool_test.scale(y, 16)  # x's layout again: not run again
+        c = torch.ops.yirage_pool_test.scale(z[:, 1:], 16)  # a view 4 bytes in
+        d = torch.ops.yirage_pool_test.scale(x, 32)
+        return a + b + torch.ops.yirage_pool_test.searched(x) + c.sum() + d
+
+    x = torch.randn(4, 8)
+    gm = make_fx(f, tracing_mode="fake")(x, x.clone(), torch.randn(4, 9))
+    _SCALE_CALLS.clear()
+    compiled: list[list] = []
+    monkeypatch.setattr(
+        triton_pool, "precompile", lambda launches: compiled.append(list(launches)) or []
+    )
+    extra_ran = []
+    triton_pool.precompile_graph_ops(
+        gm, "yirage_pool_test", ("searched",), [lambda: extra_ran.append(True)]
+    )
+    mod = _kernel_body.__module__
+    # The unaligned view's launch is not recordable (a worker's stand-in sits at 0): its
+    # stand-in kept the view's offset, so it is left to its first call.
+    assert compiled == [
+        [
+            (mod, "_kernel_body", (torch.float32, torch.float32, 8), (("BLOCK", 16),)),
+            (mod, "_kernel_body", (torch.float32, torch.float32, 8), (("BLOCK", 32),)),
+        ]
+    ]
+    assert extra_ran == [True]
+    assert _SCALE_CALLS == [
+        (torch.Tensor, (4, 8), 0, 16),
+        (torch.Tensor, (4, 8), 1, 16),
+        (torch.Tensor, (4, 8), 0, 32),
+    ]
+
+
+def test_a_stand_in_has_the_node_values_layout_and_offset():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda z: z.t()[1:] * 2, tracing_mode="fake")(torch.randn(5, 6))
+    view = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.slice.Tensor)
+    s = triton_pool.stand_in(view)
+    val = view.meta["val"]
+    assert (s.shape, s.stride(), s.storage_offset(), s.dtype) == (
+        val.shape,
+        val.stride(),
+        val.storage_offset(),
+        val.dtype,
+    )
+    assert not isinstance(s, torch._subclasses.FakeTensor)
