@@ -324,6 +324,16 @@ def _precompile_rest(gm: GraphModule, staged: Any) -> None:
     from . import triton_pool
     from .cuda_ops import _kernels
 
+    try:
+        extra = _commit_record(gm, staged, _kernels(), triton_pool.stand_in)
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():
+            triton_pool.precompile_graph_ops(gm, "yirage_cuda", ("gemv", "decode_attention"), extra)
+    except Exception as exc:  # noqa: BLE001 - only a speed-up: each compiles at first call
+        log.debug("yirage: graph kernels not precompiled: %s", exc)
+
+
+def _commit_record(gm: GraphModule, staged: Any, kernels: Any, stand_in: Callable) -> list:
+    """The staged commit's launch, for precompiling (none for an unstaged graph)."""
     extra = []
     if staged is not None:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -331,12 +341,11 @@ def _precompile_rest(gm: GraphModule, staged: Any) -> None:
         k_cache, v_cache = (node_val(placeholders[i]) for i in staged.caches[0])
         k_stage, v_stage = placeholders[first_stage : first_stage + 2]
         extra.append(
-            lambda: _kernels().KvCommitTable.record_launch(
-                k_cache, v_cache, triton_pool.stand_in(k_stage), triton_pool.stand_in(v_stage)
+            lambda: kernels.KvCommitTable.record_launch(
+                k_cache, v_cache, stand_in(k_stage), stand_in(v_stage)
             )
         )
-    with torch._subclasses.fake_tensor.unset_fake_temporarily():
-        triton_pool.precompile_graph_ops(gm, "yirage_cuda", ("gemv", "decode_attention"), extra)
+    return extra
 
 
 def _runner_note(runner: Any) -> str:

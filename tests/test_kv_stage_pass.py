@@ -376,3 +376,32 @@ def test_auto_run_ahead_runs_ahead_only_a_step_with_a_commit(monkeypatch):
         ),
         RunAheadRunner,
     )
+
+
+def test_the_staged_commits_precompile_record_takes_the_caches_and_the_stage_buffers():
+    """The CUDA lowering precompiles the one-launch commit's kernel with the layout of a
+    staged graph's first cache and its stage buffers (lowering/cuda.py `_commit_record`):
+    the appended stage inputs, found by position, not the caches or the positions."""
+    from yirage_dynamo.lowering.cuda import _commit_record
+    from yirage_dynamo.lowering.triton_pool import stand_in
+
+    def two_layers(q, k, v, cos, sin, kc, vc, pos, kc2, vc2):
+        return _layer(q, k, v, cos, sin, kc, vc, pos) + _layer(q, k, v, cos, sin, kc2, vc2, pos)
+
+    args = _inputs(1, 4, 2, 1, 16, 12, torch.float32, start=5)
+    gm = make_fx(two_layers)(*_clones(args), args[5].clone(), args[6].clone())
+    program = staged_program(gm, StageTable(), *OPS)
+    assert isinstance(program, StagedProgram) and program.caches == [(5, 6), (8, 9)]
+    recorded = []
+
+    class _Kernels:
+        class KvCommitTable:
+            record_launch = staticmethod(lambda *rows: recorded.append(rows))
+
+    assert _commit_record(gm, None, _Kernels, stand_in) == []
+    (record,) = _commit_record(gm, program, _Kernels, stand_in)
+    record()
+    ((k_cache, v_cache, k_stage, v_stage),) = recorded
+    assert k_cache.shape == v_cache.shape == args[5].shape
+    assert k_stage.shape == v_stage.shape == (1, 2, 1, 16)
+    assert not isinstance(k_stage, torch._subclasses.FakeTensor)
