@@ -109,6 +109,9 @@ def main() -> None:
             continue
         stages = ", ".join(f"{k} {v:.2f}" for k, v in r.stages.items() if v >= 0.05)
         print(f"  graph {r.graph_id} ({r.nodes_in} nodes): {stages}")
+        for note in r.notes:
+            if "precompiled" in note:
+                print(f"    {note}")
 
 
 if __name__ == "__main__":

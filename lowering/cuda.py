@@ -191,7 +191,7 @@ class TritonLowering(Lowering):
         fn = _staged(gm, ctx, table) if table is not None and ctx.inference else None
         commit = None if fn is None else table
         with ctx.report.stage("precompile_rest"):
-            _precompile_rest(gm, fn)
+            ctx.report.notes.append(_precompile_rest(gm, fn))
         if fn is None:
             fn = make_boxed_func(gm.forward)
         if runner:
@@ -316,20 +316,24 @@ def _staged(gm: GraphModule, ctx: Any, table: Any) -> Callable | None:
     return program
 
 
-def _precompile_rest(gm: GraphModule, staged: Any) -> None:
+def _precompile_rest(gm: GraphModule, staged: Any) -> str:
     """The graph's other kernels (norms, rotary and KV writes, activations, and a staged
     step's commit) compiled at once in forked children before the first call, which
     compiled them one by one (lowering/triton_pool.py); GEMVs and decode attention were
-    compiled for their config search."""
+    compiled for their config search. Returns the report's note on it."""
     from . import triton_pool
     from .cuda_ops import _kernels
 
     try:
         extra = _commit_record(gm, staged, _kernels(), triton_pool.stand_in)
         with torch._subclasses.fake_tensor.unset_fake_temporarily():
-            triton_pool.precompile_graph_ops(gm, "yirage_cuda", ("gemv", "decode_attention"), extra)
+            n = triton_pool.precompile_graph_ops(
+                gm, "yirage_cuda", ("gemv", "decode_attention"), extra
+            )
     except Exception as exc:  # noqa: BLE001 - only a speed-up: each compiles at first call
         log.debug("yirage: graph kernels not precompiled: %s", exc)
+        return f"graph kernels not precompiled (each compiles at its first call): {exc}"
+    return f"graph kernels precompiled in forked children: {n} launches"
 
 
 def _commit_record(gm: GraphModule, staged: Any, kernels: Any, stand_in: Callable) -> list:

@@ -117,7 +117,7 @@ def precompile_graph_ops(
             key = (op, repr(_metadata(node.args)), repr(_metadata(node.kwargs)))
         except _NoStandIn:
             continue
-        calls.setdefault(key, functools.partial(_run_onstand_ins, op, node.args, node.kwargs))
+        calls.setdefault(key, functools.partial(_run_on_stand_ins, op, node.args, node.kwargs))
     with recording() as launches, torch.no_grad():
         for call in [*calls.values(), *extra]:
             try:
@@ -161,7 +161,7 @@ def stand_in(a: Any) -> Any:
     return flat.as_strided(val.shape, val.stride(), val.storage_offset())
 
 
-def _run_onstand_ins(op: Any, args: Any, kwargs: Any) -> None:
+def _run_on_stand_ins(op: Any, args: Any, kwargs: Any) -> None:
     op(
         *torch.fx.node.map_aggregate(args, stand_in),
         **torch.fx.node.map_aggregate(kwargs, stand_in),
