@@ -75,7 +75,6 @@ from unittest import mock
 
 import torch
 from torch.fx import GraphModule
-from yirage_dynamo.passes.context import node_val
 
 from . import cuda_kv_stage
 from .base import Capabilities, Lowering
@@ -325,7 +324,9 @@ def _precompile_rest(gm: GraphModule, staged: Any) -> str:
     from .cuda_ops import _kernels
 
     try:
-        extra = _commit_record(gm, staged, _kernels(), triton_pool.stand_in)
+        extra = (
+            [] if staged is None else [staged.commit_record(gm, _kernels(), triton_pool.stand_in)]
+        )
         with torch._subclasses.fake_tensor.unset_fake_temporarily():
             n = triton_pool.precompile_graph_ops(
                 gm, "yirage_cuda", ("gemv", "decode_attention"), extra
@@ -334,22 +335,6 @@ def _precompile_rest(gm: GraphModule, staged: Any) -> str:
         log.debug("yirage: graph kernels not precompiled: %s", exc)
         return f"graph kernels not precompiled (each compiles at its first call): {exc}"
     return f"graph kernels precompiled in forked children: {n} launches"
-
-
-def _commit_record(gm: GraphModule, staged: Any, kernels: Any, stand_in: Callable) -> list:
-    """The staged commit's launch, for precompiling (none for an unstaged graph)."""
-    extra = []
-    if staged is not None:
-        placeholders = list(gm.graph.find_nodes(op="placeholder"))
-        first_stage = len(placeholders) - 3 * len(staged.caches)
-        k_cache, v_cache = (node_val(placeholders[i]) for i in staged.caches[0])
-        k_stage, v_stage = placeholders[first_stage : first_stage + 2]
-        extra.append(
-            lambda: kernels.KvCommitTable.record_launch(
-                k_cache, v_cache, stand_in(k_stage), stand_in(v_stage)
-            )
-        )
-    return extra
 
 
 def _runner_note(runner: Any) -> str:

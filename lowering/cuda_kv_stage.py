@@ -211,6 +211,18 @@ class StagedProgram:
             flat += [stage.k, stage.v, stage.pos]
         return self.fn(flat)
 
+    def commit_record(self, gm: GraphModule, kernels: Any, stand_in: Callable) -> Callable:
+        """The one-launch commit's launch for this program's rows, to precompile
+        (lowering/cuda.py): the layout of `gm`'s first cache pair and of its stage inputs,
+        the last 3 per pair in `gm`'s placeholders (only the caches' layout is read)."""
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        first_stage = len(placeholders) - 3 * len(self.caches)
+        k_cache, v_cache = (node_val(placeholders[i]) for i in self.caches[0])
+        k_stage, v_stage = placeholders[first_stage : first_stage + 2]
+        return lambda: kernels.KvCommitTable.record_launch(
+            k_cache, v_cache, stand_in(k_stage), stand_in(v_stage)
+        )
+
 
 def staged_program(
     gm: GraphModule, table: StageTable, write_op: Any, stage_op: Any, attention_op: Any

@@ -380,9 +380,8 @@ def test_auto_run_ahead_runs_ahead_only_a_step_with_a_commit(monkeypatch):
 
 def test_the_staged_commits_precompile_record_takes_the_caches_and_the_stage_buffers():
     """The CUDA lowering precompiles the one-launch commit's kernel with the layout of a
-    staged graph's first cache and its stage buffers (lowering/cuda.py `_commit_record`):
+    staged graph's first cache and its stage buffers (`StagedProgram.commit_record`):
     the appended stage inputs, found by position, not the caches or the positions."""
-    from yirage_dynamo.lowering.cuda import _commit_record
     from yirage_dynamo.lowering.triton_pool import stand_in
 
     def two_layers(q, k, v, cos, sin, kc, vc, pos, kc2, vc2):
@@ -398,9 +397,7 @@ def test_the_staged_commits_precompile_record_takes_the_caches_and_the_stage_buf
         class KvCommitTable:
             record_launch = staticmethod(lambda *rows: recorded.append(rows))
 
-    assert _commit_record(gm, None, _Kernels, stand_in) == []
-    (record,) = _commit_record(gm, program, _Kernels, stand_in)
-    record()
+    program.commit_record(gm, _Kernels, stand_in)()
     ((k_cache, v_cache, k_stage, v_stage),) = recorded
     assert k_cache.shape == v_cache.shape == args[5].shape
     assert k_stage.shape == v_stage.shape == (1, 2, 1, 16)
