@@ -32,6 +32,10 @@ def _guards() -> list[FrozenWeightsGuard]:
 
 
 def test_second_model_of_the_same_architecture_computes_with_its_own_weights():
+    # Guards of earlier tests' programs may still be alive (a CUDA-graph runner of the
+    # same process holds its program): this test's guard is the one it made.
+    gc.collect()
+    before = {id(g) for g in _guards()}
     a, b = _Mlp(0).eval(), _Mlp(1).eval()
     x = torch.randn(4, 16)
     with torch.no_grad():
@@ -41,7 +45,9 @@ def test_second_model_of_the_same_architecture_computes_with_its_own_weights():
         torch.testing.assert_close(cb(x), want_b)  # was a's output before the guard
         torch.testing.assert_close(ca(x), want_a)  # and back: both programs are kept
         torch.testing.assert_close(cb(x + 1), b(x + 1))
-    (guard,) = _guards()
+    mine = [g for g in _guards() if id(g) not in before]
+    assert len(mine) == 1, f"{len(mine)} new guards, {len(before)} from earlier tests"
+    (guard,) = mine
     assert guard.recompiles == 1 and len(guard.programs) == 2
 
 
