@@ -42,7 +42,9 @@ token is all host time and run-ahead only adds its own call (RESULTS.md, twenty-
 session: 1.26x in order on one H100 host, slower on another). So once the rules are
 known, blocks of calls run in order and ahead in turn, timed by the caller's period (call
 to call: its whole token), and the faster way is kept (`run_ahead=True`; "always" skips
-the trial).
+the trial). Kept, it stays watched: a run of calls ahead no faster than the trial's calls
+in order turns it off (a 1B trial on an H100 host timed ahead faster, then the steps run
+ahead were slower).
 
 What a step started ahead writes: its private input buffers (small mutated static inputs,
 the cache counters, are given private buffers here and committed only when handed out),
@@ -100,6 +102,12 @@ FIRST_PAUSE, MAX_PAUSE = 2, 256
 # caller's period (call to call: its whole token). The first two calls of a block are
 # the switch and are not timed. Ahead must be this much faster to be kept.
 TRIAL_PLAN, TRIAL_BLOCK, TRIAL_GAIN = (False, True, False, True, False, True), 6, 0.97
+# Once kept, run-ahead stays watched: the median period of each run of this many calls
+# ahead must stay under the trial's in-order one, or it is turned off. Why: on an H100
+# host, 1B steps ran ahead slower than in order after a trial that timed them faster
+# (RESULTS.md, twenty-seventh session: 2.955 against 2.497 ms/token after a 2.35 / 2.48
+# trial); the in-order period held at its trial's value.
+WATCH_CALLS = 32
 
 
 @dataclasses.dataclass
@@ -130,6 +138,7 @@ class RunAheadRunner(CudaGraphRunner):
         self.choice: bool | None = None if trial else True
         self.trial_ms: dict[str, float] = {}
         self._periods: dict[bool, list[float]] = {False: [], True: []}
+        self._watched: list[float] = []  # periods ahead since the trial kept it
         self._since_rules = 0
         self._last_entry = 0.0
         self._observed = 0
@@ -152,6 +161,8 @@ class RunAheadRunner(CudaGraphRunner):
         now = time.perf_counter()
         if self.rules and self.choice is None:
             self._time_trial(now - self._last_entry)
+        elif self.choice and self._started is not None and "in_order" in self.trial_ms:
+            self._watch(now - self._last_entry)
         self._last_entry = now
         if self._started is not None:
             if self.graph is not None and self._statics_unchanged(args):
@@ -252,6 +263,26 @@ class RunAheadRunner(CudaGraphRunner):
             "kept" if self.choice else "off",
             ahead,
             in_order,
+        )
+
+    def _watch(self, period: float) -> None:
+        """Turns run-ahead off when a run of calls ahead is no faster than the trial's
+        calls in order (the call after one that started a step: a call with none pending
+        is a new sequence, whose period holds HF's prefill)."""
+        self._watched.append(period)
+        if len(self._watched) < WATCH_CALLS:
+            return
+        ahead = statistics.median(self._watched) * 1e3
+        self._watched = []
+        if ahead < self.trial_ms["in_order"]:
+            return
+        self.choice = False
+        self.trial_ms["ahead_later"] = ahead
+        log.info(
+            "yirage: run-ahead off (call to call: %.3f ms ahead now, %.3f ms in order in"
+            " the trial)",
+            ahead,
+            self.trial_ms["in_order"],
         )
 
     # ------------------------------------------------------------------ handing out

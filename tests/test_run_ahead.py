@@ -486,6 +486,67 @@ def test_run_ahead_trial_keeps_the_faster_way(fake_cuda, monkeypatch, ahead_ms, 
     assert hits[-1] - hits[-10] == (9 if keeps else 0)
 
 
+def test_run_ahead_kept_by_the_trial_is_turned_off_when_it_runs_slower_than_in_order(
+    fake_cuda, monkeypatch
+):
+    """The trial times ahead at 1 ms a token, in order at 2 ms; afterwards a token ahead
+    takes 2.5 ms (a fake clock): after one watched run of calls, the runner goes in order
+    and hands out nothing more, with the same tokens as eager."""
+    from types import SimpleNamespace
+
+    from yirage_dynamo.runtime import run_ahead
+
+    clock = [0.0]
+    monkeypatch.setattr(run_ahead, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    runner = run_ahead.RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}))
+    trial_calls = 4 + len(run_ahead.TRIAL_PLAN) * run_ahead.TRIAL_BLOCK
+    hits, choices = [], []
+
+    def timed(*args):
+        ahead = runner._started is not None
+        later = len(hits) >= trial_calls
+        clock[0] += ((2.5 if later else 1.0) if ahead else 2.0) / 1e3
+        out = runner(*args)
+        hits.append(runner.hits)
+        choices.append(runner.choice)
+        return out
+
+    table = _cpu_table()
+    steps = trial_calls + run_ahead.WATCH_CALLS + 12
+    got = _cpu_loop(timed, table, steps, slots=steps + 8)
+    _assert_same_run(got, _cpu_loop(_decode_step, table, steps, slots=steps + 8))
+    assert choices[trial_calls] is True  # kept by the trial
+    assert runner.choice is False
+    assert runner.trial_ms["ahead_later"] == pytest.approx(2.5)
+    off = choices.index(False)
+    assert trial_calls + run_ahead.WATCH_CALLS - 2 <= off <= trial_calls + run_ahead.WATCH_CALLS + 1
+    # The step started before the switch is still handed out; none after it.
+    assert hits[-1] - hits[off] <= 1 and hits[-1] == hits[-5]
+
+
+def test_run_ahead_stays_on_while_it_keeps_beating_the_trials_in_order_period(
+    fake_cuda, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from yirage_dynamo.runtime import run_ahead
+
+    clock = [0.0]
+    monkeypatch.setattr(run_ahead, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    runner = run_ahead.RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}))
+
+    def timed(*args):
+        clock[0] += (1.9 if runner._started is not None else 2.0) / 1e3
+        return runner(*args)
+
+    table = _cpu_table()
+    steps = 4 + len(run_ahead.TRIAL_PLAN) * run_ahead.TRIAL_BLOCK + 3 * run_ahead.WATCH_CALLS
+    got = _cpu_loop(timed, table, steps, slots=steps + 8)
+    _assert_same_run(got, _cpu_loop(_decode_step, table, steps, slots=steps + 8))
+    assert runner.choice is True and "ahead_later" not in runner.trial_ms
+    assert runner.hits >= 3 * run_ahead.WATCH_CALLS
+
+
 def test_run_ahead_keeps_its_rules_when_a_new_cache_is_captured(fake_cuda):
     """A second sequence on a new cache object (new static addresses: a re-capture, as
     HF's second generate() did on the H100): the rules still hold, so the new graph runs
