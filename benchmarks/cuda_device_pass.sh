@@ -20,14 +20,11 @@
 #   (every generate() test under staged run-ahead: what making "auto" the default needs).
 #   COMPILE_S=N: after the bench, the 7B cold compile of yirage and of Inductor, each in a
 #   fresh process with empty caches (each limited to N s).
-#   Next (RESULTS.md, 26th session: the graph kernels' precompile, triton_pool
-#   .precompile_graph_ops, has not run on a GPU; then the cold compile against Inductor
-#   on the same host, and 1B over more rounds):
-#   TEST_FILES="tests/test_cuda_kv_stage.py tests/test_frozen_weights.py tests/test_cuda.py \
-#     tests/test_triton_pool.py tests/test_cuda_kv_write.py" TESTS_S=250 BENCH_S=0 \
-#     COMPILE_S=110 bash benchmarks/cuda_device_pass.sh      (~8 min)
-#   TESTS_S=0 SHAPES=1b VARIANTS=yirage,yirage_in_order,inductor ROUNDS=5 BENCH_S=300 \
-#     bash benchmarks/cuda_device_pass.sh
+#   Next (RESULTS.md, 27th session: the watch on a kept run-ahead, runtime/run_ahead.py
+#   `_watch`, has not run on a GPU; it should turn 1B's off and keep 7B's):
+#   TEST_FILES="tests/test_run_ahead.py tests/test_run_ahead_staged.py" TESTS_S=120 \
+#     SHAPES=1b,7b VARIANTS=yirage,yirage_in_order,inductor ROUNDS=5 BENCH_S=420 \
+#     bash benchmarks/cuda_device_pass.sh                     (~9 min)
 #   Run-ahead against in order and Inductor (RESULTS.md, 22nd session):
 #   TEST_FILES=tests/test_run_ahead.py SHAPES=1b,7b \
 #     VARIANTS=yirage,yirage_run_ahead,yirage_run_ahead_always,inductor ROUNDS=3 \
