@@ -208,8 +208,8 @@ def test_llama_generate_with_staged_kv_writes_and_run_ahead_matches_eager(monkey
     notes = [n for r in yirage_dynamo.reports() for n in r.notes]
     staged = [n for n in notes if n.startswith("kv stage:") and "staged" in n]
     assert staged, notes
-    # The norm, rotary + stage, activation and commit kernels compiled in forked children
-    # before the first call (lowering/cuda.py `_precompile_rest`), not one by one at it.
+    # The graph's remaining kernels (the rotary + stage and the commit among them) compiled
+    # in forked children before the first call (lowering/cuda.py `_precompile_rest`).
     precompiled = [n for n in notes if n.startswith("graph kernels precompiled")]
     assert precompiled and max(int(n.split(": ")[1].split()[0]) for n in precompiled) >= 3, notes
     mine = [r for r in live_runners() if id(r) not in before and r.commit_graph is not None]

@@ -456,17 +456,25 @@ def test_run_ahead_never_starts_without_a_token_fed_back(fake_cuda):
     assert runner.hits == runner.misses == 0
 
 
-@pytest.mark.parametrize("ahead_ms,keeps", [(1.0, True), (2.5, False)])
-def test_run_ahead_trial_keeps_the_faster_way(fake_cuda, monkeypatch, ahead_ms, keeps):
-    """After the rules, blocks of calls run in order and ahead, timed call to call (a fake
-    clock here: 2 ms a token in order, `ahead_ms` after a call that started the next)."""
+def _clocked_runner(monkeypatch):
+    """A trialled RunAheadRunner over the stand-in step, timed by a fake clock the test
+    moves (`clock[0]`, seconds)."""
     from types import SimpleNamespace
 
     from yirage_dynamo.runtime import run_ahead
 
     clock = [0.0]
     monkeypatch.setattr(run_ahead, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    runner = run_ahead.RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}))
+    return run_ahead.RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4})), clock
+
+
+@pytest.mark.parametrize("ahead_ms,keeps", [(1.0, True), (2.5, False)])
+def test_run_ahead_trial_keeps_the_faster_way(fake_cuda, monkeypatch, ahead_ms, keeps):
+    """After the rules, blocks of calls run in order and ahead, timed call to call (a fake
+    clock here: 2 ms a token in order, `ahead_ms` after a call that started the next)."""
+    from yirage_dynamo.runtime import run_ahead
+
+    runner, clock = _clocked_runner(monkeypatch)
 
     hits = []
 
@@ -492,13 +500,9 @@ def test_run_ahead_kept_by_the_trial_is_turned_off_when_it_runs_slower_than_in_o
     """The trial times ahead at 1 ms a token, in order at 2 ms; afterwards a token ahead
     takes 2.5 ms (a fake clock): after one watched run of calls, the runner goes in order
     and hands out nothing more, with the same tokens as eager."""
-    from types import SimpleNamespace
-
     from yirage_dynamo.runtime import run_ahead
 
-    clock = [0.0]
-    monkeypatch.setattr(run_ahead, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    runner = run_ahead.RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}))
+    runner, clock = _clocked_runner(monkeypatch)
     trial_calls = 4 + len(run_ahead.TRIAL_PLAN) * run_ahead.TRIAL_BLOCK
     hits, choices = [], []
 
@@ -527,13 +531,9 @@ def test_run_ahead_kept_by_the_trial_is_turned_off_when_it_runs_slower_than_in_o
 def test_run_ahead_stays_on_while_it_keeps_beating_the_trials_in_order_period(
     fake_cuda, monkeypatch
 ):
-    from types import SimpleNamespace
-
     from yirage_dynamo.runtime import run_ahead
 
-    clock = [0.0]
-    monkeypatch.setattr(run_ahead, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    runner = run_ahead.RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}))
+    runner, clock = _clocked_runner(monkeypatch)
 
     def timed(*args):
         clock[0] += (1.9 if runner._started is not None else 2.0) / 1e3
