@@ -456,6 +456,14 @@ def test_run_ahead_never_starts_without_a_token_fed_back(fake_cuda):
     assert runner.hits == runner.misses == 0
 
 
+def _calls_through_the_trial() -> int:
+    """Calls until the trial has chosen: the eager call, the capture and two observed
+    transitions that fix the rules, then the trial's blocks."""
+    from yirage_dynamo.runtime import run_ahead
+
+    return 4 + len(run_ahead.TRIAL_PLAN) * run_ahead.TRIAL_BLOCK
+
+
 def _clocked_runner(monkeypatch):
     """A trialled RunAheadRunner over the stand-in step, timed by a fake clock the test
     moves (`clock[0]`, seconds)."""
@@ -485,7 +493,7 @@ def test_run_ahead_trial_keeps_the_faster_way(fake_cuda, monkeypatch, ahead_ms, 
         return out
 
     table = _cpu_table()
-    steps = 4 + len(run_ahead.TRIAL_PLAN) * run_ahead.TRIAL_BLOCK + 10
+    steps = _calls_through_the_trial() + 10
     _assert_same_run(_cpu_loop(timed, table, steps), _cpu_loop(_decode_step, table, steps))
     assert runner.choice is keeps
     assert runner.trial_ms == pytest.approx({"ahead": ahead_ms, "in_order": 2.0})
@@ -503,7 +511,7 @@ def test_run_ahead_kept_by_the_trial_is_turned_off_when_it_runs_slower_than_in_o
     from yirage_dynamo.runtime import run_ahead
 
     runner, clock = _clocked_runner(monkeypatch)
-    trial_calls = 4 + len(run_ahead.TRIAL_PLAN) * run_ahead.TRIAL_BLOCK
+    trial_calls = _calls_through_the_trial()
     hits, choices = [], []
 
     def timed(*args):
@@ -540,7 +548,7 @@ def test_run_ahead_stays_on_while_it_keeps_beating_the_trials_in_order_period(
         return runner(*args)
 
     table = _cpu_table()
-    steps = 4 + len(run_ahead.TRIAL_PLAN) * run_ahead.TRIAL_BLOCK + 3 * run_ahead.WATCH_CALLS
+    steps = _calls_through_the_trial() + 3 * run_ahead.WATCH_CALLS
     got = _cpu_loop(timed, table, steps, slots=steps + 8)
     _assert_same_run(got, _cpu_loop(_decode_step, table, steps, slots=steps + 8))
     assert runner.choice is True and "ahead_later" not in runner.trial_ms
