@@ -13,15 +13,15 @@
 #   (3b. tests/test_cuda_generate.py under YIRAGE_RUN_AHEAD=auto  (AUTO_S,  default 0))
 # A stage whose limit is 0 is skipped. The device tool allows 600 s a command, so:
 #   bash benchmarks/cuda_device_pass.sh                       (stages 1, 3, 4: ~9 min)
-#   TESTS_S=0 BENCH_S=0 REST_S=500 bash benchmarks/cuda_device_pass.sh   (stage 6)
+#   TESTS_S=0 BENCH_S=0 REST_S=570 bash benchmarks/cuda_device_pass.sh   (stage 6: ~480 s)
 #   VARIANTS=yirage,inductor ROUNDS=5 bash benchmarks/cuda_device_pass.sh
 #   PROFILE=1 ...: the bench also lists each compiled variant's kernels (torch.profiler)
 #   AUTO_S=N: before the bench, tests/test_cuda_generate.py with YIRAGE_RUN_AHEAD=auto
 #   (every generate() test under staged run-ahead: what making "auto" the default needs).
 #   COMPILE_S=N: after the bench, the 7B cold compile of yirage and of Inductor, each in a
 #   fresh process with empty caches (each limited to N s).
-#   Next (RESULTS.md, 27th session: the watch on a kept run-ahead, runtime/run_ahead.py
-#   `_watch`, has not run on a GPU; it should turn 1B's off and keep 7B's):
+#   The watch on a kept run-ahead (runtime/run_ahead.py `_watch`; RESULTS.md, 29th
+#   session: it turned 1B's off after 32 calls and kept 7B's):
 #   TEST_FILES="tests/test_run_ahead.py tests/test_run_ahead_staged.py" TESTS_S=120 \
 #     SHAPES=1b,7b VARIANTS=yirage,yirage_in_order,inductor ROUNDS=5 BENCH_S=420 \
 #     bash benchmarks/cuda_device_pass.sh                     (~9 min)
