@@ -9,7 +9,7 @@ yirage_all  the same with options={"cuda_kernels": "all"} (every yirage op on ou
 yirage_run_ahead  the same with options={"run_ahead": True}: the next decode step
                starts on a side stream before HF asks for it (runtime/run_ahead.py),
                kept if timed faster than in order; _always: no trial; _staged: with
-               the KV writes staged (YIRAGE_CUDA_KV_STAGE=on)
+               the KV writes staged (YIRAGE_CUDA_KV_STAGE=on); _always_staged: both
 yirage_auto    the same with options={"run_ahead": "auto"} (the default since the 25th
                session): the KV writes staged, run-ahead (with its trial) only where
                every one of them is
@@ -68,6 +68,9 @@ ENV_VARIANTS = {
     # Run-ahead with staged KV writes (lowering/cuda_kv_stage.py): a step started ahead
     # writes nothing shared until handed out; the runner commits each step's rows.
     "yirage_run_ahead_staged": {"YIRAGE_RUN_AHEAD": "1", "YIRAGE_CUDA_KV_STAGE": "on"},
+    # The same without the trial: every step it can run ahead does (the default's path
+    # when its trial keeps run-ahead, never turned off).
+    "yirage_always_staged": {"YIRAGE_RUN_AHEAD": "always", "YIRAGE_CUDA_KV_STAGE": "on"},
 }
 
 
