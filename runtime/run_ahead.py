@@ -108,7 +108,9 @@ TRIAL_PLAN, TRIAL_BLOCK, TRIAL_GAIN = (False, True, False, True, False, True), 6
 # (RESULTS.md, twenty-seventh session: 2.955 against 2.497 ms/token after a 2.35 / 2.48
 # trial); the in-order period held at its trial's value. Measured (twenty-ninth session,
 # another H100 host): 1B turned off after 32 calls (2.66 ms ahead against 2.45 in order
-# in the trial), 7B kept (1502 steps handed out).
+# in the trial), 7B kept (1502 steps handed out). Why the trial misleads on 1B: the
+# host's speed moves between a fast and a slow level within a sequence, and 1B ahead wins
+# only at the fast one (benchmarks/profile_run_ahead_periods.py, same session).
 WATCH_CALLS = 32
 
 
