@@ -30,9 +30,6 @@
 #   TESTS_S=0 BENCH_S=0 bash benchmarks/cuda_device_pass.sh; python3 \
 #     benchmarks/profile_run_ahead_periods.py --shape 1b --rounds 2 --trace "$OUT/traces" \
 #     --variants yirage_always_staged,yirage_in_order; gzip "$OUT"/traces/*.json
-#   and the delay that would test that reading (runtime/run_ahead.py DELAY_ENV), paired:
-#   python3 benchmarks/profile_run_ahead_periods.py --shape 1b --rounds 4 --variants \
-#     yirage_always_staged,yirage_ahead_delay100,yirage_ahead_delay300,yirage_ahead_delay600,yirage_in_order
 #   Run-ahead against in order and Inductor (RESULTS.md, 22nd session):
 #   TEST_FILES=tests/test_run_ahead.py SHAPES=1b,7b \
 #     VARIANTS=yirage,yirage_run_ahead,yirage_run_ahead_always,inductor ROUNDS=3 \

@@ -10,8 +10,6 @@ yirage_run_ahead  the same with options={"run_ahead": True}: the next decode ste
                starts on a side stream before HF asks for it (runtime/run_ahead.py),
                kept if timed faster than in order; _always: no trial; _staged: with
                the KV writes staged (YIRAGE_CUDA_KV_STAGE=on); _always_staged: both
-yirage_ahead_delay100 (300, 600)  _always_staged with each step started ahead waiting
-               that many us on its side stream first (YIRAGE_RUN_AHEAD_DELAY_US)
 yirage_auto    the same with options={"run_ahead": "auto"} (the default since the 25th
                session): the KV writes staged, run-ahead (with its trial) only where
                every one of them is
@@ -73,17 +71,6 @@ ENV_VARIANTS = {
     # The same without the trial: every step it can run ahead does (the default's path
     # when its trial keeps run-ahead, never turned off).
     "yirage_always_staged": {"YIRAGE_RUN_AHEAD": "always", "YIRAGE_CUDA_KV_STAGE": "on"},
-    # That, with each step started ahead first waiting N us on its side stream
-    # (runtime/run_ahead.py DELAY_ENV: does the caller's token work then stop queueing
-    # behind the step?).
-    **{
-        f"yirage_ahead_delay{us}": {
-            "YIRAGE_RUN_AHEAD": "always",
-            "YIRAGE_CUDA_KV_STAGE": "on",
-            "YIRAGE_RUN_AHEAD_DELAY_US": str(us),
-        }
-        for us in (100, 300, 600)
-    },
 }
 
 

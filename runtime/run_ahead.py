@@ -71,10 +71,8 @@ then. `run_ahead="auto"`, the default, stages the CUDA lowering's KV writes
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -114,15 +112,6 @@ TRIAL_PLAN, TRIAL_BLOCK, TRIAL_GAIN = (False, True, False, True, False, True), 6
 # host's speed moves between a fast and a slow level within a sequence, and 1B ahead wins
 # only at the fast one (benchmarks/profile_run_ahead_periods.py, same session).
 WATCH_CALLS = 32
-# An experiment, off by default: microseconds a step started ahead waits on its side
-# stream (after its prediction, before its replay). Why: on 1B a token ahead took ~2.05
-# ms on an H100 where a hidden 1.13 ms step would leave ~1.3 (RESULTS.md, twenty-ninth
-# session). A reading to test: the caller's small kernels of the token (HF's logits copy,
-# argmax, stopping check; our hand-out check) queue behind the step's GEMVs, at the same
-# stream priority, and HF's per-token sync waits for them. Waiting lets the ones enqueued
-# meanwhile run first; where the host is the bottleneck (1B) the wait is free, where the
-# GPU is (7B) it adds to every token.
-DELAY_ENV = "YIRAGE_RUN_AHEAD_DELAY_US"
 
 
 @dataclasses.dataclass
@@ -170,7 +159,6 @@ class RunAheadRunner(CudaGraphRunner):
         # One set per runner, re-recorded per step (three fewer objects per call on the
         # host's critical path): every wait on a record is enqueued before the next.
         self._events: tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event] | None = None
-        self.delay_us = delay_us()
 
     # ------------------------------------------------------------------ calling
     def _call(self, args: list[Any]) -> Any:
@@ -361,9 +349,6 @@ class RunAheadRunner(CudaGraphRunner):
         with torch.cuda.stream(side):
             self._predict_step()
             ready.record(side)
-            if self.delay_us:
-                cycles = self.delay_us * _cycles_per_us(torch.device(side.device).index)
-                torch.cuda._sleep(round(cycles))
             self.graph.replay()
             for f, o, c in zip(fresh, flat, self.clone_out):
                 if c:
@@ -426,32 +411,6 @@ class RunAheadRunner(CudaGraphRunner):
         self._end_mask = grows[0]
         log.info("yirage: run-ahead rules %s", rules)
         return rules
-
-
-def delay_us() -> float:
-    """YIRAGE_RUN_AHEAD_DELAY_US (0 when unset); anything but 0 to 10000 microseconds raises
-    ValueError naming the variable."""
-    value = os.environ.get(DELAY_ENV, "").strip() or "0"
-    try:
-        us = float(value)
-    except ValueError:
-        us = -1.0
-    if not 0 <= us <= 10_000:
-        raise ValueError(f"{DELAY_ENV}={value!r}: expected microseconds, 0 to 10000")
-    return us
-
-
-@functools.cache
-def _cycles_per_us(device: int | None) -> float:
-    """The GPU clock, for `torch.cuda._sleep` (it spins a count of clock cycles): a
-    1M-cycle sleep timed once per device, with the clock it runs at now."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.cuda.device(device):
-        start.record()
-        torch.cuda._sleep(1_000_000)
-        end.record()
-        end.synchronize()
-    return 1_000_000 / (start.elapsed_time(end) * 1e3)
 
 
 def _as_graph(fn: Callable[[], None]) -> Callable[[], None]:

@@ -180,11 +180,7 @@ def _assert_same_run(got, ref) -> None:
 
 
 @needs_cuda
-@pytest.mark.parametrize("delay_us", ["", "200"])
-def test_run_ahead_hands_out_the_started_step_when_the_inputs_were_predicted(monkeypatch, delay_us):
-    """With and without YIRAGE_RUN_AHEAD_DELAY_US (the side stream's sleep, its clock
-    timed on this GPU)."""
-    monkeypatch.setenv("YIRAGE_RUN_AHEAD_DELAY_US", delay_us)
+def test_run_ahead_hands_out_the_started_step_when_the_inputs_were_predicted():
     table = _table()
     runner = _runner()
     got = _decode_loop(runner, table, steps=14)
@@ -417,36 +413,6 @@ def test_run_ahead_bookkeeping_hands_out_predicted_steps_and_keeps_counters_priv
     # Calls 6-9 handed out (call 5 started the first step ahead), call 10 dropped (the
     # token was not the argmax), a pause of two calls, then calls 13-20.
     assert (runner.hits, runner.misses) == (12, 1)
-
-
-@pytest.mark.parametrize("env,per_step", [("", None), ("250", 500_000)])
-def test_run_ahead_delay_sleeps_on_the_side_stream_before_each_step_started_ahead(
-    fake_cuda, monkeypatch, env, per_step
-):
-    """YIRAGE_RUN_AHEAD_DELAY_US (an experiment, off by default): each step started ahead
-    is preceded by one `torch.cuda._sleep` of that many microseconds of clock cycles (a
-    2 GHz clock here); the tokens stay eager's."""
-    from yirage_dynamo.runtime import run_ahead
-
-    monkeypatch.setenv(run_ahead.DELAY_ENV, env)
-    monkeypatch.setattr(run_ahead, "_cycles_per_us", lambda device: 2000.0)
-    sleeps = []
-    monkeypatch.setattr(torch.cuda, "_sleep", sleeps.append, raising=False)
-    table = _cpu_table()
-    runner = run_ahead.RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4}), trial=False)
-    _assert_same_run(_cpu_loop(runner, table, 20), _cpu_loop(_decode_step, table, 20))
-    assert runner.hits == 15 and runner.misses == 0
-    # The 15 steps handed out and the one started after the last call.
-    assert sleeps == ([] if per_step is None else [per_step] * 16)
-
-
-@pytest.mark.parametrize("env", ["-5", "fast", "20000"])
-def test_run_ahead_delay_env_out_of_range_names_the_variable(monkeypatch, env):
-    from yirage_dynamo.runtime import run_ahead
-
-    monkeypatch.setenv(run_ahead.DELAY_ENV, env)
-    with pytest.raises(ValueError, match="YIRAGE_RUN_AHEAD_DELAY_US.*0 to 10000"):
-        run_ahead.delay_us()
 
 
 def test_run_ahead_starts_no_step_past_the_caches_last_slot(fake_cuda):
