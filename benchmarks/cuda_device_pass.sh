@@ -25,11 +25,9 @@
 #   TEST_FILES="tests/test_run_ahead.py tests/test_run_ahead_staged.py" TESTS_S=120 \
 #     SHAPES=1b,7b VARIANTS=yirage,yirage_in_order,inductor ROUNDS=5 BENCH_S=420 \
 #     bash benchmarks/cuda_device_pass.sh                     (~9 min)
-#   Next (RESULTS.md, 29th session: on 1B a token ahead takes ~2.05 ms, not the ~1.3 a
-#   hidden step would give; where do the host's waits end?), a Chrome trace per variant:
-#   TESTS_S=0 BENCH_S=0 bash benchmarks/cuda_device_pass.sh; python3 \
-#     benchmarks/profile_run_ahead_periods.py --shape 1b --rounds 2 --trace "$OUT/traces" \
-#     --variants yirage_always_staged,yirage_in_order; gzip "$OUT"/traces/*.json
+#   1B decode periods by position and mode, run-ahead against in order (RESULTS.md, 29th):
+#   python3 benchmarks/profile_run_ahead_periods.py --shape 1b --rounds 4 \
+#     --variants yirage_always_staged,yirage_in_order
 #   Run-ahead against in order and Inductor (RESULTS.md, 22nd session):
 #   TEST_FILES=tests/test_run_ahead.py SHAPES=1b,7b \
 #     VARIANTS=yirage,yirage_run_ahead,yirage_run_ahead_always,inductor ROUNDS=3 \

@@ -11,7 +11,8 @@ other variants compiled into the process.
 
 Per variant and generate() ("compile": the first one), the median period in ms of the
 calls that handed out a step started ahead (A) and of the others (O), per quarter of the
-sequence's decode calls, and the runner's run-ahead state at the end.
+sequence's decode calls, and the runner's run-ahead state at the end. Where a token's
+host time goes within a call: `profile_host_cuda.py --trace` and `trace_split.py`.
 """
 
 from __future__ import annotations
@@ -62,37 +63,11 @@ def quarters(log: list[tuple[float, bool]], new: int) -> str:
     return " | ".join(cells)
 
 
-def trace_generates(runner: Runner, variants, compiled, configs, folder: str) -> None:
-    """A 16-token generate() per variant under torch.profiler (host and both streams),
-    as `<folder>/<variant>.json`: where the host waits, and what the GPU runs meanwhile."""
-    import os
-
-    from torch.profiler import ProfilerActivity, profile
-
-    os.makedirs(folder, exist_ok=True)
-    model = runner.model
-    for name in variants:
-        model._compiled_call = compiled[name]
-        model._last_compile_config = configs[name]
-        with _env(ENV_VARIANTS.get(name, {})):
-            runner.generate(16, configs[name])
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                runner.generate(16, configs[name])
-                torch.cuda.synchronize()
-        prof.export_chrome_trace(os.path.join(folder, f"{name}.json"))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     p.add_argument("--variants", default="yirage")
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument(
-        "--trace",
-        default=None,
-        help="after the rounds, a Chrome trace per variant into this folder",
-    )
     args = p.parse_args()
     s = SHAPES[args.shape]
     variants = args.variants.split(",")
@@ -126,8 +101,6 @@ def main() -> None:
                     runner.generate(s["new"], configs[name])
                 torch.cuda.synchronize()
                 print(f"| {name} | round {k + 1} | {quarters(log, s['new'])} |", flush=True)
-    if args.trace:
-        trace_generates(runner, variants, compiled, configs, args.trace)
     for name in variants:
         for r in runners[name]:
             if hasattr(r, "hits"):
