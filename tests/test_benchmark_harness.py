@@ -113,3 +113,18 @@ def test_trace_split_divides_each_token_into_our_call_hf_work_and_gpu_time(tmp_p
     assert "500  after the call" in format_split(split)
     with pytest.raises(ValueError, match="need 2"):
         split_per_token(events, skip=2)
+
+
+def test_run_ahead_periods_split_each_quarter_of_a_sequence_by_mode():
+    """profile_run_ahead_periods.quarters: per quarter of a sequence's decode calls, the
+    median call-to-call period (ms, with the count) of the calls that handed out a step
+    started ahead (A) and of the others (O); a quarter no call reached prints "-"."""
+    from profile_run_ahead_periods import quarters
+
+    t, log = 0.0, []
+    for k in range(17):  # 16 periods: 2 ms in order, 1 ms ahead from call 7 on
+        ahead = k >= 7
+        t += 0.001 if ahead else 0.002
+        log.append((t, ahead))
+    assert quarters(log, 17) == "O 2.000 (4) | A 1.000 (2) O 2.000 (2) | A 1.000 (4) | A 1.000 (4)"
+    assert quarters(log[:9], 17) == "O 2.000 (4) | A 1.000 (2) O 2.000 (2) | - | -"
