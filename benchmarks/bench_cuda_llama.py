@@ -24,6 +24,7 @@ compare variants whose difference is smaller than the host's drift between runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -140,12 +141,48 @@ class Runner:
             return self.model.generate(self.ids, **kw)
 
 
+def forget_compiled(model) -> None:
+    """Drops HF's compiled forward: the next generate() compiles the config it is given."""
+    for attr in ("_compiled_call", "_last_compile_config"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+
+
+def use_compiled(model, compiled_call: Any, config: Any) -> None:
+    """Makes HF's generate() run a variant's compiled forward, kept since its compile."""
+    model._compiled_call = compiled_call
+    model._last_compile_config = config
+
+
+def compile_variant(
+    runner: Runner, key: str, name: str, config: Any, record=contextlib.nullcontext
+) -> tuple[Any, list]:
+    """Compiles variant `name` (its environment set) with a full generate(), under
+    `record()`, and a 1-token one. Returns HF's compiled forward and the yirage
+    CUDA-graph runners it made. A yirage variant that compiled nothing raises: Dynamo
+    reused an earlier variant's program, and timing it would time that one."""
+    from yirage_dynamo.runtime.cuda_graphs import live_runners
+
+    import yirage_dynamo
+
+    forget_compiled(runner.model)
+    before = {id(r) for r in live_runners()}
+    n_reports = len(yirage_dynamo.reports())
+    with _env(ENV_VARIANTS.get(name, {})):
+        print(f"[{key}] compiling {name} ...", file=sys.stderr, flush=True)
+        with record():
+            runner.generate(runner.s["new"], config)
+        runner.generate(1, config)
+    if name.startswith("yirage") and len(yirage_dynamo.reports()) == n_reports:
+        raise RuntimeError(f"{name} compiled nothing: it would time an earlier variant")
+    # Different torch.compile wrappers: Dynamo keeps each one's entry (backend guard).
+    return runner.model._compiled_call, [r for r in live_runners() if id(r) not in before]
+
+
 def run_variant(runner: Runner, name: str, compile_config, repeats: int) -> dict[str, Any]:
     new = runner.s["new"]
     torch._dynamo.reset()
-    for attr in ("_compiled_call", "_last_compile_config"):
-        if hasattr(runner.model, attr):
-            delattr(runner.model, attr)
+    forget_compiled(runner.model)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     cold, out = _sync_time(lambda: runner.generate(new, compile_config, logits=True))
@@ -244,33 +281,17 @@ def _bench_interleaved(
     model = build_model(s)
     runner = Runner(model, s)
     configs = variant_configs(options)
-    from yirage_dynamo.runtime.cuda_graphs import live_runners, replay_ms
-
-    import yirage_dynamo
+    from yirage_dynamo.runtime.cuda_graphs import replay_ms
 
     compiled = {}
     graphs: dict[str, list] = {}  # variant -> the yirage CUDA-graph runners it made
     torch._dynamo.reset()
     for name in variants:
-        for attr in ("_compiled_call", "_last_compile_config"):
-            if hasattr(model, attr):
-                delattr(model, attr)
-        before = {id(r) for r in live_runners()}
-        n_reports = len(yirage_dynamo.reports())
-        with _env(ENV_VARIANTS.get(name, {})):
-            print(f"[{key}] compiling {name} ...", file=sys.stderr, flush=True)
-            runner.generate(s["new"], configs[name])
-            runner.generate(1, configs[name])
-        # Different torch.compile wrappers: Dynamo keeps each one's entry (backend guard).
-        compiled[name] = model._compiled_call
-        graphs[name] = [r for r in live_runners() if id(r) not in before]
-        if name.startswith("yirage") and len(yirage_dynamo.reports()) == n_reports:
-            raise RuntimeError(f"{name} compiled nothing: it would time an earlier variant")
+        compiled[name], graphs[name] = compile_variant(runner, key, name, configs[name])
     per_tok: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name in variants:
-            model._compiled_call = compiled[name]
-            model._last_compile_config = configs[name]
+            use_compiled(model, compiled[name], configs[name])
             full = _sync_time(functools.partial(runner.generate, s["new"], configs[name]))[0]
             one = _sync_time(functools.partial(runner.generate, 1, configs[name]))[0]
             per_tok[name].append((full - one) / (s["new"] - 1) * 1e3)
@@ -286,8 +307,7 @@ def _bench_interleaved(
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in variants:
-        model._compiled_call = compiled[name]
-        model._last_compile_config = configs[name]
+        use_compiled(model, compiled[name], configs[name])
         args, kwargs = last_decode_call(runner, configs[name])
         reset, room = cache_positions_kept(kwargs)
         try:
@@ -326,8 +346,7 @@ def _bench_interleaved(
             )
     if profile:  # every kernel of a step, per variant, after the timed rounds
         for name in variants:
-            model._compiled_call = compiled[name]
-            model._last_compile_config = configs[name]
+            use_compiled(model, compiled[name], configs[name])
             lines.append(f"\n--- profile {key} {name} ---")
             lines.append(profile_decode(runner, configs[name], steps=16, top=60))
     del runner, model, compiled, graphs

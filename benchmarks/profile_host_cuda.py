@@ -39,6 +39,7 @@ from bench_cuda_llama import (  # noqa: E402
     Runner,
     _env,
     build_model,
+    forget_compiled,
     variant_configs,
 )
 from trace_split import format_split, load, split_per_token  # noqa: E402
@@ -184,9 +185,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in args.variants.split(","):
         torch._dynamo.reset()
-        for attr in ("_compiled_call", "_last_compile_config"):
-            if hasattr(model, attr):
-                delattr(model, attr)
+        forget_compiled(model)
         with _env(ENV_VARIANTS.get(name, {})):
             run_variant(args, name, configs[name], runner, model, out)
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 
 import torch
-from bench_cuda_llama import SHAPES, Runner, build_model
+from bench_cuda_llama import SHAPES, Runner, build_model, compile_variant, use_compiled
 from cuda_variants import ENV_VARIANTS, _env, variant_configs
-from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner, live_runners
+from yirage_dynamo.runtime.cuda_graphs import CudaGraphRunner
 
 
 @contextlib.contextmanager
@@ -52,7 +52,7 @@ def quarters(log: list[tuple[float, bool]], new: int) -> str:
     edges = [1 + (new - 1) * q // 4 for q in range(5)]
     for lo, hi in zip(edges, edges[1:]):
         by_mode: dict[bool, list[float]] = {True: [], False: []}
-        for k in range(max(lo, 1), min(hi, len(log))):
+        for k in range(lo, min(hi, len(log))):
             by_mode[log[k][1]].append((log[k][0] - log[k - 1][0]) * 1e3)
         cell = " ".join(
             f"{'A' if m else 'O'} {statistics.median(v):.3f} ({len(v)})"
@@ -80,21 +80,14 @@ def main() -> None:
     compiled, runners = {}, {}
     with torch._dynamo.config.patch(recompile_limit=max(8, 4 * len(variants))):
         for name in variants:
-            for attr in ("_compiled_call", "_last_compile_config"):
-                if hasattr(model, attr):
-                    delattr(model, attr)
-            before = {id(r) for r in live_runners()}
             log: list[tuple[float, bool]] = []
-            print(f"[{args.shape}] compiling {name} ...", file=sys.stderr, flush=True)
-            with _env(ENV_VARIANTS.get(name, {})), recorded_calls(log):
-                runner.generate(s["new"], configs[name])
+            compiled[name], runners[name] = compile_variant(
+                runner, args.shape, name, configs[name], functools.partial(recorded_calls, log)
+            )
             print(f"| {name} | compile | {quarters(log, s['new'])} |", flush=True)
-            compiled[name] = model._compiled_call
-            runners[name] = [r for r in live_runners() if id(r) not in before]
         for k in range(args.rounds):
             for name in variants:
-                model._compiled_call = compiled[name]
-                model._last_compile_config = configs[name]
+                use_compiled(model, compiled[name], configs[name])
                 log = []
                 torch.cuda.synchronize()
                 with _env(ENV_VARIANTS.get(name, {})), recorded_calls(log):
