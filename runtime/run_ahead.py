@@ -42,9 +42,11 @@ token is all host time and run-ahead only adds its own call (RESULTS.md, twenty-
 session: 1.26x in order on one H100 host, slower on another). So once the rules are
 known, blocks of calls run in order and ahead in turn, timed by the caller's period (call
 to call: its whole token), and the faster way is kept (`run_ahead=True`; "always" skips
-the trial). Kept, it stays watched: a run of calls ahead no faster than the trial's calls
+the trial). Kept, it stays watched: a run of calls ahead 3% slower than the trial's calls
 in order turns it off (a 1B trial on an H100 host timed ahead faster, then the steps run
-ahead were slower).
+ahead were slower). In order, the trial runs again after 64 calls, the wait doubling up
+to 1024 while it keeps choosing in order: the host's speed moves, and with it which way
+wins on 1B.
 
 What a step started ahead writes: its private input buffers (small mutated static inputs,
 the cache counters, are given private buffers here and committed only when handed out),
@@ -112,6 +114,16 @@ TRIAL_PLAN, TRIAL_BLOCK, TRIAL_GAIN = (False, True, False, True, False, True), 6
 # host's speed moves between a fast and a slow level within a sequence, and 1B ahead wins
 # only at the fast one (benchmarks/profile_run_ahead_periods.py, same session).
 WATCH_CALLS = 32
+# Hysteresis: a watched run ahead must be this much slower than the trial's calls in
+# order to turn run-ahead off (a tie is not worth a switch; on the thirtieth session's
+# H100 host the watch turned a winning 1B run-ahead off at 2.083 against 2.080 ms).
+WATCH_SLACK = 1.03
+# In order (the trial's choice or the watch's), the trial is run again after this many
+# calls, doubling while it keeps choosing in order: the host's speed moves (RESULTS.md,
+# thirtieth session: one machine's 1B token went from 1.61 to 2.55 ms within minutes,
+# and run-ahead, once off, never came back). Kept run-ahead needs no re-trial: the watch
+# compares it with in order all along.
+RETRY_FIRST, RETRY_MAX = 64, 1024
 
 
 @dataclasses.dataclass
@@ -143,6 +155,9 @@ class RunAheadRunner(CudaGraphRunner):
         self.trial_ms: dict[str, float] = {}
         self._periods: dict[bool, list[float]] = {False: [], True: []}
         self._watched: list[float] = []  # periods ahead since the trial kept it
+        # Every trial's outcome, oldest first: (kept, its trial_ms).
+        self.trials: list[tuple[bool, dict[str, float]]] = []
+        self._retry_after, self._in_order_calls = RETRY_FIRST, 0
         self._since_rules = 0
         self._last_entry = 0.0
         self._observed = 0
@@ -167,6 +182,8 @@ class RunAheadRunner(CudaGraphRunner):
             self._time_trial(now - self._last_entry)
         elif self.choice and self._started is not None and "in_order" in self.trial_ms:
             self._watch(now - self._last_entry)
+        elif self.choice is False and self.rules and self.launch_error is None:
+            self._count_in_order()
         self._last_entry = now
         if self._started is not None:
             if self.graph is not None and self._statics_unchanged(args):
@@ -262,6 +279,9 @@ class RunAheadRunner(CudaGraphRunner):
         ahead, in_order = (statistics.median(self._periods[m]) * 1e3 for m in (True, False))
         self.trial_ms = {"ahead": ahead, "in_order": in_order}
         self.choice = ahead < TRIAL_GAIN * in_order
+        self.trials.append((self.choice, self.trial_ms))
+        if self.choice:
+            self._retry_after = RETRY_FIRST
         log.info(
             "yirage: run-ahead %s (call to call: %.3f ms ahead, %.3f ms in order)",
             "kept" if self.choice else "off",
@@ -278,7 +298,7 @@ class RunAheadRunner(CudaGraphRunner):
             return
         ahead = statistics.median(self._watched) * 1e3
         self._watched = []
-        if ahead < self.trial_ms["in_order"]:
+        if ahead < WATCH_SLACK * self.trial_ms["in_order"]:
             return
         self.choice = False
         self.trial_ms["ahead_later"] = ahead
@@ -288,6 +308,16 @@ class RunAheadRunner(CudaGraphRunner):
             ahead,
             self.trial_ms["in_order"],
         )
+
+    def _count_in_order(self) -> None:
+        """After `_retry_after` calls in order, runs the trial again (see RETRY_FIRST)."""
+        self._in_order_calls += 1
+        if self._in_order_calls < self._retry_after:
+            return
+        self._in_order_calls = 0
+        self._retry_after = min(2 * self._retry_after, RETRY_MAX)
+        self.choice, self._since_rules = None, 0
+        self._periods = {False: [], True: []}
 
     # ------------------------------------------------------------------ handing out
     def _take_started(self, args: list[Any]) -> Any:

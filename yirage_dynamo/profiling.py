@@ -123,7 +123,12 @@ def cuda_graph_stats() -> list[dict[str, Any]]:
         row["staged_kv_commit"] = r.commit is not None
         if hasattr(r, "hits"):  # run-ahead (runtime/run_ahead.py)
             row.update(rules=r.rules, learn_failed=r.learn_failed, handed_out=r.hits)
-            row.update(dropped=r.misses, run_ahead_kept=r.choice, trial_ms=dict(r.trial_ms))
+            row.update(
+                dropped=r.misses,
+                run_ahead_kept=r.choice,
+                trial_ms=dict(r.trial_ms),
+                trials=len(r.trials),
+            )
             row["launch_error"] = r.launch_error  # why run-ahead went off, if it did
         rows.append(row)
     return rows
