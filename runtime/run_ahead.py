@@ -291,8 +291,8 @@ class RunAheadRunner(CudaGraphRunner):
 
     def _watch(self, period: float) -> None:
         """Turns run-ahead off when a run of calls ahead is WATCH_SLACK slower than the
-        trial's calls in order (the call after one that started a step: a call with none pending
-        is a new sequence, whose period holds HF's prefill)."""
+        trial's calls in order (the call after one that started a step: a call with none
+        pending is a new sequence, whose period holds HF's prefill)."""
         self._watched.append(period)
         if len(self._watched) < WATCH_CALLS:
             return
