@@ -215,7 +215,9 @@ def run_variant(args: Any, name: str, cc: Any, runner: Runner, model: Any, out: 
     torch.cuda.synchronize()
     prof.disable()
     write_profile(prof, out / f"{name}_host.txt")
-    print(f"{name}: {plain:.3f} ms/token unprofiled", flush=True)
+    # The whole generate() over its new tokens: prefill and HF's set-up included (the
+    # decode token alone: bench_cuda_llama.py).
+    print(f"{name}: {plain:.3f} ms per new token, whole generate(), unprofiled", flush=True)
 
 
 if __name__ == "__main__":
