@@ -341,7 +341,7 @@ def _bench_interleaved(
             lines.append(
                 f"{name}: steps handed out from a run-ahead step "
                 f"{sum(r.hits for r in ahead)}, dropped {sum(r.misses for r in ahead)}; "
-                f"kept now, every trial (kept, ms): {[(r.choice, r.trials) for r in ahead]}"
+                f"kept now, every trial (kept, ms): {[(r.choice, list(r.trials)) for r in ahead]}"
                 + "".join(f"; off: {r.launch_error}" for r in ahead if r.launch_error)
             )
     if profile:  # every kernel of a step, per variant, after the timed rounds

@@ -98,7 +98,7 @@ def main() -> None:
         for r in runners[name]:
             if hasattr(r, "hits"):
                 print(
-                    f"{name}: choice {r.choice}, trials {r.trials}, hits {r.hits}, "
+                    f"{name}: choice {r.choice}, trials {list(r.trials)}, hits {r.hits}, "
                     f"misses {r.misses}, learn_failed {r.learn_failed}"
                 )
 

@@ -72,6 +72,7 @@ then. `run_ahead="auto"`, the default, stages the CUDA lowering's KV writes
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -155,8 +156,10 @@ class RunAheadRunner(CudaGraphRunner):
         self.trial_ms: dict[str, float] = {}
         self._periods: dict[bool, list[float]] = {False: [], True: []}
         self._watched: list[float] = []  # periods ahead since the trial kept it
-        # Every trial's outcome, oldest first: (kept, its trial_ms).
-        self.trials: list[tuple[bool, dict[str, float]]] = []
+        # The last trials' outcomes, oldest first: (kept, its trial_ms); bounded, since a
+        # server's runner may run a trial every hundred calls for days.
+        self.trials: collections.deque[tuple[bool, dict[str, float]]] = collections.deque(maxlen=16)
+        self.trial_count = 0
         self._retry_after, self._in_order_calls = RETRY_FIRST, 0
         self._since_rules = 0
         self._last_entry = 0.0
@@ -280,6 +283,7 @@ class RunAheadRunner(CudaGraphRunner):
         self.trial_ms = {"ahead": ahead, "in_order": in_order}
         self.choice = ahead < TRIAL_GAIN * in_order
         self.trials.append((self.choice, self.trial_ms))
+        self.trial_count += 1
         if self.choice:
             self._retry_after = RETRY_FIRST
         log.info(

@@ -475,6 +475,7 @@ def test_run_ahead_keeps_its_rules_when_a_new_cache_is_captured(fake_cuda):
     (row,) = [r for r in cuda_graph_stats() if r["calls"] == runner.calls and r["captures"] == 2]
     assert row["runner"] == "RunAheadRunner" and row["handed_out"] == runner.hits
     assert row["rules"][0] == ("token", 0) and row["run_ahead_kept"] is True
+    assert row["trials"] == 0  # trial=False: run ahead without one
 
 
 def test_run_ahead_launch_that_fails_turns_it_off_without_failing_the_call(

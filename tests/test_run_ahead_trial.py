@@ -180,6 +180,7 @@ def test_run_ahead_retrial_waits_twice_as_long_each_time_in_order_wins_again(mon
     got = _cpu_loop(timed, table, steps, slots=steps + 8)
     _assert_same_run(got, _cpu_loop(_decode_step, table, steps, slots=steps + 8))
     assert [kept for kept, _ in runner.trials] == [False, False, False]
+    assert runner.trial_count == 3
     # Runs of calls whose choice after them is in order: the call that ends a trial, then
     # the calls in order up to (not with) the one that starts the next trial.
     runs, n = [], 0

@@ -127,7 +127,7 @@ def cuda_graph_stats() -> list[dict[str, Any]]:
                 dropped=r.misses,
                 run_ahead_kept=r.choice,
                 trial_ms=dict(r.trial_ms),
-                trials=len(r.trials),
+                trials=r.trial_count,
             )
             row["launch_error"] = r.launch_error  # why run-ahead went off, if it did
         rows.append(row)
