@@ -25,6 +25,10 @@
 #   TEST_FILES="tests/test_run_ahead.py tests/test_run_ahead_staged.py" TESTS_S=120 \
 #     SHAPES=1b,7b VARIANTS=yirage,yirage_in_order,inductor ROUNDS=5 BENCH_S=420 \
 #     bash benchmarks/cuda_device_pass.sh                     (~9 min)
+#   The trial run again in order (runtime/run_ahead.py RETRY_FIRST; RESULTS.md, 30th
+#   session: built, its gain where in order gets chosen not yet measured): the watch's
+#   command with VARIANTS=yirage,yirage_in_order,yirage_always_staged,inductor; the
+#   bench prints every trial (kept, ms) of the default's runner.
 #   1B decode periods by position and mode, run-ahead against in order (RESULTS.md, 29th):
 #   python3 benchmarks/profile_run_ahead_periods.py --shape 1b --rounds 4 \
 #     --variants yirage_always_staged,yirage_in_order
