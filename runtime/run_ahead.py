@@ -106,7 +106,7 @@ FIRST_PAUSE, MAX_PAUSE = 2, 256
 # the switch and are not timed. Ahead must be this much faster to be kept.
 TRIAL_PLAN, TRIAL_BLOCK, TRIAL_GAIN = (False, True, False, True, False, True), 6, 0.97
 # Once kept, run-ahead stays watched: the median period of each run of this many calls
-# ahead must stay under the trial's in-order one, or it is turned off. Why: on an H100
+# ahead must stay within WATCH_SLACK of the trial's in-order one, or it is turned off. Why: on an H100
 # host, 1B steps ran ahead slower than in order after a trial that timed them faster
 # (RESULTS.md, twenty-seventh session: 2.955 against 2.497 ms/token after a 2.35 / 2.48
 # trial); the in-order period held at its trial's value. Measured (twenty-ninth session,

@@ -1,9 +1,10 @@
 """Whether run-ahead pays is timed, not assumed (runtime/run_ahead.py): after the rules
-are learned, a trial of blocks in order and ahead keeps the faster way, a kept
-run-ahead stays watched, and in order the trial runs again after a wait that doubles. A fake clock times the calls; CUDA graphs and streams are the
-CPU stand-ins of test_run_ahead.py (`fake_cuda`): this checks the choices, not the
-overlap. On a GPU (RESULTS.md, twenty-ninth session) the watch turned a 1B run-ahead off
-after its trial had kept it, and kept 7B's."""
+are learned, a trial of blocks in order and ahead keeps the faster way, a kept run-ahead
+stays watched, and in order the trial runs again after a wait that doubles. A fake clock
+times the calls; CUDA graphs and streams are the CPU stand-ins of test_run_ahead.py
+(`fake_cuda`): this checks the choices, not the overlap. On a GPU (RESULTS.md,
+twenty-ninth session) the watch turned a 1B run-ahead off after its trial had kept it,
+and kept 7B's."""
 
 from __future__ import annotations
 
@@ -40,22 +41,31 @@ def _clocked_runner(monkeypatch):
     return run_ahead.RunAheadRunner(_recorded_step, mutated_inputs=frozenset({3, 4})), clock
 
 
+def _phased_runner(monkeypatch, ahead_ms_at):
+    """A trialled runner whose calls take 2 ms in order and `ahead_ms_at(call index)`
+    after a call that started the next step. Returns it, the timed call, and per call
+    the runner's choice and its steps handed out so far, after the call."""
+    runner, clock = _clocked_runner(monkeypatch)
+    choices, hits = [], []
+
+    def timed(*args):
+        k = len(choices)
+        clock[0] += (ahead_ms_at(k) if runner._started is not None else 2.0) / 1e3
+        out = runner(*args)
+        choices.append(runner.choice)
+        hits.append(runner.hits)
+        return out
+
+    return runner, timed, choices, hits
+
+
 @pytest.mark.parametrize("ahead_ms,keeps", [(1.0, True), (2.5, False)])
 def test_run_ahead_trial_keeps_the_faster_way(monkeypatch, ahead_ms, keeps):
     """After the rules, blocks of calls run in order and ahead, timed call to call (a fake
     clock here: 2 ms a token in order, `ahead_ms` after a call that started the next)."""
     from yirage_dynamo.runtime import run_ahead
 
-    runner, clock = _clocked_runner(monkeypatch)
-
-    hits = []
-
-    def timed(*args):
-        clock[0] += (ahead_ms if runner._started is not None else 2.0) / 1e3
-        out = runner(*args)
-        hits.append(runner.hits)
-        return out
-
+    runner, timed, _, hits = _phased_runner(monkeypatch, lambda k: ahead_ms)
     table = _cpu_table()
     steps = _calls_through_the_trial() + 10
     _assert_same_run(_cpu_loop(timed, table, steps), _cpu_loop(_decode_step, table, steps))
@@ -72,18 +82,10 @@ def test_run_ahead_kept_by_the_trial_is_turned_off_when_it_runs_slower_than_in_o
     and hands out nothing more, with the same tokens as eager."""
     from yirage_dynamo.runtime import run_ahead
 
-    runner, clock = _clocked_runner(monkeypatch)
     trial_calls = _calls_through_the_trial()
-    hits, choices = [], []
-
-    def timed(*args):
-        ahead = runner._started is not None
-        later = len(hits) >= trial_calls
-        clock[0] += ((2.5 if later else 1.0) if ahead else 2.0) / 1e3
-        out = runner(*args)
-        hits.append(runner.hits)
-        choices.append(runner.choice)
-        return out
+    runner, timed, choices, hits = _phased_runner(
+        monkeypatch, lambda k: 2.5 if k >= trial_calls else 1.0
+    )
 
     table = _cpu_table()
     steps = trial_calls + run_ahead.WATCH_CALLS + 12
@@ -106,40 +108,16 @@ def test_run_ahead_stays_on_unless_it_runs_3_percent_slower_than_the_trials_in_o
     hysteresis (WATCH_SLACK), not worth a switch."""
     from yirage_dynamo.runtime import run_ahead
 
-    runner, clock = _clocked_runner(monkeypatch)
     trial_calls = _calls_through_the_trial()
-    calls = [0]
-
-    def timed(*args):
-        ahead = runner._started is not None
-        later = calls[0] >= trial_calls
-        calls[0] += 1
-        clock[0] += ((ahead_later_ms if later else 1.0) if ahead else 2.0) / 1e3
-        return runner(*args)
-
+    runner, timed, _, _ = _phased_runner(
+        monkeypatch, lambda k: ahead_later_ms if k >= trial_calls else 1.0
+    )
     table = _cpu_table()
-    steps = _calls_through_the_trial() + 3 * run_ahead.WATCH_CALLS
+    steps = trial_calls + 3 * run_ahead.WATCH_CALLS
     got = _cpu_loop(timed, table, steps, slots=steps + 8)
     _assert_same_run(got, _cpu_loop(_decode_step, table, steps, slots=steps + 8))
     assert runner.choice is True and "ahead_later" not in runner.trial_ms
     assert runner.hits >= 3 * run_ahead.WATCH_CALLS
-
-
-def _phased_runner(monkeypatch, ahead_ms_at):
-    """A trialled runner whose calls take 2 ms in order and `ahead_ms_at(call index)`
-    after a call that started the next step; returns it and, per call, its choice after
-    the call."""
-    runner, clock = _clocked_runner(monkeypatch)
-    choices = []
-
-    def timed(*args):
-        k = len(choices)
-        clock[0] += (ahead_ms_at(k) if runner._started is not None else 2.0) / 1e3
-        out = runner(*args)
-        choices.append(runner.choice)
-        return out
-
-    return runner, timed, choices
 
 
 def test_run_ahead_off_is_tried_again_and_comes_back_when_the_host_speeds_up(monkeypatch):
@@ -150,7 +128,9 @@ def test_run_ahead_off_is_tried_again_and_comes_back_when_the_host_speeds_up(mon
     from yirage_dynamo.runtime import run_ahead
 
     trial_calls = _calls_through_the_trial()
-    runner, timed, choices = _phased_runner(monkeypatch, lambda k: 2.5 if k < trial_calls else 1.0)
+    runner, timed, choices, _ = _phased_runner(
+        monkeypatch, lambda k: 2.5 if k < trial_calls else 1.0
+    )
     table = _cpu_table()
     retried_by = (
         trial_calls + run_ahead.RETRY_FIRST + len(run_ahead.TRIAL_PLAN) * run_ahead.TRIAL_BLOCK
@@ -172,7 +152,7 @@ def test_run_ahead_retrial_waits_twice_as_long_each_time_in_order_wins_again(mon
     calls in order between trials go RETRY_FIRST, 2 * RETRY_FIRST, ..."""
     from yirage_dynamo.runtime import run_ahead
 
-    runner, timed, choices = _phased_runner(monkeypatch, lambda k: 2.5)
+    runner, timed, choices, _ = _phased_runner(monkeypatch, lambda k: 2.5)
     trial = len(run_ahead.TRIAL_PLAN) * run_ahead.TRIAL_BLOCK
     first = run_ahead.RETRY_FIRST
     steps = _calls_through_the_trial() + first + trial + 2 * first + trial + 5
